@@ -1,0 +1,40 @@
+# gpupool developer entry points. The two that matter: `make demo` and `make test`.
+# Slow builds live outside the checkout so every clone on this machine reuses them.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/gpupool-target
+export GPUPOOL_TESTBINS ?= $(HOME)/.cache/gpupool-testbins
+
+.PHONY: test unit e2e demo crds testbins lint control-plane-up control-plane-down
+
+## Run every test: unit tests, then the end-to-end tests on a fresh local control plane.
+test: unit e2e
+
+## Unit tests, the CRD drift check and the example parsing; no cluster needed.
+unit:
+	cargo test --locked
+
+## End-to-end tests against a real kube-apiserver + etcd started (and stopped) for the run.
+e2e: testbins
+	hack/with-control-plane.sh cargo test --locked --features e2e --test e2e
+
+## The demo on a local control plane (or DEMO_CLUSTER=current for the current kube context).
+demo: testbins
+	hack/demo.sh
+
+## Regenerate crds/ and the chart's copy from the Rust types.
+crds:
+	cargo run --locked --bin crdgen
+
+## Build or reuse kube-apiserver, kubectl, etcd and helm (cached by version).
+testbins:
+	hack/testbins.sh >/dev/null
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --locked --all-targets --features e2e -- -D warnings
+
+## A control plane that stays up for manual work: `source .state/control-plane/env`.
+control-plane-up: testbins
+	hack/control-plane.sh start
+
+control-plane-down:
+	hack/control-plane.sh stop

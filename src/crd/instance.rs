@@ -1,0 +1,155 @@
+//! `GpuInstance`: one rented machine, the record that makes sure it is never forgotten.
+//!
+//! Types and schema only. Everything learned from the provider is status.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{DNS_LABEL_PATTERN, MONEY_PATTERN, conditions_schema};
+
+/// One GPU machine rented for a GpuPool.
+///
+/// The operator creates these for pending VideoJobs; a user may create one to pre-warm a
+/// machine. Deleting it destroys the machine at the provider before the object goes away.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "gpupool.dev",
+    version = "v1alpha1",
+    kind = "GpuInstance",
+    plural = "gpuinstances",
+    shortname = "gi",
+    category = "gpupool",
+    namespaced,
+    status = "GpuInstanceStatus",
+    derive = "PartialEq",
+    doc = "One GPU machine rented from a provider of a GpuPool.",
+    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool", description = "Pool the instance belongs to"),
+    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider", description = "Provider entry of the pool"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Pending, Provisioning, Ready, Terminating or Failed"),
+    printcolumn(name = "GPU", type_ = "string", json_path = ".status.offer.gpuName", description = "GPU model rented"),
+    printcolumn(name = "$/h", type_ = "string", json_path = ".status.offer.pricePerHour", description = "Price per hour in USD"),
+    printcolumn(name = "Job", type_ = "string", json_path = ".status.currentJob", description = "VideoJob running now"),
+    printcolumn(name = "Idle-Since", type_ = "date", json_path = ".status.idleSince", description = "When the instance last became idle"),
+    printcolumn(name = "Cost", type_ = "string", json_path = ".status.accruedCost", priority = 1, description = "USD billed so far"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuInstanceSpec {
+    /// Name of the GpuPool, in the same namespace, this instance belongs to. Immutable.
+    #[schemars(length(min = 1, max = 63), pattern(DNS_LABEL_PATTERN))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("pool is immutable"))]
+    pub pool: String,
+
+    /// Name of the vast or runpod entry of the pool's providers this machine is rented from.
+    /// Immutable.
+    #[schemars(length(min = 1, max = 63), pattern(DNS_LABEL_PATTERN))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("provider is immutable"))]
+    pub provider: String,
+}
+
+/// Life-cycle phase of a GpuInstance.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InstancePhase {
+    /// Recorded; the provider has not been asked yet.
+    #[default]
+    Pending,
+    /// Rented; waiting for the provider to report running and the worker to answer health.
+    Provisioning,
+    /// Running and healthy: takes jobs.
+    Ready,
+    /// Being destroyed at the provider.
+    Terminating,
+    /// Could not be rented or broke; destroyed at the provider if it exists.
+    Failed,
+}
+
+/// The offer a machine was rented from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OfferInfo {
+    /// Provider's id of the offer or GPU type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer_id: Option<String>,
+    /// GPU model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_name: Option<String>,
+    /// GPUs on the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_gpus: Option<i32>,
+    /// Price per hour in USD, decimal string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(MONEY_PATTERN))]
+    pub price_per_hour: Option<String>,
+    /// Region or data centre.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+/// Observed state of a rented machine, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuInstanceStatus {
+    /// The metadata.generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Pending, Provisioning, Ready, Terminating or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<InstancePhase>,
+
+    /// The provider's id of the machine, recorded as soon as the provider answers create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_instance_id: Option<String>,
+
+    /// The offer the machine was rented from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<OfferInfo>,
+
+    /// Base URL of the worker HTTP API on the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// Name of the VideoJob running on the machine now; empty when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_job: Option<String>,
+
+    /// Jobs finished on this machine, whatever their outcome.
+    #[serde(default)]
+    pub jobs_completed: i64,
+
+    /// When the provider was first asked for the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning_started_at: Option<Time>,
+
+    /// When the machine first became Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<Time>,
+
+    /// When the last job on the machine finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_job_finished_at: Option<Time>,
+
+    /// Since when the machine has been idle (last job finished, or Ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Time>,
+
+    /// idleSince plus the pool's idleTimeoutSeconds: when the machine is destroyed if still idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_deadline: Option<Time>,
+
+    /// USD billed for the machine so far (price times seconds alive), decimal string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(MONEY_PATTERN))]
+    pub accrued_cost: Option<String>,
+
+    /// Human-readable note on the current phase, without credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    /// Ready, TeardownFailing and similar conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}

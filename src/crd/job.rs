@@ -1,0 +1,182 @@
+//! `VideoJob`: one unit of video work sent to a worker.
+//!
+//! Types and schema only. The job's identity fields are immutable once created, as for a
+//! batch/v1 Job: what ran is what was asked.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::common::{
+    DNS_LABEL_PATTERN, MONEY_PATTERN, any_json_value, conditions_schema, free_form_object,
+};
+use super::pool::MAX_TIMEOUT_SECONDS;
+
+/// Shape of an operation name; the worker serves it at `/video/{operation}`.
+pub const OPERATION_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+/// Default per-attempt timeout.
+pub const DEFAULT_JOB_TIMEOUT_SECONDS: i64 = 600;
+/// Default retries after infrastructure failures.
+pub const DEFAULT_MAX_RETRIES: i32 = 2;
+
+/// A unit of video work: the operator runs it on a warm instance of the pool, or rents one.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "gpupool.dev",
+    version = "v1alpha1",
+    kind = "VideoJob",
+    plural = "videojobs",
+    shortname = "vj",
+    category = "gpupool",
+    namespaced,
+    status = "VideoJobStatus",
+    derive = "PartialEq",
+    doc = "One unit of video work run on a GPU machine of a GpuPool.",
+    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool", description = "Pool the job runs in"),
+    printcolumn(name = "Operation", type_ = "string", json_path = ".spec.operation", description = "Worker operation"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Pending, Scheduled, Running, Succeeded or Failed"),
+    printcolumn(name = "Instance", type_ = "string", json_path = ".status.instance", description = "GpuInstance or serverless job running it"),
+    printcolumn(name = "Attempts", type_ = "integer", json_path = ".status.attempts", description = "Attempts made"),
+    printcolumn(name = "Cost", type_ = "string", json_path = ".status.cost", priority = 1, description = "USD share of the machine bill"),
+    printcolumn(name = "Error", type_ = "string", json_path = ".status.error", priority = 1, description = "Why the job failed"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.provider) == has(oldSelf.provider) && (!has(self.provider) || self.provider == oldSelf.provider)").message("provider is immutable").field_path(".provider"))]
+pub struct VideoJobSpec {
+    /// Name of the GpuPool, in the same namespace, that runs the job. Immutable.
+    #[serde(default = "default_pool")]
+    #[schemars(length(min = 1, max = 63), pattern(DNS_LABEL_PATTERN))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("pool is immutable"))]
+    pub pool: String,
+
+    /// Worker operation, sent as `POST /video/{operation}`: lower-case letters, digits and
+    /// dashes, at most 63 characters. Immutable.
+    #[schemars(length(min = 1, max = 63), pattern(OPERATION_PATTERN))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("operation is immutable"))]
+    pub operation: String,
+
+    /// The job's input: any JSON object, sent to the worker as the request body (and as
+    /// `input` to a serverless endpoint). Immutable.
+    #[serde(default)]
+    #[schemars(schema_with = "free_form_object")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("input is immutable"))]
+    pub input: Map<String, Value>,
+
+    /// Seconds one attempt may run before it counts as failed and is retried.
+    /// Between 1 and 86400.
+    #[serde(default = "default_timeout")]
+    #[schemars(range(min = 1, max = MAX_TIMEOUT_SECONDS))]
+    pub timeout_seconds: i64,
+
+    /// Retries after infrastructure failures (5xx, timeouts, lost machines). A 4xx answer
+    /// from the worker fails the job without retry.
+    #[serde(default = "default_max_retries")]
+    #[schemars(range(min = 0, max = 10))]
+    pub max_retries: i32,
+
+    /// Run only on this provider entry of the pool. Unset: any. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), pattern(DNS_LABEL_PATTERN))]
+    pub provider: Option<String>,
+
+    /// Seconds after the job finished when it is deleted, as for batch/v1 Job. Unset: kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 31_536_000))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+fn default_pool() -> String {
+    "default".into()
+}
+fn default_timeout() -> i64 {
+    DEFAULT_JOB_TIMEOUT_SECONDS
+}
+fn default_max_retries() -> i32 {
+    DEFAULT_MAX_RETRIES
+}
+
+/// Life-cycle phase of a VideoJob.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum JobPhase {
+    /// Waiting for an instance.
+    #[default]
+    Pending,
+    /// Bound to an instance or serverless endpoint, not yet sent.
+    Scheduled,
+    /// Sent; the worker is running it.
+    Running,
+    /// The worker answered 2xx; the output is in status.
+    Succeeded,
+    /// The worker refused it, or every attempt failed.
+    Failed,
+}
+
+impl JobPhase {
+    /// Succeeded and Failed are final.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobPhase::Succeeded | JobPhase::Failed)
+    }
+}
+
+/// Observed state of a job, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VideoJobStatus {
+    /// The metadata.generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Pending, Scheduled, Running, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+
+    /// Name of the GpuInstance running the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+
+    /// Provider entry of the pool that runs the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+
+    /// Job id at a RunPod Serverless endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_job_id: Option<String>,
+
+    /// Attempts made so far, the current one included.
+    #[serde(default)]
+    pub attempts: i32,
+
+    /// When the job was bound to an instance or endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<Time>,
+
+    /// When the current attempt was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+
+    /// When the job reached Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+
+    /// The worker's JSON response, when it fits the output cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json_value")]
+    pub output: Option<Value>,
+
+    /// Why the job failed, or the last attempt's error while it is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+
+    /// This job's share of the machine bill in USD, decimal string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(MONEY_PATTERN))]
+    pub cost: Option<String>,
+
+    /// Scheduled, Complete, Failed and similar conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,414 @@
+//! `GpuPool`: the policy for one pool of rented GPU machines.
+//!
+//! Types and schema only. The decisions that read a pool live in `controller/`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    DNS_LABEL_PATTERN, MONEY_PATTERN, SecretKeyRef, conditions_schema,
+};
+
+/// Default seconds an instance stays warm after its last job.
+pub const DEFAULT_IDLE_TIMEOUT_SECONDS: i64 = 300;
+/// Default cap on instances of one pool.
+pub const DEFAULT_MAX_INSTANCES: i32 = 10;
+/// Default time an instance has to become Ready before it is replaced.
+pub const DEFAULT_PROVISION_TIMEOUT_SECONDS: i64 = 900;
+/// Upper bound of every timeout in seconds: one day.
+pub const MAX_TIMEOUT_SECONDS: i64 = 86_400;
+
+/// A pool of GPU machines rented on demand from an ordered list of providers.
+///
+/// Instances of the pool are created when VideoJobs wait, reused while warm, and destroyed
+/// `idleTimeoutSeconds` after their last job unless `minIdle` keeps them.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "gpupool.dev",
+    version = "v1alpha1",
+    kind = "GpuPool",
+    plural = "gpupools",
+    shortname = "gp",
+    category = "gpupool",
+    namespaced,
+    status = "GpuPoolStatus",
+    derive = "PartialEq",
+    doc = "A pool of GPU machines rented on demand from Vast.ai and RunPod for VideoJobs.",
+    printcolumn(name = "Instances", type_ = "integer", json_path = ".status.instances.total", description = "Instances of the pool that exist now"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.instances.ready", description = "Ready instances, busy or idle"),
+    printcolumn(name = "Busy", type_ = "integer", json_path = ".status.instances.busy", description = "Instances running a job"),
+    printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxInstances", description = "Cap on instances"),
+    printcolumn(name = "Spend/h", type_ = "string", json_path = ".status.spendPerHour", description = "USD per hour over running instances"),
+    printcolumn(name = "Idle-Timeout", type_ = "integer", json_path = ".spec.idleTimeoutSeconds", priority = 1, description = "Seconds an idle instance is kept"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.minIdle <= self.maxInstances").message("minIdle must not exceed maxInstances").field_path(".minIdle"),
+    validation = Rule::new("has(self.worker) || self.providers.all(p, has(p.runpodServerless))").message("worker is required when the pool has a vast or runpod provider").field_path(".worker"),
+)]
+pub struct GpuPoolSpec {
+    /// Seconds an instance is kept after its last job finished (or after it became Ready);
+    /// then it is destroyed unless minIdle keeps it. Between 1 and 86400.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(range(min = 1, max = MAX_TIMEOUT_SECONDS))]
+    pub idle_timeout_seconds: i64,
+
+    /// Ready instances kept warm past the idle timeout. 0 scales the pool to zero.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_idle: i32,
+
+    /// Most instances of this pool that may exist at once, in any phase. 0 pauses
+    /// provisioning; jobs then wait.
+    #[serde(default = "default_max_instances")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_instances: i32,
+
+    /// Cap in USD per hour on the summed price of the pool's instances, as a decimal string
+    /// such as "5.00". No new instance is rented that would exceed it. Unset: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), pattern(MONEY_PATTERN))]
+    pub max_hourly_spend: Option<String>,
+
+    /// Seconds an instance has to become Ready (provider running and worker healthy);
+    /// after that it is destroyed and replaced. Between 1 and 86400.
+    #[serde(default = "default_provision_timeout")]
+    #[schemars(range(min = 1, max = MAX_TIMEOUT_SECONDS))]
+    pub provision_timeout_seconds: i64,
+
+    /// Providers tried in order for each new instance: the first with capacity wins.
+    /// Names must be unique within the pool.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q.name == p.name))").message("provider names must be unique").reason(Reason::FieldValueDuplicate))]
+    pub providers: Vec<ProviderSpec>,
+
+    /// The worker every rented machine runs. Required unless every provider is RunPod
+    /// Serverless (whose endpoint defines its own worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerSpec>,
+}
+
+fn default_idle_timeout() -> i64 {
+    DEFAULT_IDLE_TIMEOUT_SECONDS
+}
+fn default_max_instances() -> i32 {
+    DEFAULT_MAX_INSTANCES
+}
+fn default_provision_timeout() -> i64 {
+    DEFAULT_PROVISION_TIMEOUT_SECONDS
+}
+
+/// One provider entry: a name and exactly one of `vast`, `runpod`, `runpodServerless`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.vast), has(self.runpod), has(self.runpodServerless)].filter(x, x).size() == 1").message("exactly one of vast, runpod or runpodServerless must be set"))]
+pub struct ProviderSpec {
+    /// Name of this entry, unique in the pool; VideoJobs and GpuInstances refer to it.
+    #[schemars(length(min = 1, max = 63), pattern(DNS_LABEL_PATTERN))]
+    pub name: String,
+
+    /// Rent machines on the Vast.ai marketplace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vast: Option<VastProvider>,
+
+    /// Rent on-demand pods on RunPod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runpod: Option<RunpodProvider>,
+
+    /// Send jobs to an existing RunPod Serverless endpoint instead of renting machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runpod_serverless: Option<RunpodServerlessProvider>,
+}
+
+/// Which kind of provider an entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderKind {
+    Vast,
+    Runpod,
+    RunpodServerless,
+}
+
+impl ProviderSpec {
+    /// The kind of this entry; `None` only for an entry the API server would have refused.
+    pub fn kind(&self) -> Option<ProviderKind> {
+        match (&self.vast, &self.runpod, &self.runpod_serverless) {
+            (Some(_), None, None) => Some(ProviderKind::Vast),
+            (None, Some(_), None) => Some(ProviderKind::Runpod),
+            (None, None, Some(_)) => Some(ProviderKind::RunpodServerless),
+            _ => None,
+        }
+    }
+
+    /// The Secret holding this provider's API key.
+    pub fn credentials(&self) -> Option<&SecretKeyRef> {
+        if let Some(v) = &self.vast {
+            return Some(&v.credentials_secret_ref);
+        }
+        if let Some(r) = &self.runpod {
+            return Some(&r.credentials_secret_ref);
+        }
+        self.runpod_serverless.as_ref().map(|s| &s.credentials_secret_ref)
+    }
+}
+
+/// Vast.ai marketplace offers to rent from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VastProvider {
+    /// GPU models accepted, as Vast.ai names them (for example "RTX 3060", "RTX 4090").
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 64)))]
+    pub gpu_names: Vec<String>,
+
+    /// Highest total price per hour accepted for an offer, in USD, as a decimal string
+    /// greater than zero (for example "0.25").
+    #[schemars(length(max = 16), pattern(MONEY_PATTERN))]
+    #[x_kube(validation = Rule::new("self.matches('[1-9]')").message("must be greater than zero"))]
+    pub max_price_per_hour: String,
+
+    /// Lowest host reliability accepted, between 0 and 1.
+    #[serde(default = "default_min_reliability")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_reliability: f64,
+
+    /// GPUs per machine.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 16))]
+    pub num_gpus: i32,
+
+    /// Only offers located in these countries (two-letter codes such as "US"). Empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(pattern(r"^[A-Z]{2}$")))]
+    pub countries: Vec<String>,
+
+    /// Secret key holding the Vast.ai API key.
+    pub credentials_secret_ref: SecretKeyRef,
+}
+
+fn default_min_reliability() -> f64 {
+    0.95
+}
+fn default_one() -> i32 {
+    1
+}
+
+/// Where RunPod pods are rented.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CloudType {
+    /// Community cloud: cheaper hosts run by third parties.
+    Community,
+    /// Secure cloud: RunPod's own data centres.
+    Secure,
+    /// Either, whichever has capacity.
+    #[default]
+    All,
+}
+
+/// How the operator reaches the worker on a RunPod pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RunpodWorkerAccess {
+    /// A public IP and TCP port mapped to the worker port: no time limit per request.
+    #[default]
+    PublicTcp,
+    /// RunPod's HTTPS proxy (`https://{podId}-{port}.proxy.runpod.net`), which cuts every
+    /// request at 100 s: only for short jobs.
+    Proxy,
+}
+
+/// On-demand RunPod pods to rent.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunpodProvider {
+    /// RunPod GPU type ids accepted, in order of preference (for example
+    /// "NVIDIA GeForce RTX 3060").
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 128)))]
+    pub gpu_type_ids: Vec<String>,
+
+    /// COMMUNITY, SECURE or ALL.
+    #[serde(default)]
+    pub cloud_type: CloudType,
+
+    /// Highest price per hour accepted, in USD, as a decimal string greater than zero.
+    #[schemars(length(max = 16), pattern(MONEY_PATTERN))]
+    #[x_kube(validation = Rule::new("self.matches('[1-9]')").message("must be greater than zero"))]
+    pub max_price_per_hour: String,
+
+    /// GPUs per pod.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 16))]
+    pub gpu_count: i32,
+
+    /// How the operator reaches the worker: PublicTcp (default) or Proxy.
+    #[serde(default)]
+    pub worker_access: RunpodWorkerAccess,
+
+    /// Only these RunPod data centres (for example "EU-RO-1"). Empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 64)))]
+    pub data_center_ids: Vec<String>,
+
+    /// Secret key holding the RunPod API key.
+    pub credentials_secret_ref: SecretKeyRef,
+}
+
+/// An existing RunPod Serverless endpoint that runs jobs itself.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunpodServerlessProvider {
+    /// The endpoint id, as in `https://api.runpod.ai/v2/{endpointId}/run`.
+    #[schemars(length(min = 1, max = 64), pattern(r"^[a-zA-Z0-9]+$"))]
+    pub endpoint_id: String,
+
+    /// Keep the endpoint's idleTimeout, workersMin and workersMax equal to the pool's
+    /// idleTimeoutSeconds, minIdle and maxInstances.
+    #[serde(default = "default_true")]
+    pub manage_endpoint_settings: bool,
+
+    /// Secret key holding the RunPod API key.
+    pub credentials_secret_ref: SecretKeyRef,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What runs on each rented machine: a container serving the worker HTTP API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Container image of the worker.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// TCP port the worker listens on inside the container.
+    #[serde(default = "default_worker_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Path answered with 2xx once the worker can take jobs.
+    #[serde(default = "default_health_path")]
+    #[schemars(length(min = 1, max = 256), pattern(r"^/[-a-zA-Z0-9._~/]*$"))]
+    pub health_path: String,
+
+    /// Container disk in GB.
+    #[serde(default = "default_disk")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub container_disk_gb: i32,
+
+    /// Environment variables for the worker container. Secrets do not belong here: the
+    /// API key comes from apiKeySecretRef and the session token is added by the operator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<EnvVar>,
+
+    /// Secret key holding the API key the worker expects in the X-API-Key header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+}
+
+fn default_worker_port() -> i32 {
+    8000
+}
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_disk() -> i32 {
+    10
+}
+
+/// One environment variable of the worker container.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    /// Variable name: letters, digits and underscores, not starting with a digit.
+    #[schemars(length(min = 1, max = 128), pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub name: String,
+    /// Value of the variable.
+    #[serde(default)]
+    #[schemars(length(max = 4096))]
+    pub value: String,
+}
+
+/// Observed state of a pool, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuPoolStatus {
+    /// The metadata.generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Instances of the pool by phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<InstanceCounts>,
+
+    /// Summed price per hour of the pool's instances that are billing, in USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_per_hour: Option<String>,
+
+    /// VideoJobs of the pool waiting for an instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_jobs: Option<i32>,
+
+    /// Health of each provider entry, including capacity back-off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub providers: Vec<ProviderStatus>,
+
+    /// Ready, ProvidersAvailable, SpendLimited and similar conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Instances of a pool, counted by phase.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceCounts {
+    /// All instances of the pool.
+    pub total: i32,
+    /// Instances waiting to be rented.
+    pub pending: i32,
+    /// Instances rented and starting.
+    pub provisioning: i32,
+    /// Ready instances (busy or idle).
+    pub ready: i32,
+    /// Ready instances running a job.
+    pub busy: i32,
+    /// Instances being destroyed.
+    pub terminating: i32,
+    /// Instances that failed.
+    pub failed: i32,
+}
+
+/// State of one provider entry of a pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderStatus {
+    /// Name of the provider entry.
+    pub name: String,
+    /// Available, BackingOff or Unavailable.
+    pub state: ProviderState,
+    /// While BackingOff, the time before which the provider is not asked again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_until: Option<Time>,
+    /// Failures in a row; resets on success.
+    #[serde(default)]
+    pub consecutive_failures: i32,
+    /// Last error reported by the provider, without credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Whether new instances may be asked of a provider now.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderState {
+    /// Asked for new instances.
+    Available,
+    /// Skipped until backoffUntil after reporting no capacity or failing repeatedly.
+    BackingOff,
+    /// Cannot be used until its configuration is fixed (for example a missing Secret).
+    Unavailable,
+}

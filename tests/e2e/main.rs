@@ -1,0 +1,6 @@
+//! End-to-end tests against a real kube-apiserver and etcd, with real kubectl.
+//! Run by `make test`; see tests/e2e/support.rs for what they expect of the environment.
+
+mod api;
+mod support;
+mod validation;

@@ -1,0 +1,129 @@
+//! What every end-to-end test needs: the local control plane's kubeconfig, a kube client,
+//! real kubectl, the CRDs installed once per run, and a namespace of its own.
+//!
+//! The control plane is started by `hack/with-control-plane.sh` (through `make test`), which
+//! exports KUBECONFIG and puts its kubectl first on PATH.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn kubeconfig_path() -> PathBuf {
+    match std::env::var_os("KUBECONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => panic!(
+            "KUBECONFIG is not set: the e2e tests need the local control plane; run them with \
+             `make test` (or hack/with-control-plane.sh cargo test --features e2e)"
+        ),
+    }
+}
+
+/// A client for the local control plane, as the operator would build one from a kubeconfig.
+pub async fn client() -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("kubeconfig readable");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig valid");
+    Client::try_from(config).expect("client")
+}
+
+/// Runs real kubectl against the local control plane.
+pub fn kubectl(args: &[&str]) -> Output {
+    let bin = std::env::var("GPUPOOL_BIN")
+        .map(|b| Path::new(&b).join("kubectl"))
+        .unwrap_or_else(|_| PathBuf::from("kubectl"));
+    Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(kubeconfig_path())
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("kubectl runs")
+}
+
+/// Runs kubectl and returns stdout, failing the test with stderr when it fails.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static CRDS: Once = Once::new();
+
+/// Installs the committed CRDs (server-side apply, as `helm`/GitOps would) and waits until
+/// they are Established. Runs once per test binary.
+pub fn install_crds() {
+    CRDS.call_once(|| {
+        kubectl_ok(&["apply", "--server-side", "--field-manager=gpupool-e2e", "-f", "crds/"]);
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/gpupools.gpupool.dev",
+            "crd/gpuinstances.gpupool.dev",
+            "crd/videojobs.gpupool.dev",
+        ]);
+    });
+}
+
+/// A namespace owned by one test; deleted when the test calls `cleanup`.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl TestNamespace {
+    pub async fn new(prefix: &str) -> Self {
+        install_crds();
+        let client = client().await;
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace created");
+        Self { name, client }
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Deletes the namespace. Without kube-controller-manager it stays Terminating, which
+    /// is harmless on a throw-away control plane; names never repeat within a run.
+    pub async fn cleanup(self) {
+        let _ = Api::<Namespace>::all(self.client)
+            .delete(&self.name, &DeleteParams::default())
+            .await;
+    }
+}
