@@ -79,7 +79,7 @@ flock 9
 [ -x "$BIN/helm" ] || build_helm
 
 "$BIN/kube-apiserver" --version >&2
-"$BIN/etcd" --version 2>&1 | head -1 >&2
+"$BIN/etcd" --version 2>&1 | sed -n 1p >&2
 "$BIN/helm" version --short >&2
-"$BIN/kubectl" version --client 2>&1 | head -1 >&2
+"$BIN/kubectl" version --client 2>&1 | sed -n 1p >&2
 echo "$BIN"

@@ -3,6 +3,8 @@
 
 use std::{fs, path::PathBuf};
 
+use serde::Deserialize;
+
 use gpupool::crd::{GpuInstance, GpuPool, ProviderKind, VideoJob, crd_files};
 
 fn root() -> PathBuf {
@@ -16,8 +18,9 @@ fn committed_crds_match_the_types() {
     for dir in ["crds", "charts/gpupool/crds"] {
         for (name, yaml) in &files {
             let path = root().join(dir).join(name);
-            let committed = fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("{}: {e}; run `cargo run --bin crdgen`", path.display()));
+            let committed = fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!("{}: {e}; run `cargo run --bin crdgen`", path.display())
+            });
             assert!(
                 committed == *yaml,
                 "{} differs from the generated CRD; run `cargo run --bin crdgen` and commit",
@@ -30,7 +33,7 @@ fn committed_crds_match_the_types() {
 fn documents(file: &str) -> Vec<serde_json::Value> {
     let text = fs::read_to_string(root().join(file)).unwrap();
     serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_yaml::with::singleton_map_recursive::deserialize(doc).unwrap())
+        .map(|doc| serde_json::Value::deserialize(doc).unwrap())
         .collect()
 }
 
@@ -43,13 +46,21 @@ fn examples_parse_into_the_types() {
     let kinds: Vec<_> = pools[0].spec.providers.iter().map(|p| p.kind()).collect();
     assert_eq!(
         kinds,
-        [Some(ProviderKind::RunpodServerless), Some(ProviderKind::Runpod), Some(ProviderKind::Vast)]
+        [
+            Some(ProviderKind::RunpodServerless),
+            Some(ProviderKind::Runpod),
+            Some(ProviderKind::Vast)
+        ]
     );
     assert_eq!(pools[0].spec.idle_timeout_seconds, 300);
 
     let gi: GpuInstance =
-        serde_json::from_value(documents("deploy/examples/20-gpuinstance-prewarm.yaml").remove(0)).unwrap();
-    assert_eq!((gi.spec.pool.as_str(), gi.spec.provider.as_str()), ("default", "vast"));
+        serde_json::from_value(documents("deploy/examples/20-gpuinstance-prewarm.yaml").remove(0))
+            .unwrap();
+    assert_eq!(
+        (gi.spec.pool.as_str(), gi.spec.provider.as_str()),
+        ("default", "vast")
+    );
 
     let jobs: Vec<VideoJob> = documents("deploy/examples/30-videojobs.yaml")
         .into_iter()

@@ -37,7 +37,10 @@ fn main() -> ExitCode {
     if stale.is_empty() {
         ExitCode::SUCCESS
     } else {
-        eprintln!("crdgen: out of date, run `cargo run --bin crdgen`: {}", stale.join(", "));
+        eprintln!(
+            "crdgen: out of date, run `cargo run --bin crdgen`: {}",
+            stale.join(", ")
+        );
         ExitCode::FAILURE
     }
 }

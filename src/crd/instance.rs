@@ -25,15 +25,60 @@ use super::common::{DNS_LABEL_PATTERN, MONEY_PATTERN, conditions_schema};
     status = "GpuInstanceStatus",
     derive = "PartialEq",
     doc = "One GPU machine rented from a provider of a GpuPool.",
-    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool", description = "Pool the instance belongs to"),
-    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider", description = "Provider entry of the pool"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Pending, Provisioning, Ready, Terminating or Failed"),
-    printcolumn(name = "GPU", type_ = "string", json_path = ".status.offer.gpuName", description = "GPU model rented"),
-    printcolumn(name = "$/h", type_ = "string", json_path = ".status.offer.pricePerHour", description = "Price per hour in USD"),
-    printcolumn(name = "Job", type_ = "string", json_path = ".status.currentJob", description = "VideoJob running now"),
-    printcolumn(name = "Idle-Since", type_ = "date", json_path = ".status.idleSince", description = "When the instance last became idle"),
-    printcolumn(name = "Cost", type_ = "string", json_path = ".status.accruedCost", priority = 1, description = "USD billed so far"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Pool",
+        type_ = "string",
+        json_path = ".spec.pool",
+        description = "Pool the instance belongs to"
+    ),
+    printcolumn(
+        name = "Provider",
+        type_ = "string",
+        json_path = ".spec.provider",
+        description = "Provider entry of the pool"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Provisioning, Ready, Terminating or Failed"
+    ),
+    printcolumn(
+        name = "GPU",
+        type_ = "string",
+        json_path = ".status.offer.gpuName",
+        description = "GPU model rented"
+    ),
+    printcolumn(
+        name = "$/h",
+        type_ = "string",
+        json_path = ".status.offer.pricePerHour",
+        description = "Price per hour in USD"
+    ),
+    printcolumn(
+        name = "Job",
+        type_ = "string",
+        json_path = ".status.currentJob",
+        description = "VideoJob running now"
+    ),
+    printcolumn(
+        name = "Idle-Since",
+        type_ = "date",
+        json_path = ".status.idleSince",
+        description = "When the instance last became idle"
+    ),
+    printcolumn(
+        name = "Cost",
+        type_ = "string",
+        json_path = ".status.accruedCost",
+        priority = 1,
+        description = "USD billed so far"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuInstanceSpec {

@@ -34,14 +34,55 @@ pub const DEFAULT_MAX_RETRIES: i32 = 2;
     status = "VideoJobStatus",
     derive = "PartialEq",
     doc = "One unit of video work run on a GPU machine of a GpuPool.",
-    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool", description = "Pool the job runs in"),
-    printcolumn(name = "Operation", type_ = "string", json_path = ".spec.operation", description = "Worker operation"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Pending, Scheduled, Running, Succeeded or Failed"),
-    printcolumn(name = "Instance", type_ = "string", json_path = ".status.instance", description = "GpuInstance or serverless job running it"),
-    printcolumn(name = "Attempts", type_ = "integer", json_path = ".status.attempts", description = "Attempts made"),
-    printcolumn(name = "Cost", type_ = "string", json_path = ".status.cost", priority = 1, description = "USD share of the machine bill"),
-    printcolumn(name = "Error", type_ = "string", json_path = ".status.error", priority = 1, description = "Why the job failed"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Pool",
+        type_ = "string",
+        json_path = ".spec.pool",
+        description = "Pool the job runs in"
+    ),
+    printcolumn(
+        name = "Operation",
+        type_ = "string",
+        json_path = ".spec.operation",
+        description = "Worker operation"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Scheduled, Running, Succeeded or Failed"
+    ),
+    printcolumn(
+        name = "Instance",
+        type_ = "string",
+        json_path = ".status.instance",
+        description = "GpuInstance or serverless job running it"
+    ),
+    printcolumn(
+        name = "Attempts",
+        type_ = "integer",
+        json_path = ".status.attempts",
+        description = "Attempts made"
+    ),
+    printcolumn(
+        name = "Cost",
+        type_ = "string",
+        json_path = ".status.cost",
+        priority = 1,
+        description = "USD share of the machine bill"
+    ),
+    printcolumn(
+        name = "Error",
+        type_ = "string",
+        json_path = ".status.error",
+        priority = 1,
+        description = "Why the job failed"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.provider) == has(oldSelf.provider) && (!has(self.provider) || self.provider == oldSelf.provider)").message("provider is immutable").field_path(".provider"))]

@@ -3,6 +3,10 @@
 //! This module holds types, schema helpers and the names other modules share (finalizer,
 //! field manager). It never imports `controller/` or `provider/`.
 
+// kube-derive `printcolumn(...)` entries repeat `type_ = ...`, which clippy mistakes for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod common;
 pub mod instance;
 pub mod job;
@@ -45,8 +49,49 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
         .into_iter()
         .map(|crd| {
             let file = format!("{}.yaml", crd.spec.names.plural);
-            let yaml = serde_yaml::to_string(&crd)?;
+            let mut value = serde_json::to_value(&crd)
+                .map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
+            unwrap_descriptions(&mut value);
+            let yaml = serde_yaml::to_string(&value)?;
             Ok((file, format!("{GENERATED_HEADER}{yaml}")))
         })
         .collect()
+}
+
+/// Rust doc comments are wrapped at 100 columns; `kubectl explain` re-wraps text itself, so
+/// single line breaks inside a paragraph become spaces. Blank lines (paragraphs) stay.
+fn unwrap_descriptions(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                match v {
+                    serde_json::Value::String(text) if key == "description" => {
+                        *text = text
+                            .split("\n\n")
+                            .map(|p| p.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+                            .collect::<Vec<_>>()
+                            .join("\n\n");
+                    }
+                    _ => unwrap_descriptions(v),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(unwrap_descriptions),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_are_unwrapped_but_keep_paragraphs() {
+        let mut v = serde_json::json!({"description": "one\ntwo\n\nthree", "properties":
+            {"a": {"description": "x\n y"}}, "items": [{"description": "p\nq"}]});
+        unwrap_descriptions(&mut v);
+        assert_eq!(v["description"], "one two\n\nthree");
+        assert_eq!(v["properties"]["a"]["description"], "x y");
+        assert_eq!(v["items"][0]["description"], "p q");
+    }
 }

@@ -7,9 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{
-    DNS_LABEL_PATTERN, MONEY_PATTERN, SecretKeyRef, conditions_schema,
-};
+use super::common::{DNS_LABEL_PATTERN, MONEY_PATTERN, SecretKeyRef, conditions_schema};
 
 /// Default seconds an instance stays warm after its last job.
 pub const DEFAULT_IDLE_TIMEOUT_SECONDS: i64 = 300;
@@ -36,13 +34,48 @@ pub const MAX_TIMEOUT_SECONDS: i64 = 86_400;
     status = "GpuPoolStatus",
     derive = "PartialEq",
     doc = "A pool of GPU machines rented on demand from Vast.ai and RunPod for VideoJobs.",
-    printcolumn(name = "Instances", type_ = "integer", json_path = ".status.instances.total", description = "Instances of the pool that exist now"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.instances.ready", description = "Ready instances, busy or idle"),
-    printcolumn(name = "Busy", type_ = "integer", json_path = ".status.instances.busy", description = "Instances running a job"),
-    printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxInstances", description = "Cap on instances"),
-    printcolumn(name = "Spend/h", type_ = "string", json_path = ".status.spendPerHour", description = "USD per hour over running instances"),
-    printcolumn(name = "Idle-Timeout", type_ = "integer", json_path = ".spec.idleTimeoutSeconds", priority = 1, description = "Seconds an idle instance is kept"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Instances",
+        type_ = "integer",
+        json_path = ".status.instances.total",
+        description = "Instances of the pool that exist now"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.instances.ready",
+        description = "Ready instances, busy or idle"
+    ),
+    printcolumn(
+        name = "Busy",
+        type_ = "integer",
+        json_path = ".status.instances.busy",
+        description = "Instances running a job"
+    ),
+    printcolumn(
+        name = "Max",
+        type_ = "integer",
+        json_path = ".spec.maxInstances",
+        description = "Cap on instances"
+    ),
+    printcolumn(
+        name = "Spend/h",
+        type_ = "string",
+        json_path = ".status.spendPerHour",
+        description = "USD per hour over running instances"
+    ),
+    printcolumn(
+        name = "Idle-Timeout",
+        type_ = "integer",
+        json_path = ".spec.idleTimeoutSeconds",
+        priority = 1,
+        description = "Seconds an idle instance is kept"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -150,7 +183,9 @@ impl ProviderSpec {
         if let Some(r) = &self.runpod {
             return Some(&r.credentials_secret_ref);
         }
-        self.runpod_serverless.as_ref().map(|s| &s.credentials_secret_ref)
+        self.runpod_serverless
+            .as_ref()
+            .map(|s| &s.credentials_secret_ref)
     }
 }
 

@@ -34,7 +34,10 @@ async fn crds_are_established_with_short_names_and_category() {
         );
         let names = &crd.spec.names;
         assert_eq!(names.short_names.as_deref(), Some(&[short.to_string()][..]));
-        assert_eq!(names.categories.as_deref(), Some(&["gpupool".to_string()][..]));
+        assert_eq!(
+            names.categories.as_deref(),
+            Some(&["gpupool".to_string()][..])
+        );
         assert_eq!(crd.spec.scope, "Namespaced");
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
@@ -71,24 +74,48 @@ async fn examples_apply_and_show_printer_columns() {
                    "ready": 1, "busy": 1, "terminating": 0, "failed": 0}}
     });
     pools
-        .patch_status("default", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&status))
+        .patch_status(
+            "default",
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&status),
+        )
         .await
         .expect("status applied");
 
     let table = kubectl_ok(&["get", "gp,gi,vj", "-n", &ns.name]);
     for header in [
-        "INSTANCES", "READY", "BUSY", "MAX", "SPEND/H", // GpuPool
-        "POOL", "PROVIDER", "PHASE", "GPU", "$/H", "JOB", "IDLE-SINCE", // GpuInstance
-        "OPERATION", "INSTANCE", "ATTEMPTS", "AGE", // VideoJob
+        "INSTANCES",
+        "READY",
+        "BUSY",
+        "MAX",
+        "SPEND/H", // GpuPool
+        "POOL",
+        "PROVIDER",
+        "PHASE",
+        "GPU",
+        "$/H",
+        "JOB",
+        "IDLE-SINCE", // GpuInstance
+        "OPERATION",
+        "INSTANCE",
+        "ATTEMPTS",
+        "AGE", // VideoJob
     ] {
-        assert!(table.contains(header), "column {header} missing in:\n{table}");
+        assert!(
+            table.contains(header),
+            "column {header} missing in:\n{table}"
+        );
     }
     let pool_row = table
         .lines()
         .find(|l| l.starts_with("gpupool.gpupool.dev/default"))
         .expect("pool row");
     let cells: Vec<&str> = pool_row.split_whitespace().collect();
-    assert_eq!(&cells[1..6], &["2", "1", "1", "10", "0.43"], "row: {pool_row}");
+    assert_eq!(
+        &cells[1..6],
+        &["2", "1", "1", "10", "0.43"],
+        "row: {pool_row}"
+    );
     assert!(table.contains("transcode-43") && table.contains("transcode"));
 
     // The category lists all three kinds at once.
@@ -101,25 +128,45 @@ async fn examples_apply_and_show_printer_columns() {
     ns.cleanup().await;
 }
 
+/// `kubectl explain` output with its line wrapping undone, so phrases can be searched.
+fn explain(path: &str) -> String {
+    kubectl_ok(&["explain", path])
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[tokio::test]
 async fn kubectl_explain_teaches_the_api() {
     install_crds();
-    let out = kubectl_ok(&["explain", "videojob.spec"]);
+    let out = explain("videojob.spec");
     for text in [
-        "operation",
+        "operation <string> -required-",
         "Worker operation, sent as `POST /video/{operation}`",
-        "timeoutSeconds",
+        "timeoutSeconds <integer>",
         "ttlSecondsAfterFinished",
-        "-required-",
+        "any JSON object, sent to the worker as the request body",
     ] {
-        assert!(out.contains(text), "explain videojob.spec lacks {text:?}:\n{out}");
+        assert!(
+            out.contains(text),
+            "explain videojob.spec lacks {text:?}:\n{out}"
+        );
     }
-    let out = kubectl_ok(&["explain", "gpupool.spec.providers"]);
-    assert!(out.contains("runpodServerless") && out.contains("first with capacity wins"), "{out}");
-    let out = kubectl_ok(&["explain", "gpuinstance.status.idleDeadline"]);
-    assert!(out.contains("idleSince plus the pool's idleTimeoutSeconds"), "{out}");
-    let out = kubectl_ok(&["explain", "gpupool.spec.providers.vast.maxPricePerHour"]);
-    assert!(out.contains("decimal string"), "{out}");
+    let out = explain("gpupool.spec.providers");
+    assert!(
+        out.contains("runpodServerless") && out.contains("Providers tried in order"),
+        "{out}"
+    );
+    let out = explain("gpuinstance.status.idleDeadline");
+    assert!(
+        out.contains("idleSince plus the pool's idleTimeoutSeconds"),
+        "{out}"
+    );
+    let out = explain("gpupool.spec.providers.vast.maxPricePerHour");
+    assert!(
+        out.contains("as a decimal string greater than zero"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -155,7 +202,14 @@ async fn defaults_are_filled_in_by_the_api_server() {
     assert_eq!(vast.min_reliability, 0.95);
     assert_eq!(vast.num_gpus, 1);
     let worker = pool.spec.worker.as_ref().unwrap();
-    assert_eq!((worker.port, worker.health_path.as_str(), worker.container_disk_gb), (8000, "/health", 10));
+    assert_eq!(
+        (
+            worker.port,
+            worker.health_path.as_str(),
+            worker.container_disk_gb
+        ),
+        (8000, "/health", 10)
+    );
     ns.cleanup().await;
 }
 
@@ -171,16 +225,18 @@ where
         "status": status,
     });
     let obj = api
-        .patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .patch_status(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
         .await
         .expect("status applied");
     let managed = obj.meta().managed_fields.clone().unwrap_or_default();
     assert!(
-        managed
-            .iter()
-            .any(|m| m.manager.as_deref() == Some(MANAGER)
-                && m.operation.as_deref() == Some("Apply")
-                && m.subresource.as_deref() == Some("status")),
+        managed.iter().any(|m| m.manager.as_deref() == Some(MANAGER)
+            && m.operation.as_deref() == Some("Apply")
+            && m.subresource.as_deref() == Some("status")),
         "no Apply entry for {MANAGER} on status: {managed:?}"
     );
     obj
@@ -196,12 +252,16 @@ async fn status_is_written_by_server_side_apply_on_each_kind() {
                            "observedGeneration": 1});
 
     let pools: Api<GpuPool> = Api::namespaced(ns.client(), &ns.name);
-    let pool = apply_status(&pools, "default", json!({
-        "observedGeneration": 1, "spendPerHour": "0.25", "pendingJobs": 3,
-        "providers": [{"name": "vast", "state": "BackingOff", "backoffUntil": now,
-                       "consecutiveFailures": 2, "message": "no offers under 0.25/h"}],
-        "conditions": [condition],
-    }))
+    let pool = apply_status(
+        &pools,
+        "default",
+        json!({
+            "observedGeneration": 1, "spendPerHour": "0.25", "pendingJobs": 3,
+            "providers": [{"name": "vast", "state": "BackingOff", "backoffUntil": now,
+                           "consecutiveFailures": 2, "message": "no offers under 0.25/h"}],
+            "conditions": [condition],
+        }),
+    )
     .await;
     let status: GpuPoolStatus = pool.status.unwrap();
     assert_eq!(status.pending_jobs, Some(3));
@@ -217,7 +277,10 @@ async fn status_is_written_by_server_side_apply_on_each_kind() {
     .await;
     let status: GpuInstanceStatus = gi.status.unwrap();
     assert_eq!(status.phase, Some(InstancePhase::Ready));
-    assert_eq!(status.idle_deadline.unwrap().0.to_string(), "2026-11-27T12:05:00Z");
+    assert_eq!(
+        status.idle_deadline.unwrap().0.to_string(),
+        "2026-11-27T12:05:00Z"
+    );
     // Spec is untouched by a status write.
     assert_eq!(gi.spec.pool, "default");
 
@@ -234,11 +297,15 @@ async fn status_is_written_by_server_side_apply_on_each_kind() {
 
     // A second apply by the same manager that omits a field removes it (apply semantics),
     // and the conditions list merges by type.
-    let vj = apply_status(&jobs, "caption-42", json!({
-        "phase": "Succeeded", "attempts": 1,
-        "conditions": [{"type": "Complete", "status": "True", "reason": "WorkerSucceeded",
-                        "message": "", "lastTransitionTime": now}],
-    }))
+    let vj = apply_status(
+        &jobs,
+        "caption-42",
+        json!({
+            "phase": "Succeeded", "attempts": 1,
+            "conditions": [{"type": "Complete", "status": "True", "reason": "WorkerSucceeded",
+                            "message": "", "lastTransitionTime": now}],
+        }),
+    )
     .await;
     let status = vj.status.unwrap();
     assert_eq!(status.output, None);
@@ -250,15 +317,25 @@ async fn status_is_written_by_server_side_apply_on_each_kind() {
         .patch_status(
             "caption-42",
             &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&json!({"apiVersion": "gpupool.dev/v1alpha1", "kind": "VideoJob",
-                                  "status": {"phase": "Exploded"}})),
+            &Patch::Apply(
+                &json!({"apiVersion": "gpupool.dev/v1alpha1", "kind": "VideoJob",
+                                  "status": {"phase": "Exploded"}}),
+            ),
         )
         .await
         .expect_err("bad phase refused");
     assert!(bad.to_string().contains("status.phase"), "{bad}");
 
     // A spec write through the status subresource is ignored.
-    let out = kubectl(&["get", "vj", "caption-42", "-n", &ns.name, "-o", "jsonpath={.spec.operation}"]);
+    let out = kubectl(&[
+        "get",
+        "vj",
+        "caption-42",
+        "-n",
+        &ns.name,
+        "-o",
+        "jsonpath={.spec.operation}",
+    ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "caption");
     ns.cleanup().await;
 }

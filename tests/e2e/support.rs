@@ -75,7 +75,13 @@ static CRDS: Once = Once::new();
 /// they are Established. Runs once per test binary.
 pub fn install_crds() {
     CRDS.call_once(|| {
-        kubectl_ok(&["apply", "--server-side", "--field-manager=gpupool-e2e", "-f", "crds/"]);
+        kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=gpupool-e2e",
+            "-f",
+            "crds/",
+        ]);
         kubectl_ok(&[
             "wait",
             "--for=condition=Established",

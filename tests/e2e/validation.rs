@@ -16,7 +16,10 @@ fn fixtures(dir: &str) -> Vec<(String, String)> {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .map(|p| {
             let text = fs::read_to_string(&p).unwrap();
-            (p.strip_prefix(repo_root()).unwrap().display().to_string(), text)
+            (
+                p.strip_prefix(repo_root()).unwrap().display().to_string(),
+                text,
+            )
         })
         .collect();
     files.sort();
@@ -43,24 +46,70 @@ async fn invalid_manifests_are_refused_naming_the_field() {
         }
         for want in &expected {
             if !stderr.contains(want) {
-                failures.push(format!("{path}: error lacks {want:?}; got: {}", stderr.trim()));
+                failures.push(format!(
+                    "{path}: error lacks {want:?}; got: {}",
+                    stderr.trim()
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
-    eprintln!("{} invalid manifests refused with the field named", cases.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    eprintln!(
+        "{} invalid manifests refused with the field named",
+        cases.len()
+    );
     ns.cleanup().await;
 }
 
 #[tokio::test]
-async fn valid_manifests_at_the_edges_are_accepted() {
+async fn valid_manifests_at_the_edges_are_accepted_and_resync_without_churn() {
     let ns = TestNamespace::new("valid").await;
     let cases = fixtures("valid");
+    assert!(cases.len() >= 5);
     for (path, _) in &cases {
         kubectl_ok(&["apply", "-n", &ns.name, "-f", path]);
-        // Applying again changes nothing and is accepted (GitOps re-sync).
-        let again = kubectl_ok(&["apply", "-n", &ns.name, "-f", path]);
-        assert!(again.contains("unchanged"), "{path}: re-apply said {again}");
+        let version = || {
+            kubectl_ok(&[
+                "get",
+                "-n",
+                &ns.name,
+                "-f",
+                path,
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ])
+        };
+        // A GitOps re-sync, client-side or server-side, must not change the stored object.
+        let before = version();
+        kubectl_ok(&["apply", "-n", &ns.name, "-f", path]);
+        assert_eq!(
+            version(),
+            before,
+            "{path}: client-side re-apply changed the object"
+        );
+        let ssa = [
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-n",
+            &ns.name,
+            "-f",
+            path,
+        ];
+        kubectl_ok(&ssa); // takes over field ownership once, which is a write
+        let before = version();
+        kubectl_ok(&ssa);
+        assert_eq!(
+            version(),
+            before,
+            "{path}: server-side re-apply changed the object"
+        );
     }
     ns.cleanup().await;
 }
