@@ -14,6 +14,10 @@ use graphql_parser::query::{
 };
 use serde_json::{Map, Value};
 
+/// Computes a field (with its arguments) instead of reading it from the parent object.
+pub type FieldHook<'h> =
+    dyn Fn(&Map<String, Value>, &str, &Map<String, Value>) -> Option<Value> + 'h;
+
 /// Query or mutation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -158,7 +162,7 @@ impl<'a> Request<'a> {
         &self,
         value: &Value,
         set: &'a SelectionSet<'a, &'a str>,
-        hook: &dyn Fn(&Map<String, Value>, &str, &Map<String, Value>) -> Option<Value>,
+        hook: &FieldHook<'_>,
     ) -> Value {
         match value {
             Value::Array(items) => {

@@ -492,10 +492,7 @@ async fn resolve(
             Ok(Value::Array(
                 st.gpu_types
                     .iter()
-                    .filter(|t| {
-                        ids.as_ref()
-                            .is_none_or(|ids| ids.iter().any(|i| *i == t.id))
-                    })
+                    .filter(|t| ids.as_ref().is_none_or(|ids| ids.contains(&t.id)))
                     .map(|t| gpu_type_entity(&st, t))
                     .collect(),
             ))

@@ -391,27 +391,28 @@ async fn run_job(
         }
     }
     let mut outcome = None;
-    if let Some(job) = st.jobs.iter_mut().find(|j| j.id == job_id) {
-        if !cancelled && job.status == JobStatus::InProgress {
-            job.cancel = None;
-            if died {
-                job.error = Some("worker exited unexpectedly (simulated)".into());
-                job.finish(JobStatus::Failed);
-            } else if work > timeout {
-                job.error = Some(format!("job timed out after {timeout_ms} ms"));
-                job.finish(JobStatus::TimedOut);
-            } else if let Some((_, msg)) = &plan.fail {
-                job.error = Some(msg.clone());
-                job.finish(JobStatus::Failed);
-            } else if plan.non_json {
-                job.output = Some(json!("<html><body>simulated non-JSON answer</body></html>"));
-                job.finish(JobStatus::Completed);
-            } else {
-                job.output = Some(job_result(&op, &job_id, &worker_id, &input, &plan));
-                job.finish(JobStatus::Completed);
-            }
-            outcome = Some(job.status);
+    if let Some(job) = st.jobs.iter_mut().find(|j| j.id == job_id)
+        && !cancelled
+        && job.status == JobStatus::InProgress
+    {
+        job.cancel = None;
+        if died {
+            job.error = Some("worker exited unexpectedly (simulated)".into());
+            job.finish(JobStatus::Failed);
+        } else if work > timeout {
+            job.error = Some(format!("job timed out after {timeout_ms} ms"));
+            job.finish(JobStatus::TimedOut);
+        } else if let Some((_, msg)) = &plan.fail {
+            job.error = Some(msg.clone());
+            job.finish(JobStatus::Failed);
+        } else if plan.non_json {
+            job.output = Some(json!("<html><body>simulated non-JSON answer</body></html>"));
+            job.finish(JobStatus::Completed);
+        } else {
+            job.output = Some(job_result(&op, &job_id, &worker_id, &input, &plan));
+            job.finish(JobStatus::Completed);
         }
+        outcome = Some(job.status);
     }
     if let Some(ep) = st.endpoints.iter_mut().find(|e| e.spec.id == endpoint_id) {
         match outcome {

@@ -575,7 +575,6 @@ async fn create(
             });
         }
         let ssh_port = fake_port();
-        drop(fake_port);
         let jupyter_token = util::hex_id(&mut st.rng, 64);
         let inst = Instance {
             provider: Provider::Vast,
