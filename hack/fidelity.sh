@@ -19,5 +19,7 @@ if [ ! -d "$GPUPOOL_API_SPECS" ]; then
   exit 1
 fi
 
+# Keep the checkout clean of __pycache__ directories.
+export PYTHONDONTWRITEBYTECODE=1
 echo "fidelity: running tests/fidelity with $VENV" >&2
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests/fidelity "$@"

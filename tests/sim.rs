@@ -2009,6 +2009,54 @@ async fn save_endpoint_replaces_settings_and_new_endpoints_serve_jobs() {
         )
         .await;
     assert!(v["errors"].is_array(), "workers must be 0/0 first");
+
+    // workersMin keeps a warm worker (and its bill) with an empty queue.
+    let save = |min: u32, max: u32| {
+        format!(
+            "mutation {{ saveEndpoint(input: {{id: \"{id}\", name: \"second-endpoint\", workersMin: {min}, workersMax: {max}, idleTimeout: 1}}) {{ id }} }}"
+        )
+    };
+    s.gql(&save(1, 2), json!({})).await;
+    let workers = |st: Value| -> Vec<Value> {
+        let ep = st["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == id.as_str())
+            .cloned()
+            .unwrap();
+        ep["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] != "stopped")
+            .cloned()
+            .collect()
+    };
+    eventually("a warm worker", || async {
+        (workers(s.admin("/admin/state").await).len() == 1).then_some(())
+    })
+    .await;
+    s.gql(&save(0, 0), json!({})).await;
+    eventually("no workers", || async {
+        workers(s.admin("/admin/state").await)
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let (_, v) = s
+        .gql(
+            &format!("mutation {{ deleteEndpoint(id: \"{id}\") }}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(v, json!({"data": {"deleteEndpoint": null}}));
+    assert_eq!(
+        s.serverless(Method::GET, &format!("/{id}/health"), None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -14,7 +14,11 @@ pub async fn serve(listener: TcpListener, router: Router, mut stop: watch::Recei
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _peer)) = accepted else { continue };
+                let Ok((stream, _peer)) = accepted else {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
                 let svc = TowerToHyperService::new(router.clone());
                 conns.spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
