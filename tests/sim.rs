@@ -2298,3 +2298,33 @@ fn the_binary_prints_its_address_writes_the_port_file_and_stops_on_sigterm() {
     assert!(!out.status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_yaml_examples_in_the_manual_are_valid_configurations() {
+    let manual =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/simulator.md")).unwrap();
+    let blocks: Vec<&str> = manual
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert_eq!(blocks.len(), 2, "the configuration and the faults examples");
+    for b in blocks {
+        SimConfig::from_yaml(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
+    }
+    let full = SimConfig::from_yaml(
+        manual
+            .split("```yaml\n")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(full.vast_offers[0].extra["cuda_max_good"], json!(12.8));
+    assert!(
+        SimConfig::from_yaml("sede: 1").is_err(),
+        "typos are refused"
+    );
+}
