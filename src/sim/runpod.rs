@@ -77,12 +77,48 @@ struct RootCall {
     args: Map<String, Value>,
 }
 
+/// Deepest bracket nesting outside string literals. The parser is recursive, so absurdly
+/// deep documents are refused before parsing rather than risking the stack.
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for c in text.chars() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' | '[' | '(' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            '}' | ']' | ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Deepest nesting a document may have (real queries stay under 10).
+const MAX_DEPTH: usize = 64;
+
 /// Parses and validates the request; the root fields to resolve, or the 400 to send.
 fn plan(
     text: &str,
     op_name: Option<&str>,
     vars: &Map<String, Value>,
 ) -> Result<(Kind, Vec<RootCall>), Response> {
+    if nesting_depth(text) > MAX_DEPTH {
+        return Err(bad_request(
+            "Query is nested too deeply.",
+            "GRAPHQL_VALIDATION_FAILED",
+        ));
+    }
     let doc = graphql::parse(text)
         .map_err(|e| bad_request(&format!("Syntax Error: {e}"), "GRAPHQL_PARSE_FAILED"))?;
     let request = graphql::Request::new(&doc, op_name, vars)
@@ -554,5 +590,17 @@ async fn resolve(
             format!("Cannot query field \"{other}\"."),
             "GRAPHQL_VALIDATION_FAILED",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_ignores_brackets_inside_strings() {
+        assert_eq!(nesting_depth(r#"{ a(input: {b: "}}}{{{{"}) { c } }"#), 3);
+        assert_eq!(nesting_depth(r#"{ a(s: "x\"{{{") }"#), 2);
+        assert!(nesting_depth(&"{".repeat(100_000)) > MAX_DEPTH);
     }
 }

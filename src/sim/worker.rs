@@ -104,6 +104,9 @@ impl JobPlan {
     }
 }
 
+/// Upper bound of `outputBytes` padding, so a typo cannot exhaust memory.
+const MAX_PADDING: u64 = 64 * 1024 * 1024;
+
 /// FNV-1a, for a short digest of the input that a test can recompute.
 fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
@@ -137,8 +140,8 @@ pub fn job_result(
     });
     if let Some(want) = plan.output_bytes {
         let have = serde_json::to_vec(&answer).map(|v| v.len()).unwrap_or(0) as u64;
-        // "padding":"" adds 14 bytes; cap the padding so a typo cannot exhaust memory.
-        let pad = want.saturating_sub(have + 14).min(256 * 1024 * 1024) as usize;
+        // `"padding":""` itself adds 14 bytes.
+        let pad = want.saturating_sub(have + 14).min(MAX_PADDING) as usize;
         if let Some(obj) = result.as_object_mut() {
             obj.insert("padding".into(), Value::String("x".repeat(pad)));
         }
