@@ -1125,6 +1125,16 @@ async fn runpod_rest_v1_pods_share_state_with_graphql() {
     )
     .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "gpuTypeIds is required");
+    let typo = json!({"imageName": "x", "gpuTypeIds": ["NVIDIA GeForce RTX 4091"]});
+    let (st, v) = body(
+        rest(Method::POST, "/pods")
+            .json(&typo)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     let (st, _) = body(
         s.c.get(format!("{}/pods", s.h.rest_url()))
             .send()

@@ -98,6 +98,18 @@ pub fn create(sim: &Arc<Sim>, req: &PodRequest) -> Result<String, CreateError> {
     let inst = {
         let mut st = sim.lock();
         let st = &mut *st;
+        // A GPU type that does not exist at all is a mistake in the request, not a lack
+        // of capacity (a typo would otherwise look like a sold-out market forever).
+        let known = |want: &String| {
+            st.gpu_types
+                .iter()
+                .any(|t| t.id == *want || t.display_name == *want)
+        };
+        if let Some(unknown) = req.gpu_type_ids.iter().find(|w| !known(w)) {
+            return Err(CreateError::Invalid(format!(
+                "unknown GPU type id {unknown:?}"
+            )));
+        }
         let chosen = req.gpu_type_ids.iter().find_map(|want| {
             let t = st
                 .gpu_types
