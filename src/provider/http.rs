@@ -526,10 +526,6 @@ impl ApiClient {
         })
     }
 
-    pub(crate) fn redactor(&self) -> &Redactor {
-        &self.redactor
-    }
-
     /// Runs `call` with the rate limit, timeouts and retry policy, giving each response to
     /// `classify`; transient errors are retried as the call's idempotency allows.
     pub(crate) async fn execute<T, F>(&self, call: &Call<'_>, classify: F) -> ProviderResult<T>
