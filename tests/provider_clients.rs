@@ -248,7 +248,10 @@ fn create_request(label: &str) -> CreateRequest {
         label: label.into(),
         image: "ghcr.io/acme/video-worker:1.2".into(),
         env: [
-            ("GPUPOOL_SESSION_TOKEN".to_string(), "session-tok".to_string()),
+            (
+                "GPUPOOL_SESSION_TOKEN".to_string(),
+                "session-tok".to_string(),
+            ),
             ("GPUPOOL_WORKER_PORT".to_string(), "8000".to_string()),
         ]
         .into(),
@@ -285,19 +288,35 @@ async fn vast_offers_filter_server_side_recheck_and_rank_cheapest_first() {
         )
     })
     .await;
-    let offers = vast(&server.base, fast_http()).offers().await.expect("offers");
+    let offers = vast(&server.base, fast_http())
+        .offers()
+        .await
+        .expect("offers");
     let ids: Vec<_> = offers.iter().map(|o| o.id.as_str()).collect();
-    assert_eq!(ids, ["2", "1", "3"], "cheapest first, more reliable first on ties");
+    assert_eq!(
+        ids,
+        ["2", "1", "3"],
+        "cheapest first, more reliable first on ties"
+    );
     assert_eq!(offers[0].price_per_hour.to_string(), "0.2");
     assert_eq!(offers[0].region.as_deref(), Some("Oregon, US"));
 
     let seen = server.seen();
     assert_eq!(seen.len(), 1);
     let req = &seen[0];
-    assert_eq!((req.method.as_str(), req.path.as_str()), ("POST", "/api/v0/bundles/"));
-    assert_eq!(bearer_of(req).as_deref(), Some(format!("Bearer {KEY}").as_str()));
+    assert_eq!(
+        (req.method.as_str(), req.path.as_str()),
+        ("POST", "/api/v0/bundles/")
+    );
+    assert_eq!(
+        bearer_of(req).as_deref(),
+        Some(format!("Bearer {KEY}").as_str())
+    );
     assert!(req.query.is_empty(), "the key never goes in the query");
-    assert_eq!(req.body["gpu_name"], json!({"in": ["RTX 4090", "RTX 3090"]}));
+    assert_eq!(
+        req.body["gpu_name"],
+        json!({"in": ["RTX 4090", "RTX 3090"]})
+    );
     assert_eq!(req.body["dph_total"], json!({"lte": 0.5}));
     assert_eq!(req.body["allocated_storage"], 16);
     assert_eq!(req.body["type"], "on-demand");
@@ -305,8 +324,8 @@ async fn vast_offers_filter_server_side_recheck_and_rank_cheapest_first() {
 
 #[tokio::test]
 async fn vast_create_maps_the_worker_port_and_returns_the_new_contract() {
-    let server = mock(|_, _| json_reply(200, json!({"success": true, "new_contract": 7835610})))
-        .await;
+    let server =
+        mock(|_, _| json_reply(200, json!({"success": true, "new_contract": 7835610}))).await;
     let created = vast(&server.base, fast_http())
         .create(&some_offer("123"), &create_request("gpupool-c1-uid1"))
         .await
@@ -314,10 +333,16 @@ async fn vast_create_maps_the_worker_port_and_returns_the_new_contract() {
     assert_eq!(created.id, "7835610");
     assert_eq!(created.label.as_deref(), Some("gpupool-c1-uid1"));
     assert_eq!(created.state, RemoteState::Starting);
-    assert_eq!(created.price_per_hour.map(|p| p.to_string()).as_deref(), Some("0.41"));
+    assert_eq!(
+        created.price_per_hour.map(|p| p.to_string()).as_deref(),
+        Some("0.41")
+    );
 
     let req = &server.seen()[0];
-    assert_eq!((req.method.as_str(), req.path.as_str()), ("PUT", "/api/v0/asks/123/"));
+    assert_eq!(
+        (req.method.as_str(), req.path.as_str()),
+        ("PUT", "/api/v0/asks/123/")
+    );
     assert_eq!(req.body["image"], "ghcr.io/acme/video-worker:1.2");
     assert_eq!(req.body["label"], "gpupool-c1-uid1");
     assert_eq!(req.body["disk"], 16);
@@ -332,15 +357,24 @@ async fn vast_create_maps_the_worker_port_and_returns_the_new_contract() {
 #[tokio::test]
 async fn vast_create_unavailable_offer_is_insufficient_capacity() {
     for (status, body) in [
-        (404, json!({"success": false, "error": "invalid_args", "msg": "error 404/3603: no_such_ask Instance type by id 123 is not available.", "ask_id": 123})),
-        (410, json!({"success": false, "error": "no_such_ask", "msg": "error 410/3907: no_such_ask Instance type 123 is no longer available.", "ask_id": 123})),
+        (
+            404,
+            json!({"success": false, "error": "invalid_args", "msg": "error 404/3603: no_such_ask Instance type by id 123 is not available.", "ask_id": 123}),
+        ),
+        (
+            410,
+            json!({"success": false, "error": "no_such_ask", "msg": "error 410/3907: no_such_ask Instance type 123 is no longer available.", "ask_id": 123}),
+        ),
     ] {
         let server = mock(move |_, _| json_reply(status, body.clone())).await;
         let err = vast(&server.base, fast_http())
             .create(&some_offer("123"), &create_request("gpupool-c1-uid1"))
             .await
             .expect_err("no capacity");
-        assert!(matches!(err, ProviderError::InsufficientCapacity(_)), "{status}: {err:?}");
+        assert!(
+            matches!(err, ProviderError::InsufficientCapacity(_)),
+            "{status}: {err:?}"
+        );
         assert_eq!(server.hits(), 1, "a refusal is final, no retry");
     }
 }
@@ -357,7 +391,10 @@ async fn vast_create_is_never_retried_after_an_ambiguous_failure() {
     assert_eq!(server.hits(), 1);
 
     // Timeout: same.
-    let server = mock(|_, _| json_reply(200, json!({"success": true, "new_contract": 1})).delayed(Duration::from_secs(3))).await;
+    let server = mock(|_, _| {
+        json_reply(200, json!({"success": true, "new_contract": 1})).delayed(Duration::from_secs(3))
+    })
+    .await;
     let http = HttpConfig {
         request_timeout: Duration::from_millis(300),
         ..fast_http()
@@ -367,8 +404,15 @@ async fn vast_create_is_never_retried_after_an_ambiguous_failure() {
         .create(&some_offer("5"), &create_request("gpupool-c1-u"))
         .await
         .expect_err("timeout");
-    assert!(matches!(&err, ProviderError::Transient(m) if m.contains("timed out")), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        matches!(&err, ProviderError::Transient(m) if m.contains("timed out")),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(server.hits(), 1);
 }
 
@@ -376,7 +420,10 @@ async fn vast_create_is_never_retried_after_an_ambiguous_failure() {
 async fn vast_create_refused_with_429_is_retried() {
     let server = mock(|_, i| {
         if i == 0 {
-            json_reply(429, json!({"detail": "API requests too frequent endpoint threshold=4.5"}))
+            json_reply(
+                429,
+                json!({"detail": "API requests too frequent endpoint threshold=4.5"}),
+            )
         } else {
             json_reply(200, json!({"success": true, "new_contract": 42}))
         }
@@ -394,7 +441,10 @@ async fn vast_create_refused_with_429_is_retried() {
 async fn vast_get_maps_state_and_endpoint_and_null_is_not_found() {
     let server = mock(|s, _| {
         if s.path == "/api/v0/instances/77/" {
-            json_reply(200, json!({"instances": vast_instance(77, "gpupool-c1-a", Some("running"))}))
+            json_reply(
+                200,
+                json!({"instances": vast_instance(77, "gpupool-c1-a", Some("running"))}),
+            )
         } else {
             json_reply(200, json!({"instances": null}))
         }
@@ -406,7 +456,10 @@ async fn vast_get_maps_state_and_endpoint_and_null_is_not_found() {
     assert_eq!(i.endpoint.as_deref(), Some("http://203.0.113.7:41234"));
     assert_eq!(i.label.as_deref(), Some("gpupool-c1-a"));
     assert_eq!(i.started_at.map(|t| t.as_second()), Some(1_700_000_000));
-    assert_eq!(server.seen()[0].query.get("owner").map(String::as_str), Some("me"));
+    assert_eq!(
+        server.seen()[0].query.get("owner").map(String::as_str),
+        Some("me")
+    );
 
     let err = client.get("78").await.expect_err("gone");
     assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
@@ -448,18 +501,27 @@ async fn vast_list_follows_next_token_and_filters_the_label_prefix() {
     for s in &seen {
         assert_eq!(s.path, "/api/v1/instances/");
         assert_eq!(s.query.get("limit").map(String::as_str), Some("25"));
-        assert_eq!(s.query.get("select_filters").map(String::as_str), Some("{}"));
+        assert_eq!(
+            s.query.get("select_filters").map(String::as_str),
+            Some("{}")
+        );
     }
-    assert_eq!(seen[2].query.get("after_token").map(String::as_str), Some("t2"));
+    assert_eq!(
+        seen[2].query.get("after_token").map(String::as_str),
+        Some("t2")
+    );
 }
 
 #[tokio::test]
 async fn vast_find_by_label_asks_for_the_exact_label() {
     let server = mock(|_, _| {
-        json_reply(200, json!({"next_token": null, "instances": [
-            vast_instance(10, "gpupool-c1-abc-extra", Some("running")),
-            vast_instance(11, "gpupool-c1-abc", Some("running")),
-        ]}))
+        json_reply(
+            200,
+            json!({"next_token": null, "instances": [
+                vast_instance(10, "gpupool-c1-abc-extra", Some("running")),
+                vast_instance(11, "gpupool-c1-abc", Some("running")),
+            ]}),
+        )
     })
     .await;
     let found = vast(&server.base, fast_http())
@@ -486,19 +548,34 @@ async fn vast_pagination_that_loops_is_an_error_not_a_hang() {
 async fn vast_delete_of_a_gone_instance_is_ok() {
     let server = mock(|s, _| match s.path.as_str() {
         "/api/v0/instances/1/" => json_reply(200, json!({"success": true})),
-        "/api/v0/instances/2/" => json_reply(404, json!({"success": false, "error": "not_found", "msg": "Instance not found"})),
-        "/api/v0/instances/3/" => json_reply(200, json!({"success": false, "msg": "Instance 3 not found."})),
-        _ => json_reply(400, json!({"success": false, "error": "invalid_args", "msg": "invalid instance_id"})),
+        "/api/v0/instances/2/" => json_reply(
+            404,
+            json!({"success": false, "error": "not_found", "msg": "Instance not found"}),
+        ),
+        "/api/v0/instances/3/" => json_reply(
+            200,
+            json!({"success": false, "msg": "Instance 3 not found."}),
+        ),
+        _ => json_reply(
+            400,
+            json!({"success": false, "error": "invalid_args", "msg": "invalid instance_id"}),
+        ),
     })
     .await;
     let client = vast(&server.base, fast_http());
     for id in ["1", "2", "3"] {
-        client.delete(id).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+        client
+            .delete(id)
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
     }
     let err = client.delete("4").await.expect_err("invalid");
     assert!(matches!(err, ProviderError::Permanent(_)), "{err:?}");
     let seen = server.seen();
-    assert!(seen.iter().all(|s| s.method == "DELETE" && s.body == json!({})));
+    assert!(
+        seen.iter()
+            .all(|s| s.method == "DELETE" && s.body == json!({}))
+    );
 }
 
 #[tokio::test]
@@ -520,12 +597,18 @@ async fn rate_limit_that_clears_is_retried_with_exponential_back_off() {
         if i < 2 {
             reply(429, "API requests too frequent: endpoint threshold=2.0")
         } else {
-            json_reply(200, json!({"instances": vast_instance(5, "gpupool-c1-x", Some("running"))}))
+            json_reply(
+                200,
+                json!({"instances": vast_instance(5, "gpupool-c1-x", Some("running"))}),
+            )
         }
     })
     .await;
     let started = Instant::now();
-    let i = vast(&server.base, fast_http()).get("5").await.expect("clears");
+    let i = vast(&server.base, fast_http())
+        .get("5")
+        .await
+        .expect("clears");
     assert_eq!(i.id, "5");
     let seen = server.seen();
     assert_eq!(seen.len(), 3, "two retries");
@@ -538,7 +621,10 @@ async fn rate_limit_that_clears_is_retried_with_exponential_back_off() {
 #[tokio::test]
 async fn rate_limit_that_never_clears_is_rate_limited() {
     let server = mock(|_, _| json_reply(429, json!({"success": false, "error": "rate_limit_exceeded", "msg": "API requests too frequent endpoint threshold=3.0"}))).await;
-    let err = vast(&server.base, fast_http()).delete("9").await.expect_err("429");
+    let err = vast(&server.base, fast_http())
+        .delete("9")
+        .await
+        .expect_err("429");
     assert_eq!(err, ProviderError::RateLimited { retry_after: None });
     assert_eq!(server.hits(), 3, "max_attempts");
 }
@@ -558,14 +644,23 @@ async fn retry_after_is_honoured_and_reported() {
     let health = client.health().await.expect("health");
     assert_eq!(health.jobs_in_queue, 3);
     let seen = server.seen();
-    assert!(seen[1].at - seen[0].at >= Duration::from_secs(1), "{:?}", seen[1].at - seen[0].at);
+    assert!(
+        seen[1].at - seen[0].at >= Duration::from_secs(1),
+        "{:?}",
+        seen[1].at - seen[0].at
+    );
 
     // A Retry-After beyond the call's budget is returned to the caller instead.
     let server = mock(|_, _| reply(429, "").header("retry-after", "120")).await;
     let client = serverless(&server.base, &server.base, fast_http());
     let started = Instant::now();
     let err = client.health().await.expect_err("429");
-    assert_eq!(err, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(120)) });
+    assert_eq!(
+        err,
+        ProviderError::RateLimited {
+            retry_after: Some(Duration::from_secs(120))
+        }
+    );
     assert_eq!(server.hits(), 1);
     assert!(started.elapsed() < Duration::from_secs(2));
 }
@@ -573,14 +668,22 @@ async fn retry_after_is_honoured_and_reported() {
 #[tokio::test]
 async fn server_errors_are_transient_after_bounded_retries() {
     let server = mock(|_, _| reply(503, "upstream unavailable")).await;
-    let err = vast(&server.base, fast_http()).get("1").await.expect_err("503");
-    assert!(matches!(&err, ProviderError::Transient(m) if m.contains("503")), "{err:?}");
+    let err = vast(&server.base, fast_http())
+        .get("1")
+        .await
+        .expect_err("503");
+    assert!(
+        matches!(&err, ProviderError::Transient(m) if m.contains("503")),
+        "{err:?}"
+    );
     assert_eq!(server.hits(), 3);
 }
 
 #[tokio::test]
 async fn slow_server_times_out_within_the_configured_time() {
-    let server = mock(|_, _| json_reply(200, json!({"instances": null})).delayed(Duration::from_secs(5))).await;
+    let server =
+        mock(|_, _| json_reply(200, json!({"instances": null})).delayed(Duration::from_secs(5)))
+            .await;
     let http = HttpConfig {
         request_timeout: Duration::from_millis(300),
         retry: RetryPolicy {
@@ -590,23 +693,43 @@ async fn slow_server_times_out_within_the_configured_time() {
         ..fast_http()
     };
     let started = Instant::now();
-    let err = vast(&server.base, http).get("1").await.expect_err("timeout");
+    let err = vast(&server.base, http)
+        .get("1")
+        .await
+        .expect_err("timeout");
     let took = started.elapsed();
-    assert!(matches!(&err, ProviderError::Transient(m) if m.contains("timed out after 0.3s")), "{err:?}");
-    assert!(took >= Duration::from_millis(600) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        matches!(&err, ProviderError::Transient(m) if m.contains("timed out after 0.3s")),
+        "{err:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     assert_eq!(server.hits(), 2);
 }
 
 #[tokio::test]
 async fn malformed_json_is_a_clear_error() {
     let server = mock(|_, _| reply(200, "{\"offers\": [ {\"id\": 1, ")).await;
-    let err = vast(&server.base, fast_http()).offers().await.expect_err("bad json");
-    assert!(matches!(&err, ProviderError::Transient(m) if m.contains("unexpected response")), "{err:?}");
-    let server = mock(|_, _| reply(200, "<html>maintenance</html>")).await;
-    let err = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http())
-        .get("abc")
+    let err = vast(&server.base, fast_http())
+        .offers()
         .await
-        .expect_err("html");
+        .expect_err("bad json");
+    assert!(
+        matches!(&err, ProviderError::Transient(m) if m.contains("unexpected response")),
+        "{err:?}"
+    );
+    let server = mock(|_, _| reply(200, "<html>maintenance</html>")).await;
+    let err = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .get("abc")
+    .await
+    .expect_err("html");
     assert!(matches!(err, ProviderError::Transient(_)), "{err:?}");
 }
 
@@ -618,8 +741,14 @@ async fn connection_refused_is_transient() {
         l.local_addr().expect("addr").port()
     };
     let base = format!("http://127.0.0.1:{port}");
-    let err = vast(&base, fast_http()).get("1").await.expect_err("refused");
-    assert!(matches!(&err, ProviderError::Transient(m) if m.contains("connection")), "{err:?}");
+    let err = vast(&base, fast_http())
+        .get("1")
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, ProviderError::Transient(m) if m.contains("connection")),
+        "{err:?}"
+    );
     check_error_is_clean(&err);
     // Nothing reached a server, so even a create may be repeated: still Transient in the end.
     let err = vast(&base, fast_http())
@@ -644,13 +773,22 @@ async fn client_side_quota_spaces_requests() {
     for _ in 0..3 {
         let _ = client.get("1").await;
     }
-    assert!(started.elapsed() >= Duration::from_millis(380), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(380),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(server.hits(), 3);
 }
 
 // ---------------------------------------------------------------- RunPod pods (GraphQL)
 
-fn runpod(base: &str, access: RunpodWorkerAccess, dcs: Vec<String>, http: HttpConfig) -> RunpodClient {
+fn runpod(
+    base: &str,
+    access: RunpodWorkerAccess,
+    dcs: Vec<String>,
+    http: HttpConfig,
+) -> RunpodClient {
     let entry = RunpodProvider {
         gpu_type_ids: vec![
             "NVIDIA GeForce RTX 4090".into(),
@@ -711,36 +849,63 @@ fn public_runtime() -> Value {
 #[tokio::test]
 async fn runpod_offers_use_variables_and_rank_by_price_then_entry_order() {
     let server = mock(|s, _| {
-        let id = s.body["variables"]["gpuTypesInput"]["id"].as_str().unwrap_or_default().to_string();
+        let id = s.body["variables"]["gpuTypesInput"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let (community, price) = match id.as_str() {
             "NVIDIA GeForce RTX 4090" => (true, 0.44),
             "NVIDIA RTX A5000" => (true, 0.22),
             "NVIDIA GeForce RTX 3090" => (true, 0.22),
             _ => (true, 2.49), // H100: over the cap
         };
-        json_reply(200, json!({"data": {"gpuTypes": [{
-            "id": id, "displayName": id.replace("NVIDIA ", ""), "memoryInGb": 24,
-            "secureCloud": true, "communityCloud": community,
-            "securePrice": price * 2.0, "communityPrice": price,
-            "lowestPrice": {"uninterruptablePrice": price}
-        }]}}))
+        json_reply(
+            200,
+            json!({"data": {"gpuTypes": [{
+                "id": id, "displayName": id.replace("NVIDIA ", ""), "memoryInGb": 24,
+                "secureCloud": true, "communityCloud": community,
+                "securePrice": price * 2.0, "communityPrice": price,
+                "lowestPrice": {"uninterruptablePrice": price}
+            }]}}),
+        )
     })
     .await;
-    let offers = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http())
-        .offers()
-        .await
-        .expect("offers");
+    let offers = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .offers()
+    .await
+    .expect("offers");
     let ids: Vec<_> = offers.iter().map(|o| o.id.as_str()).collect();
-    assert_eq!(ids, ["NVIDIA RTX A5000", "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"]);
+    assert_eq!(
+        ids,
+        [
+            "NVIDIA RTX A5000",
+            "NVIDIA GeForce RTX 3090",
+            "NVIDIA GeForce RTX 4090"
+        ]
+    );
     assert_eq!(offers[0].price_per_hour.to_string(), "0.22");
 
     let seen = server.seen();
     assert_eq!(seen.len(), 4);
     for s in &seen {
         assert_eq!(s.path, "/graphql");
-        assert_eq!(bearer_of(s).as_deref(), Some(format!("Bearer {KEY}").as_str()));
-        assert!(!gql_query(s).contains("NVIDIA"), "user values travel as variables");
-        assert_eq!(s.body["variables"]["lowestPriceInput"], json!({"gpuCount": 1, "secureCloud": false}));
+        assert_eq!(
+            bearer_of(s).as_deref(),
+            Some(format!("Bearer {KEY}").as_str())
+        );
+        assert!(
+            !gql_query(s).contains("NVIDIA"),
+            "user values travel as variables"
+        );
+        assert_eq!(
+            s.body["variables"]["lowestPriceInput"],
+            json!({"gpuCount": 1, "secureCloud": false})
+        );
     }
 }
 
@@ -748,23 +913,37 @@ async fn runpod_offers_use_variables_and_rank_by_price_then_entry_order() {
 async fn runpod_create_sends_the_deploy_input_as_a_variable() {
     let server = mock(|s, _| {
         let input = &s.body["variables"]["input"];
-        json_reply(200, json!({"data": {"podFindAndDeployOnDemand": {
-            "id": "50qynxzilsxoey", "name": input["name"], "desiredStatus": "RUNNING",
-            "imageName": input["imageName"], "costPerHr": 0.44, "gpuCount": 1,
-            "machine": {"gpuDisplayName": "RTX 4090", "location": null}
-        }}}))
+        json_reply(
+            200,
+            json!({"data": {"podFindAndDeployOnDemand": {
+                "id": "50qynxzilsxoey", "name": input["name"], "desiredStatus": "RUNNING",
+                "imageName": input["imageName"], "costPerHr": 0.44, "gpuCount": 1,
+                "machine": {"gpuDisplayName": "RTX 4090", "location": null}
+            }}}),
+        )
     })
     .await;
     // A label with GraphQL syntax in it must arrive verbatim, not as query text.
     let label = "gpupool-c1-\"}) { id } } mutation { podTerminate";
-    let created = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http())
-        .create(&some_offer("NVIDIA GeForce RTX 4090"), &create_request(label))
-        .await
-        .expect("create");
+    let created = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .create(
+        &some_offer("NVIDIA GeForce RTX 4090"),
+        &create_request(label),
+    )
+    .await
+    .expect("create");
     assert_eq!(created.id, "50qynxzilsxoey");
     assert_eq!(created.label.as_deref(), Some(label));
     assert_eq!(created.state, RemoteState::Starting);
-    assert_eq!(created.price_per_hour.map(|p| p.to_string()).as_deref(), Some("0.44"));
+    assert_eq!(
+        created.price_per_hour.map(|p| p.to_string()).as_deref(),
+        Some("0.44")
+    );
 
     let s = &server.seen()[0];
     assert!(gql_query(s).contains("podFindAndDeployOnDemand(input: $input)"));
@@ -797,10 +976,18 @@ async fn runpod_create_without_capacity_tries_the_next_data_centre() {
     })
     .await;
     let dcs = vec!["EU-RO-1".to_string(), "US-TX-3".to_string()];
-    let created = runpod(&server.base, RunpodWorkerAccess::PublicTcp, dcs.clone(), fast_http())
-        .create(&some_offer("NVIDIA GeForce RTX 4090"), &create_request("gpupool-c1-u"))
-        .await
-        .expect("second data centre");
+    let created = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        dcs.clone(),
+        fast_http(),
+    )
+    .create(
+        &some_offer("NVIDIA GeForce RTX 4090"),
+        &create_request("gpupool-c1-u"),
+    )
+    .await
+    .expect("second data centre");
     assert_eq!(created.id, "p2");
     assert_eq!(created.region.as_deref(), Some("US-TX-3"));
     assert_eq!(server.hits(), 2);
@@ -810,43 +997,99 @@ async fn runpod_create_without_capacity_tries_the_next_data_centre() {
         gql_error("There are no longer any instances available with the requested specifications. Please refresh and try again.", "podFindAndDeployOnDemand")
     })
     .await;
-    let err = runpod(&server.base, RunpodWorkerAccess::PublicTcp, dcs, fast_http())
-        .create(&some_offer("NVIDIA GeForce RTX 4090"), &create_request("gpupool-c1-u"))
-        .await
-        .expect_err("no capacity");
-    assert!(matches!(err, ProviderError::InsufficientCapacity(_)), "{err:?}");
+    let err = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        dcs,
+        fast_http(),
+    )
+    .create(
+        &some_offer("NVIDIA GeForce RTX 4090"),
+        &create_request("gpupool-c1-u"),
+    )
+    .await
+    .expect_err("no capacity");
+    assert!(
+        matches!(err, ProviderError::InsufficientCapacity(_)),
+        "{err:?}"
+    );
     assert_eq!(server.hits(), 2);
 }
 
 #[tokio::test]
 async fn runpod_graphql_errors_map_and_creates_are_not_retried() {
-    let server = mock(|_, _| gql_error("Something went wrong. Please try again later or contact support.", "podFindAndDeployOnDemand")).await;
-    let err = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http())
-        .create(&some_offer("g"), &create_request("gpupool-c1-u"))
-        .await
-        .expect_err("ambiguous");
+    let server = mock(|_, _| {
+        gql_error(
+            "Something went wrong. Please try again later or contact support.",
+            "podFindAndDeployOnDemand",
+        )
+    })
+    .await;
+    let err = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .create(&some_offer("g"), &create_request("gpupool-c1-u"))
+    .await
+    .expect_err("ambiguous");
     assert!(matches!(err, ProviderError::Transient(_)), "{err:?}");
-    assert_eq!(server.hits(), 1, "an ambiguous create is left to adoption by label");
+    assert_eq!(
+        server.hits(),
+        1,
+        "an ambiguous create is left to adoption by label"
+    );
 
-    let server = mock(|_, _| gql_error("There are not enough free GPUs on the host machine to start this pod.", "podFindAndDeployOnDemand")).await;
-    let err = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http())
-        .create(&some_offer("g"), &create_request("gpupool-c1-u"))
-        .await
-        .expect_err("capacity");
-    assert!(matches!(err, ProviderError::InsufficientCapacity(_)), "{err:?}");
+    let server = mock(|_, _| {
+        gql_error(
+            "There are not enough free GPUs on the host machine to start this pod.",
+            "podFindAndDeployOnDemand",
+        )
+    })
+    .await;
+    let err = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .create(&some_offer("g"), &create_request("gpupool-c1-u"))
+    .await
+    .expect_err("capacity");
+    assert!(
+        matches!(err, ProviderError::InsufficientCapacity(_)),
+        "{err:?}"
+    );
 
     let server = mock(|_, _| gql_error("GPU type not found", "podFindAndDeployOnDemand")).await;
-    let err = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http())
-        .create(&some_offer("g"), &create_request("gpupool-c1-u"))
-        .await
-        .expect_err("bad type");
+    let err = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .create(&some_offer("g"), &create_request("gpupool-c1-u"))
+    .await
+    .expect_err("bad type");
     assert!(matches!(err, ProviderError::Permanent(_)), "{err:?}");
 
-    let server = mock(|_, _| gql_error("Something went wrong. Please try again later or contact support.", "pod")).await;
-    let err = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http())
-        .get("p1")
-        .await
-        .expect_err("transient");
+    let server = mock(|_, _| {
+        gql_error(
+            "Something went wrong. Please try again later or contact support.",
+            "pod",
+        )
+    })
+    .await;
+    let err = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .get("p1")
+    .await
+    .expect_err("transient");
     assert!(matches!(err, ProviderError::Transient(_)), "{err:?}");
     assert_eq!(server.hits(), 3, "reads are retried");
 }
@@ -865,7 +1108,12 @@ async fn runpod_get_maps_state_and_endpoints() {
         json_reply(200, json!({"data": {"pod": p}}))
     })
     .await;
-    let tcp = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http());
+    let tcp = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    );
     let i = tcp.get("running").await.expect("running");
     assert_eq!(i.state, RemoteState::Running);
     assert_eq!(i.endpoint.as_deref(), Some("http://194.68.245.9:22117"));
@@ -874,14 +1122,22 @@ async fn runpod_get_maps_state_and_endpoints() {
 
     let b = tcp.get("booting").await.expect("booting");
     assert_eq!((b.state, b.endpoint), (RemoteState::Starting, None));
-    assert!(matches!(tcp.get("exited").await.map(|i| i.state), Ok(RemoteState::Stopped(m)) if m.contains("EXITED")));
-    assert_eq!(tcp.get("gone").await.map(|i| i.state).ok(), Some(RemoteState::Terminated));
+    assert!(
+        matches!(tcp.get("exited").await.map(|i| i.state), Ok(RemoteState::Stopped(m)) if m.contains("EXITED"))
+    );
+    assert_eq!(
+        tcp.get("gone").await.map(|i| i.state).ok(),
+        Some(RemoteState::Terminated)
+    );
     let err = tcp.get("unknown").await.expect_err("null pod");
     assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
 
     let proxy = runpod(&server.base, RunpodWorkerAccess::Proxy, vec![], fast_http());
     let i = proxy.get("running").await.expect("running");
-    assert_eq!(i.endpoint.as_deref(), Some("https://running-8000.proxy.runpod.net"));
+    assert_eq!(
+        i.endpoint.as_deref(),
+        Some("https://running-8000.proxy.runpod.net")
+    );
     let s = &server.seen()[0];
     assert!(gql_query(s).contains("pod(input: {podId: $podId})"));
 }
@@ -889,19 +1145,27 @@ async fn runpod_get_maps_state_and_endpoints() {
 #[tokio::test]
 async fn runpod_list_labeled_filters_by_name_prefix() {
     let server = mock(|_, _| {
-        json_reply(200, json!({"data": {"myself": {"pods": [
-            pod("a", "gpupool-c1-a", "RUNNING", public_runtime()),
-            pod("b", "my notebook", "RUNNING", Value::Null),
-            pod("c", "gpupool-c1-c", "EXITED", Value::Null),
-            {"name": "gpupool-c1-no-id"},
-            pod("d", "gpupool-c2-d", "RUNNING", Value::Null),
-        ]}}}))
+        json_reply(
+            200,
+            json!({"data": {"myself": {"pods": [
+                pod("a", "gpupool-c1-a", "RUNNING", public_runtime()),
+                pod("b", "my notebook", "RUNNING", Value::Null),
+                pod("c", "gpupool-c1-c", "EXITED", Value::Null),
+                {"name": "gpupool-c1-no-id"},
+                pod("d", "gpupool-c2-d", "RUNNING", Value::Null),
+            ]}}}),
+        )
     })
     .await;
-    let pods = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http())
-        .list_labeled("gpupool-c1-")
-        .await
-        .expect("list");
+    let pods = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .list_labeled("gpupool-c1-")
+    .await
+    .expect("list");
     let ids: Vec<_> = pods.iter().map(|p| p.id.as_str()).collect();
     assert_eq!(ids, ["a", "c"]);
 }
@@ -911,10 +1175,18 @@ async fn runpod_delete_of_a_gone_pod_is_ok() {
     let server = mock(|s, _| match s.body["variables"]["podId"].as_str() {
         Some("live") => json_reply(200, json!({"data": {"podTerminate": null}})),
         Some("gone") => gql_error("Pod not found", "podTerminate"),
-        _ => gql_error("You do not have permission to terminate this pod", "podTerminate"),
+        _ => gql_error(
+            "You do not have permission to terminate this pod",
+            "podTerminate",
+        ),
     })
     .await;
-    let client = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http());
+    let client = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    );
     client.delete("live").await.expect("terminate");
     client.delete("gone").await.expect("already gone");
     let err = client.delete("other").await.expect_err("refused");
@@ -925,12 +1197,20 @@ async fn runpod_delete_of_a_gone_pod_is_ok() {
 #[tokio::test]
 async fn runpod_bad_key_is_unauthorized_and_never_quoted() {
     let server = mock(|s, _| reply(401, echo_body(s))).await;
-    let client = runpod(&server.base, RunpodWorkerAccess::PublicTcp, vec![], fast_http());
+    let client = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    );
     for err in [
         client.offers().await.expect_err("401"),
         client.get("x").await.expect_err("401"),
         client.delete("x").await.expect_err("401"),
-        client.create(&some_offer("g"), &create_request("gpupool-c-u")).await.expect_err("401"),
+        client
+            .create(&some_offer("g"), &create_request("gpupool-c-u"))
+            .await
+            .expect_err("401"),
     ] {
         assert!(matches!(err, ProviderError::Unauthorized(_)), "{err:?}");
         check_error_is_clean(&err);
@@ -960,7 +1240,13 @@ fn serverless(base: &str, graphql: &str, http: HttpConfig) -> RunpodServerlessCl
 
 #[tokio::test]
 async fn serverless_submit_wraps_the_input_and_returns_the_job_id() {
-    let server = mock(|_, _| json_reply(200, json!({"id": "eaebd6e7-6a92-4bb8-a911-f996ac5ea99d", "status": "IN_QUEUE"}))).await;
+    let server = mock(|_, _| {
+        json_reply(
+            200,
+            json!({"id": "eaebd6e7-6a92-4bb8-a911-f996ac5ea99d", "status": "IN_QUEUE"}),
+        )
+    })
+    .await;
     let input = json!({"operation": "transcode", "src": "s3://b/k.mp4"});
     let id = serverless(&server.base, &server.base, fast_http())
         .submit(&input)
@@ -968,9 +1254,15 @@ async fn serverless_submit_wraps_the_input_and_returns_the_job_id() {
         .expect("submit");
     assert_eq!(id, "eaebd6e7-6a92-4bb8-a911-f996ac5ea99d");
     let s = &server.seen()[0];
-    assert_eq!((s.method.as_str(), s.path.as_str()), ("POST", "/v2/ep123abc/run"));
+    assert_eq!(
+        (s.method.as_str(), s.path.as_str()),
+        ("POST", "/v2/ep123abc/run")
+    );
     assert_eq!(s.body, json!({"input": input}));
-    assert_eq!(bearer_of(s).as_deref(), Some(format!("Bearer {KEY}").as_str()));
+    assert_eq!(
+        bearer_of(s).as_deref(),
+        Some(format!("Bearer {KEY}").as_str())
+    );
 }
 
 #[tokio::test]
@@ -983,7 +1275,14 @@ async fn serverless_submit_is_retried_only_when_refused() {
     assert!(matches!(err, ProviderError::Transient(_)), "{err:?}");
     assert_eq!(server.hits(), 1, "the job may be queued: no blind retry");
 
-    let server = mock(|_, i| if i == 0 { reply(429, "") } else { json_reply(200, json!({"id": "j1", "status": "IN_QUEUE"})) }).await;
+    let server = mock(|_, i| {
+        if i == 0 {
+            reply(429, "")
+        } else {
+            json_reply(200, json!({"id": "j1", "status": "IN_QUEUE"}))
+        }
+    })
+    .await;
     let id = serverless(&server.base, &server.base, fast_http())
         .submit(&json!({}))
         .await
@@ -1011,13 +1310,20 @@ async fn serverless_status_maps_every_state() {
         ("cancelled", ServerlessStatus::Cancelled),
         ("timed_out", ServerlessStatus::TimedOut),
     ] {
-        assert_eq!(client.status(id).await.map(|j| j.status).ok(), Some(want.clone()), "{id}");
+        assert_eq!(
+            client.status(id).await.map(|j| j.status).ok(),
+            Some(want.clone()),
+            "{id}"
+        );
     }
     let done = client.status("done").await.expect("done");
     assert_eq!(done.status, ServerlessStatus::Completed);
     assert!(done.status.is_final());
     assert_eq!(done.output, Some(json!({"url": "s3://out"})));
-    assert_eq!((done.delay_time_ms, done.execution_time_ms), (Some(824), Some(3391)));
+    assert_eq!(
+        (done.delay_time_ms, done.execution_time_ms),
+        (Some(824), Some(3391))
+    );
     let failed = client.status("failed").await.expect("failed");
     assert_eq!(failed.status, ServerlessStatus::Failed);
     assert_eq!(failed.error.as_deref(), Some("ffmpeg exited with 1"));
@@ -1037,18 +1343,37 @@ async fn serverless_cancel_is_ok_for_gone_and_final_jobs() {
     .await;
     let client = serverless(&server.base, &server.base, fast_http());
     for id in ["live", "gone", "done"] {
-        client.cancel(id).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+        client
+            .cancel(id)
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
     }
     let err = client.cancel("other").await.expect_err("401");
     assert!(matches!(err, ProviderError::Unauthorized(_)), "{err:?}");
-    assert!(server.seen().iter().all(|s| s.method == "POST" && s.path.starts_with("/v2/ep123abc/cancel/")));
+    assert!(
+        server
+            .seen()
+            .iter()
+            .all(|s| s.method == "POST" && s.path.starts_with("/v2/ep123abc/cancel/"))
+    );
 }
 
 #[tokio::test]
 async fn serverless_health_counts() {
     let server = mock(|_, _| json_reply(200, json!({"jobs": {"completed": 1, "failed": 5, "inProgress": 2, "inQueue": 3, "retried": 0}, "workers": {"idle": 1, "running": 2, "initializing": 1}}))).await;
-    let h = serverless(&server.base, &server.base, fast_http()).health().await.expect("health");
-    assert_eq!((h.jobs_in_queue, h.jobs_in_progress, h.jobs_completed, h.jobs_failed), (3, 2, 1, 5));
+    let h = serverless(&server.base, &server.base, fast_http())
+        .health()
+        .await
+        .expect("health");
+    assert_eq!(
+        (
+            h.jobs_in_queue,
+            h.jobs_in_progress,
+            h.jobs_completed,
+            h.jobs_failed
+        ),
+        (3, 2, 1, 5)
+    );
     assert_eq!((h.workers_idle, h.workers_running), (1, 2));
     assert_eq!(server.seen()[0].path, "/v2/ep123abc/health");
 }
@@ -1083,9 +1408,20 @@ async fn serverless_settings_update_preserves_every_other_field() {
     .await;
     let client = serverless(&server.base, &server.base, fast_http());
     let before = client.settings().await.expect("settings");
-    assert_eq!(before, EndpointSettings { idle_timeout_seconds: 5, workers_min: 0, workers_max: 3 });
+    assert_eq!(
+        before,
+        EndpointSettings {
+            idle_timeout_seconds: 5,
+            workers_min: 0,
+            workers_max: 3
+        }
+    );
 
-    let wanted = EndpointSettings { idle_timeout_seconds: 300, workers_min: 1, workers_max: 8 };
+    let wanted = EndpointSettings {
+        idle_timeout_seconds: 300,
+        workers_min: 1,
+        workers_max: 8,
+    };
     client.update_settings(&wanted).await.expect("update");
     assert_eq!(client.settings().await.expect("settings"), wanted);
 
@@ -1101,14 +1437,25 @@ async fn serverless_settings_update_preserves_every_other_field() {
             "type": "QB", "modelReferences": []
         })
     );
-    let saves: Vec<_> = server.seen().into_iter().filter(|s| gql_query(s).contains("saveEndpoint")).collect();
+    let saves: Vec<_> = server
+        .seen()
+        .into_iter()
+        .filter(|s| gql_query(s).contains("saveEndpoint"))
+        .collect();
     assert_eq!(saves.len(), 1);
     assert!(gql_query(&saves[0]).contains("saveEndpoint(input: $input)"));
     assert!(gql_query(&saves[0]).contains("EndpointInput!"));
 
     // Already in line: no write at all.
     client.update_settings(&wanted).await.expect("no-op");
-    assert_eq!(server.seen().iter().filter(|s| gql_query(s).contains("saveEndpoint")).count(), 1);
+    assert_eq!(
+        server
+            .seen()
+            .iter()
+            .filter(|s| gql_query(s).contains("saveEndpoint"))
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -1125,7 +1472,11 @@ async fn serverless_unknown_endpoint_and_bad_key() {
     let err = client.settings().await.expect_err("missing");
     assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
     let err = client
-        .update_settings(&EndpointSettings { idle_timeout_seconds: 1, workers_min: 0, workers_max: 1 })
+        .update_settings(&EndpointSettings {
+            idle_timeout_seconds: 1,
+            workers_min: 0,
+            workers_max: 1,
+        })
         .await
         .expect_err("missing");
     assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
@@ -1144,23 +1495,38 @@ async fn serverless_unknown_endpoint_and_bad_key() {
 fn constructors_refuse_bad_configuration() {
     let bad_url = VastClient::new(
         &vast_entry(),
-        WorkerShape { port: 8000, disk_gb: 10 },
+        WorkerShape {
+            port: 8000,
+            disk_gb: 10,
+        },
         Credentials::new(KEY),
-        VastOptions { base_url: format!("https://user:{KEY}@console.vast.ai"), http: fast_http() },
+        VastOptions {
+            base_url: format!("https://user:{KEY}@console.vast.ai"),
+            http: fast_http(),
+        },
     )
     .expect_err("credentials in URL");
     check_error_is_clean(&bad_url);
     let empty_key = VastClient::new(
         &vast_entry(),
-        WorkerShape { port: 8000, disk_gb: 10 },
+        WorkerShape {
+            port: 8000,
+            disk_gb: 10,
+        },
         Credentials::new(""),
         VastOptions::default(),
     )
     .expect_err("empty key");
     assert!(matches!(empty_key, ProviderError::Unauthorized(_)));
     let bad_price = VastClient::new(
-        &VastProvider { max_price_per_hour: "cheap".into(), ..vast_entry() },
-        WorkerShape { port: 8000, disk_gb: 10 },
+        &VastProvider {
+            max_price_per_hour: "cheap".into(),
+            ..vast_entry()
+        },
+        WorkerShape {
+            port: 8000,
+            disk_gb: 10,
+        },
         Credentials::new(KEY),
         VastOptions::default(),
     )
