@@ -910,6 +910,45 @@ async fn runpod_offers_use_variables_and_rank_by_price_then_entry_order() {
 }
 
 #[tokio::test]
+async fn runpod_offers_ignore_other_gpu_types_and_empty_answers() {
+    // A server that ignores the id filter: another type's price is never booked under ours.
+    let server = mock(|s, _| {
+        let id = s.body["variables"]["gpuTypesInput"]["id"]
+            .as_str()
+            .unwrap_or_default();
+        if id == "NVIDIA GeForce RTX 4090" {
+            json_reply(
+                200,
+                json!({"data": {"gpuTypes": [
+                    {"id": "NVIDIA RTX A4000", "communityPrice": 0.10, "communityCloud": true}
+                ]}}),
+            )
+        } else {
+            json_reply(200, json!({"data": {"gpuTypes": []}}))
+        }
+    })
+    .await;
+    let offers = runpod(
+        &server.base,
+        RunpodWorkerAccess::PublicTcp,
+        vec![],
+        fast_http(),
+    )
+    .offers()
+    .await
+    .expect("offers");
+    assert!(offers.is_empty(), "{offers:?}");
+    assert_eq!(server.hits(), 4);
+
+    let server = mock(|_, _| json_reply(200, json!({"offers": []}))).await;
+    let offers = vast(&server.base, fast_http())
+        .offers()
+        .await
+        .expect("offers");
+    assert!(offers.is_empty());
+}
+
+#[tokio::test]
 async fn runpod_create_sends_the_deploy_input_as_a_variable() {
     let server = mock(|s, _| {
         let input = &s.body["variables"]["input"];

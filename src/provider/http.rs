@@ -58,6 +58,8 @@ pub struct RetryPolicy {
     pub min_delay: Duration,
     pub max_delay: Duration,
     /// Budget for the whole call (attempts and waits): no wait starts that would end after it.
+    /// A call therefore ends within `max_total` plus one `request_timeout` (the attempt that
+    /// started last), plus any wait for the client-side quota.
     pub max_total: Duration,
     /// Adds a random part (up to one more delay) so that clients do not retry in lockstep.
     pub jitter: bool,

@@ -151,11 +151,12 @@ impl RunpodClient {
                 Idempotency::Idempotent,
             )
             .await?;
+        // Only the requested type: a server that ignored the filter must not get another
+        // GPU's price booked under this id.
         let Some(dto) = data
             .gpu_types
             .iter()
             .find(|g| g.id.as_deref() == Some(gpu_type_id))
-            .or_else(|| (data.gpu_types.len() == 1).then(|| &data.gpu_types[0]))
         else {
             warn!(gpu_type_id, "RunPod does not list this GPU type");
             return Ok(None);

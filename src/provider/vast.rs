@@ -244,8 +244,9 @@ impl VastClient {
                 })
                 .await?;
             rows.extend(page.instances.into_iter().filter_map(|v| {
+                // The serde message may quote the row: not logged.
                 serde_json::from_value::<InstanceDto>(v)
-                    .map_err(|e| warn!(error = %e, "skipping an unreadable Vast instance row"))
+                    .map_err(|_| warn!("skipping an unreadable Vast instance row"))
                     .ok()
             }));
             match page.next_token.filter(|t| !t.is_empty()) {
