@@ -1583,3 +1583,150 @@ fn constructors_refuse_bad_configuration() {
     .expect_err("endpoint id");
     assert!(matches!(bad_endpoint, ProviderError::Permanent(_)));
 }
+
+// ---------------------------------------------------------------- every client, every class
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Vast,
+    Runpod,
+    Serverless,
+}
+
+const KINDS: [Kind; 3] = [Kind::Vast, Kind::Runpod, Kind::Serverless];
+
+/// A good answer to the read `read_once` makes.
+fn ok_body(kind: Kind) -> Value {
+    match kind {
+        Kind::Vast => json!({"instances": vast_instance(5, "gpupool-c1-x", Some("running"))}),
+        Kind::Runpod => {
+            json!({"data": {"pod": pod("p5", "gpupool-c1-x", "RUNNING", public_runtime())}})
+        }
+        Kind::Serverless => json!({"id": "j5", "status": "IN_QUEUE"}),
+    }
+}
+
+/// One idempotent read of each client: Vast `get`, RunPod `get`, Serverless `status`.
+async fn read_once(kind: Kind, base: &str, http: HttpConfig) -> Result<(), ProviderError> {
+    match kind {
+        Kind::Vast => vast(base, http).get("5").await.map(drop),
+        Kind::Runpod => runpod(base, RunpodWorkerAccess::PublicTcp, vec![], http)
+            .get("p5")
+            .await
+            .map(drop),
+        Kind::Serverless => serverless(base, base, http).status("j5").await.map(drop),
+    }
+}
+
+#[tokio::test]
+async fn every_client_retries_a_429_that_clears() {
+    for kind in KINDS {
+        let server = mock(move |_, i| {
+            if i < 2 {
+                reply(429, "too many")
+            } else {
+                json_reply(200, ok_body(kind))
+            }
+        })
+        .await;
+        read_once(kind, &server.base, fast_http())
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        let seen = server.seen();
+        assert_eq!(seen.len(), 3, "{kind:?}");
+        assert!(
+            seen[2].at - seen[0].at >= Duration::from_millis(150),
+            "{kind:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_client_reports_a_429_that_never_clears() {
+    for kind in KINDS {
+        let server = mock(|_, _| reply(429, "too many")).await;
+        let err = read_once(kind, &server.base, fast_http())
+            .await
+            .expect_err("429");
+        assert_eq!(
+            err,
+            ProviderError::RateLimited { retry_after: None },
+            "{kind:?}"
+        );
+        assert_eq!(server.hits(), 3, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_client_treats_5xx_as_transient() {
+    for kind in KINDS {
+        let server = mock(|_, _| reply(500, "internal error")).await;
+        let err = read_once(kind, &server.base, fast_http())
+            .await
+            .expect_err("500");
+        assert!(
+            matches!(err, ProviderError::Transient(_)),
+            "{kind:?}: {err:?}"
+        );
+        assert_eq!(server.hits(), 3, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_client_times_out_within_the_configured_time() {
+    for kind in KINDS {
+        let server =
+            mock(move |_, _| json_reply(200, ok_body(kind)).delayed(Duration::from_secs(5))).await;
+        let http = HttpConfig {
+            request_timeout: Duration::from_millis(250),
+            retry: RetryPolicy {
+                max_attempts: 2,
+                ..fast_http().retry
+            },
+            ..fast_http()
+        };
+        let started = Instant::now();
+        let err = read_once(kind, &server.base, http)
+            .await
+            .expect_err("timeout");
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, ProviderError::Transient(m) if m.contains("timed out")),
+            "{kind:?}: {err:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "{kind:?}: {took:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_client_reports_malformed_json_clearly() {
+    for kind in KINDS {
+        let server = mock(|_, _| reply(200, "{\"truncated\": ")).await;
+        let err = read_once(kind, &server.base, fast_http())
+            .await
+            .expect_err("malformed");
+        assert!(
+            matches!(&err, ProviderError::Transient(m) if m.contains("unexpected") || m.contains("without data")),
+            "{kind:?}: {err:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_client_maps_401_to_unauthorized_without_the_key() {
+    for kind in KINDS {
+        let server = mock(|s, _| reply(401, echo_body(s))).await;
+        let err = read_once(kind, &server.base, fast_http())
+            .await
+            .expect_err("401");
+        assert!(
+            matches!(err, ProviderError::Unauthorized(_)),
+            "{kind:?}: {err:?}"
+        );
+        check_error_is_clean(&err);
+        assert_eq!(server.hits(), 1, "{kind:?}");
+    }
+}
