@@ -199,7 +199,10 @@ pub enum ServerlessStatus {
 
 impl ServerlessStatus {
     pub fn is_final(&self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Cancelled | Self::TimedOut)
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::TimedOut
+        )
     }
 }
 
@@ -293,6 +296,9 @@ mod tests {
         assert!(ProviderError::RateLimited { retry_after: None }.is_transient());
         assert!(ProviderError::Transient("x".into()).is_transient());
         assert!(!ProviderError::Unauthorized("x".into()).is_transient());
-        assert_eq!(ProviderError::InsufficientCapacity("x".into()).label(), "InsufficientCapacity");
+        assert_eq!(
+            ProviderError::InsufficientCapacity("x".into()).label(),
+            "InsufficientCapacity"
+        );
     }
 }
