@@ -164,7 +164,10 @@ impl Sim {
         assert_eq!(row["alive"], false, "{row}");
         let billed_price = row["price_per_hour"].as_f64().expect("price");
         assert!((billed_price - price).abs() < 1e-9, "{row}");
-        assert!(row["billed_seconds"].as_f64().expect("seconds") > 0.0, "{row}");
+        assert!(
+            row["billed_seconds"].as_f64().expect("seconds") > 0.0,
+            "{row}"
+        );
         assert!(row["cost"].as_f64().expect("cost") > 0.0, "{row}");
         assert!(
             bill["by_provider"][provider].as_f64().expect("total") > 0.0,
@@ -243,14 +246,41 @@ fn endpoint_spec(workers_max: u32) -> EndpointSpec {
 fn config() -> SimConfig {
     SimConfig {
         vast_offers: vec![
-            vast_offer(1001, "RTX 4090", 1, 0.40, 0.995, "Oregon, US", "verified", 3),
+            vast_offer(
+                1001,
+                "RTX 4090",
+                1,
+                0.40,
+                0.995,
+                "Oregon, US",
+                "verified",
+                3,
+            ),
             vast_offer(1002, "RTX 4090", 1, 0.35, 0.98, "Quebec, CA", "verified", 2),
             vast_offer(1003, "RTX 3060", 1, 0.09, 0.99, "Texas, US", "verified", 3),
             vast_offer(1005, "RTX 4090", 2, 0.78, 0.999, "Utah, US", "verified", 1),
             vast_offer(1006, "RTX 4090", 1, 0.50, 0.99, "Ohio, US", "verified", 1),
             vast_offer(1007, "RTX 4090", 1, 0.20, 0.90, "Nevada, US", "verified", 1),
-            vast_offer(1008, "RTX 4090", 1, 0.25, 0.99, "Idaho, US", "unverified", 1),
-            vast_offer(1009, "RTX 4090", 1, 0.30, 0.99, "Bavaria, DE", "verified", 40),
+            vast_offer(
+                1008,
+                "RTX 4090",
+                1,
+                0.25,
+                0.99,
+                "Idaho, US",
+                "unverified",
+                1,
+            ),
+            vast_offer(
+                1009,
+                "RTX 4090",
+                1,
+                0.30,
+                0.99,
+                "Bavaria, DE",
+                "verified",
+                40,
+            ),
         ],
         endpoints: vec![endpoint_spec(2)],
         ..SimConfig::fast()
@@ -287,16 +317,25 @@ fn short_timeout_http() -> HttpConfig {
     }
 }
 
+/// RTX 4090, one GPU, at most 0.45 USD/h, reliability 0.95, any country.
+fn vast_entry() -> VastProvider {
+    VastProvider {
+        gpu_names: vec!["RTX 4090".into()],
+        max_price_per_hour: "0.45".into(),
+        min_reliability: 0.95,
+        num_gpus: 1,
+        countries: vec![],
+        credentials_secret_ref: SecretKeyRef::new("vast", "key"),
+    }
+}
+
 fn vast_client(sim: &Sim, key: &str, http: HttpConfig) -> VastClient {
+    vast_with(sim, &vast_entry(), key, http)
+}
+
+fn vast_with(sim: &Sim, entry: &VastProvider, key: &str, http: HttpConfig) -> VastClient {
     VastClient::new(
-        &VastProvider {
-            gpu_names: vec!["RTX 4090".into()],
-            max_price_per_hour: "0.45".into(),
-            min_reliability: 0.95,
-            num_gpus: 1,
-            countries: vec![],
-            credentials_secret_ref: SecretKeyRef::new("vast", "key"),
-        },
+        entry,
         WORKER,
         Credentials::new(key),
         VastOptions {
@@ -495,7 +534,9 @@ async fn exercise_worker(sim: &Sim, endpoint: &str, instance_id: &str, job_uid: 
     );
     for attempt in 1..=3 {
         assert!(
-            executions["jobs"].get(format!("{job_uid}-{attempt}")).is_none(),
+            executions["jobs"]
+                .get(format!("{job_uid}-{attempt}"))
+                .is_none(),
             "a refused attempt ran: {executions}"
         );
     }
@@ -564,14 +605,23 @@ async fn vast_happy_path_offers_create_run_dispatch_find_delete_and_bill() {
     assert_eq!(running.region.as_deref(), Some("Bavaria, DE"));
     assert!(running.started_at.is_some());
 
-    exercise_worker(&sim, running.endpoint.as_deref().expect("endpoint"), &id, "vjob-1").await;
+    exercise_worker(
+        &sim,
+        running.endpoint.as_deref().expect("endpoint"),
+        &id,
+        "vjob-1",
+    )
+    .await;
 
     let found = vast
         .find_by_label(label)
         .await
         .expect("find")
         .expect("found");
-    assert_eq!((found.id.as_str(), found.state), (id.as_str(), RemoteState::Running));
+    assert_eq!(
+        (found.id.as_str(), found.state),
+        (id.as_str(), RemoteState::Running)
+    );
     assert_eq!(found.endpoint, running.endpoint);
     assert_eq!(
         vast.find_by_label("gpupool-c0ffee-vast-uid-2")
@@ -582,11 +632,49 @@ async fn vast_happy_path_offers_create_run_dispatch_find_delete_and_bill() {
     let listed = vast.list_labeled("gpupool-c0ffee-").await.expect("list");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, id);
-    assert!(vast.list_labeled("gpupool-other-").await.expect("list").is_empty());
+    assert!(
+        vast.list_labeled("gpupool-other-")
+            .await
+            .expect("list")
+            .is_empty()
+    );
 
     delete_and_check_gone(&vast, &id).await;
     assert_eq!(vast.find_by_label(label).await.expect("find"), None);
     sim.assert_billed_and_gone("vast", &id, 0.30).await;
+}
+
+#[tokio::test]
+async fn vast_offers_keep_to_the_entry_countries() {
+    let sim = Sim::start(config()).await;
+    let entry = VastProvider {
+        countries: vec!["CA".into(), "DE".into()],
+        ..vast_entry()
+    };
+    let vast = vast_with(&sim, &entry, VAST_KEY, http());
+    let offers = vast.offers().await.expect("offers");
+    let got: Vec<(&str, Option<&str>)> = offers
+        .iter()
+        .map(|o| (o.id.as_str(), o.region.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [("1009", Some("Bavaria, DE")), ("1002", Some("Quebec, CA"))]
+    );
+    // The same catalogue with a GPU name spelled as the CLI writes it.
+    let entry = VastProvider {
+        gpu_names: vec!["rtx_4090".into()],
+        countries: vec!["US".into()],
+        ..vast_entry()
+    };
+    let ids: Vec<String> = vast_with(&sim, &entry, VAST_KEY, http())
+        .offers()
+        .await
+        .expect("offers")
+        .into_iter()
+        .map(|o| o.id)
+        .collect();
+    assert_eq!(ids, ["1001"]);
 }
 
 #[tokio::test]
@@ -610,9 +698,12 @@ async fn vast_list_labeled_follows_pagination_beyond_25_machines() {
         ours.push(i.id);
     }
     for n in 0..2 {
-        vast.create(&offer, &create_request(&format!("gpupool-othercluster-uid-{n}")))
-            .await
-            .expect("create");
+        vast.create(
+            &offer,
+            &create_request(&format!("gpupool-othercluster-uid-{n}")),
+        )
+        .await
+        .expect("create");
     }
 
     let listed = vast.list_labeled("gpupool-c0ffee-").await.expect("list");
@@ -620,11 +711,11 @@ async fn vast_list_labeled_follows_pagination_beyond_25_machines() {
     ids.sort();
     ours.sort();
     assert_eq!(ids, ours, "every machine of the cluster, across pages");
-    assert!(
-        listed
-            .iter()
-            .all(|i| i.label.as_deref().is_some_and(|l| l.starts_with("gpupool-c0ffee-")))
-    );
+    assert!(listed.iter().all(|i| {
+        i.label
+            .as_deref()
+            .is_some_and(|l| l.starts_with("gpupool-c0ffee-"))
+    }));
     // 29 machines at 25 a page: two pages.
     assert_eq!(sim.calls("vast.list", 200).await, 2);
 
@@ -652,8 +743,8 @@ async fn vast_wrong_key_is_unauthorized_and_not_retried() {
     let bad = vast_client(&sim, "not-a-vast-key", http());
     assert_eq!(class(&bad.offers().await), "Unauthorized");
     assert_eq!(
-        class(&
-            bad.create(&offer, &create_request("gpupool-c0ffee-uid-x"))
+        class(
+            &bad.create(&offer, &create_request("gpupool-c0ffee-uid-x"))
                 .await
         ),
         "Unauthorized"
@@ -671,7 +762,11 @@ async fn vast_wrong_key_is_unauthorized_and_not_retried() {
     }
     assert_eq!(sim.calls("vast.list", 401).await, 2);
     assert_eq!(sim.instance_count().await, 1, "nothing was created");
-    assert_eq!(sim.state_instance(&id).await["alive"], true, "nor destroyed");
+    assert_eq!(
+        sim.state_instance(&id).await["alive"],
+        true,
+        "nor destroyed"
+    );
 }
 
 #[tokio::test]
@@ -682,7 +777,9 @@ async fn vast_unknown_machine_is_not_found_and_an_invalid_request_is_permanent()
         Err(ProviderError::NotFound(_)) => {}
         other => panic!("get of an unknown machine: {other:?}"),
     }
-    vast.delete("987654").await.expect("deleting an unknown machine is Ok");
+    vast.delete("987654")
+        .await
+        .expect("deleting an unknown machine is Ok");
 
     // Vast refuses disks under 8 GB: the request is wrong, retrying will not help.
     let offer = vast.offers().await.expect("offers").remove(0);
@@ -735,8 +832,9 @@ async fn vast_no_capacity_is_insufficient_capacity() {
     sim.faults(json!({"exhausted": ["RTX 4090"]})).await;
     assert_eq!(vast.offers().await.expect("offers"), Vec::<Offer>::new());
     assert_eq!(
-        class(&
-            vast.create(&offers[0], &create_request("gpupool-c0ffee-uid-3"))
+        class(
+            &vast
+                .create(&offers[0], &create_request("gpupool-c0ffee-uid-3"))
                 .await
         ),
         "InsufficientCapacity"
@@ -757,14 +855,17 @@ async fn vast_server_errors_and_hangs_are_transient() {
         .id;
 
     // Two 500s are absorbed by the retries.
-    sim.faults(json!({"errors": {"vast.show": {"next": 2}}})).await;
+    sim.faults(json!({"errors": {"vast.show": {"next": 2}}}))
+        .await;
     vast.get(&id).await.expect("get after two 500s");
     assert_eq!(sim.calls("vast.show", 500).await, 2);
     assert_eq!(sim.calls("vast.show", 200).await, 1);
 
     // 500s beyond the retry budget: Transient after exactly three attempts.
-    sim.faults(json!({"errors": {"vast.show": {"rate": 1.0}, "vast.list": {"next": 3, "status": 503}}}))
-        .await;
+    sim.faults(
+        json!({"errors": {"vast.show": {"rate": 1.0}, "vast.list": {"next": 3, "status": 503}}}),
+    )
+    .await;
     match vast.get(&id).await {
         Err(ProviderError::Transient(msg)) => assert!(msg.contains("500"), "{msg}"),
         other => panic!("get under 500s: {other:?}"),
@@ -774,7 +875,8 @@ async fn vast_server_errors_and_hangs_are_transient() {
     assert_eq!(sim.calls("vast.list", 503).await, 3);
 
     // A request the server holds far longer than the client's timeout.
-    sim.faults(json!({"hangs": {"vast.show": {"rate": 1.0}}})).await;
+    sim.faults(json!({"hangs": {"vast.show": {"rate": 1.0}}}))
+        .await;
     let hung = vast_client(&sim, VAST_KEY, short_timeout_http());
     let t0 = Instant::now();
     match hung.get(&id).await {
@@ -799,7 +901,8 @@ async fn vast_rate_limits_clear_after_back_off_or_exhaust_the_budget() {
     let offer = vast.offers().await.expect("offers").remove(0);
 
     // A create refused with 429 did nothing, so even a create is repeated; one machine.
-    sim.faults(json!({"rate_limits": {"vast.create": {"next": 1}}})).await;
+    sim.faults(json!({"rate_limits": {"vast.create": {"next": 1}}}))
+        .await;
     let id = vast
         .create(&offer, &create_request("gpupool-c0ffee-uid-r"))
         .await
@@ -811,10 +914,14 @@ async fn vast_rate_limits_clear_after_back_off_or_exhaust_the_budget() {
 
     // Two 429s, then the call goes through: the retries are visible in the call log, spaced
     // by the back-off.
-    sim.faults(json!({"rate_limits": {"vast.show": {"next": 2}}})).await;
+    sim.faults(json!({"rate_limits": {"vast.show": {"next": 2}}}))
+        .await;
     let t0 = Instant::now();
     assert_eq!(vast.get(&id).await.expect("get after back-off").id, id);
-    assert!(t0.elapsed() >= Duration::from_millis(60), "20 ms + 40 ms of back-off");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(60),
+        "20 ms + 40 ms of back-off"
+    );
     assert_eq!(sim.calls("vast.show", 429).await, 2);
     assert_eq!(sim.calls("vast.show", 200).await, 1);
     let calls = sim.admin("/admin/calls").await;
@@ -852,7 +959,8 @@ async fn vast_ghost_create_errors_but_find_by_label_finds_the_machine() {
     let sim = Sim::start(config()).await;
     let vast = vast_client(&sim, VAST_KEY, http());
     let offer = vast.offers().await.expect("offers").remove(0);
-    sim.faults(json!({"ghost_creates": {"vast.create": {"next": 1}}})).await;
+    sim.faults(json!({"ghost_creates": {"vast.create": {"next": 1}}}))
+        .await;
 
     let label_ = "gpupool-c0ffee-uid-ghost";
     let e = vast
@@ -860,7 +968,11 @@ async fn vast_ghost_create_errors_but_find_by_label_finds_the_machine() {
         .await
         .expect_err("the create answers an error");
     assert_eq!(e.label(), "Transient", "{e}");
-    assert_eq!(sim.calls_total("vast.create").await, 1, "an ambiguous create is not retried");
+    assert_eq!(
+        sim.calls_total("vast.create").await,
+        1,
+        "an ambiguous create is not retried"
+    );
 
     // What the operator relies on: the machine exists, carries the label, and is found.
     let ghost = vast
@@ -877,6 +989,27 @@ async fn vast_ghost_create_errors_but_find_by_label_finds_the_machine() {
 
     delete_and_check_gone(&vast, &ghost.id).await;
     sim.assert_billed_and_gone("vast", &ghost.id, 0.30).await;
+
+    // A create that hangs is just as ambiguous: given up on, not repeated. This one never
+    // reached the marketplace, so the label finds nothing and a new create is in order.
+    sim.faults(json!({"hangs": {"vast.create": {"next": 1}}}))
+        .await;
+    let hung = vast_client(&sim, VAST_KEY, short_timeout_http());
+    let label_ = "gpupool-c0ffee-uid-hung";
+    assert_eq!(
+        class(&hung.create(&offer, &create_request(label_)).await),
+        "Transient"
+    );
+    eventually("the abandoned create logged", || async {
+        (sim.calls("vast.create", 0).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(sim.calls_total("vast.create").await, 2);
+    assert_eq!(vast.find_by_label(label_).await.expect("find"), None);
+    vast.create(&offer, &create_request(label_))
+        .await
+        .expect("create again");
+    assert!(vast.find_by_label(label_).await.expect("find").is_some());
 }
 
 // ---------------------------------------------------------------- RunPod pods
@@ -893,7 +1026,10 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
                 &[GPU_4090, GPU_3090, "NVIDIA Imaginary RTX 9999", GPU_3060],
                 "0.30",
             ),
-            vec![(GPU_3060, "RTX 3060", "0.1"), (GPU_3090, "RTX 3090", "0.22")],
+            vec![
+                (GPU_3060, "RTX 3060", "0.1"),
+                (GPU_3090, "RTX 3090", "0.22"),
+            ],
             0.10,
         ),
         // Secure: the 3060 is not in the secure cloud, 3090 costs 0.43 and 4090 0.69.
@@ -904,7 +1040,10 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
                 &[GPU_4090, GPU_3060, GPU_3090],
                 "0.70",
             ),
-            vec![(GPU_3090, "RTX 3090", "0.43"), (GPU_4090, "RTX 4090", "0.69")],
+            vec![
+                (GPU_3090, "RTX 3090", "0.43"),
+                (GPU_4090, "RTX 4090", "0.69"),
+            ],
             0.43,
         ),
     };
@@ -945,13 +1084,19 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
     }
     assert_eq!(running.label.as_deref(), Some(label));
     assert_eq!(running.num_gpus, Some(1));
-    assert_eq!(running.gpu_name.as_deref(), Some(offers[0].gpu_name.as_str()));
+    assert_eq!(
+        running.gpu_name.as_deref(),
+        Some(offers[0].gpu_name.as_str())
+    );
     assert_eq!(running.price_per_hour, Some(offers[0].price_per_hour));
 
     exercise_worker(&sim, &endpoint, &id, "pjob-1").await;
     if access == RunpodWorkerAccess::Proxy {
         let proxied = sim.calls("runpod.proxy", 200).await;
-        assert!(proxied >= 2, "health and the job went through the proxy: {proxied}");
+        assert!(
+            proxied >= 2,
+            "health and the job went through the proxy: {proxied}"
+        );
     }
 
     let found = runpod
@@ -959,18 +1104,36 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
         .await
         .expect("find")
         .expect("found");
-    assert_eq!((found.id.as_str(), &found.endpoint), (id.as_str(), &running.endpoint));
     assert_eq!(
-        runpod.find_by_label("gpupool-c0ffee-pod-uid-2").await.expect("find"),
+        (found.id.as_str(), &found.endpoint),
+        (id.as_str(), &running.endpoint)
+    );
+    assert_eq!(
+        runpod
+            .find_by_label("gpupool-c0ffee-pod-uid-2")
+            .await
+            .expect("find"),
         None
     );
     let listed = runpod.list_labeled("gpupool-c0ffee-").await.expect("list");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].state, RemoteState::Running);
-    assert!(runpod.list_labeled("gpupool-other-").await.expect("list").is_empty());
+    assert!(
+        runpod
+            .list_labeled("gpupool-other-")
+            .await
+            .expect("list")
+            .is_empty()
+    );
 
     delete_and_check_gone(&runpod, &id).await;
-    assert!(runpod.list_labeled("gpupool-").await.expect("list").is_empty());
+    assert!(
+        runpod
+            .list_labeled("gpupool-")
+            .await
+            .expect("list")
+            .is_empty()
+    );
     sim.assert_billed_and_gone("runpod", &id, price).await;
 }
 
@@ -998,8 +1161,8 @@ async fn runpod_wrong_key_is_unauthorized_and_not_retried() {
     let bad = runpod_client(&sim, "not-a-runpod-key", http());
     assert_eq!(class(&bad.offers().await), "Unauthorized");
     assert_eq!(
-        class(&
-            bad.create(&offer, &create_request("gpupool-c0ffee-pod-x"))
+        class(
+            &bad.create(&offer, &create_request("gpupool-c0ffee-pod-x"))
                 .await
         ),
         "Unauthorized"
@@ -1093,8 +1256,8 @@ async fn runpod_no_capacity_is_insufficient_capacity() {
     // The 3090 sold out by the fault.
     sim.faults(json!({"exhausted": [GPU_3090]})).await;
     assert_eq!(
-        class(&
-            runpod
+        class(
+            &runpod
                 .create(&offers[1], &create_request("gpupool-c0ffee-pod-2"))
                 .await
         ),
@@ -1119,7 +1282,8 @@ async fn runpod_server_errors_and_hangs_are_transient() {
         .expect("create")
         .id;
 
-    sim.faults(json!({"errors": {"runpod.pod": {"next": 2}}})).await;
+    sim.faults(json!({"errors": {"runpod.pod": {"next": 2}}}))
+        .await;
     assert_eq!(runpod.get(&id).await.expect("get after two 500s").id, id);
     assert_eq!(sim.calls("runpod.pod", 500).await, 2);
     assert_eq!(sim.calls("runpod.pod", 200).await, 1);
@@ -1140,7 +1304,8 @@ async fn runpod_server_errors_and_hangs_are_transient() {
     }
     assert_eq!(sim.calls("runpod.myself", 200).await, 3);
 
-    sim.faults(json!({"hangs": {"runpod.pod": {"rate": 1.0}}})).await;
+    sim.faults(json!({"hangs": {"runpod.pod": {"rate": 1.0}}}))
+        .await;
     let hung = runpod_client(&sim, RUNPOD_KEY, short_timeout_http());
     let t0 = Instant::now();
     assert_eq!(class(&hung.get(&id).await), "Transient");
@@ -1170,12 +1335,14 @@ async fn runpod_rate_limits_clear_after_back_off_or_exhaust_the_budget() {
     assert_eq!(sim.calls("runpod.podFindAndDeployOnDemand", 429).await, 1);
     assert_eq!(sim.instance_count().await, 1);
 
-    sim.faults(json!({"rate_limits": {"runpod.pod": {"next": 2}}})).await;
+    sim.faults(json!({"rate_limits": {"runpod.pod": {"next": 2}}}))
+        .await;
     assert_eq!(runpod.get(&id).await.expect("get after back-off").id, id);
     assert_eq!(sim.calls("runpod.pod", 429).await, 2);
     assert_eq!(sim.calls("runpod.pod", 200).await, 1);
 
-    sim.faults(json!({"rate_limits": {"runpod.*": {"rate": 1.0}}})).await;
+    sim.faults(json!({"rate_limits": {"runpod.*": {"rate": 1.0}}}))
+        .await;
     assert_eq!(
         runpod.get(&id).await,
         Err(ProviderError::RateLimited { retry_after: None })
@@ -1255,11 +1422,17 @@ async fn serverless_happy_path_submit_status_completed_health_and_bill() {
     assert!(job.delay_time_ms.is_some() && job.execution_time_ms.is_some());
     let health = sls.health().await.expect("health");
     assert_eq!(health.jobs_completed, 1, "{health:?}");
-    assert_eq!((health.workers_idle, health.workers_running), (1, 0), "{health:?}");
+    assert_eq!(
+        (health.workers_idle, health.workers_running),
+        (1, 0),
+        "{health:?}"
+    );
 
     // A job the handler fails, and one whose worker dies.
     let failing = sls
-        .submit(&json!({"operation": "transcode", "simulate": {"status": 422, "error": "bad video"}}))
+        .submit(
+            &json!({"operation": "transcode", "simulate": {"status": 422, "error": "bad video"}}),
+        )
         .await
         .expect("submit");
     let job = wait_final(&sls, &failing).await;
@@ -1274,7 +1447,11 @@ async fn serverless_happy_path_submit_status_completed_health_and_bill() {
     assert!(job.error.is_some_and(|e| e.contains("exited")));
 
     let health = sls.health().await.expect("health");
-    assert_eq!((health.jobs_completed, health.jobs_failed), (1, 2), "{health:?}");
+    assert_eq!(
+        (health.jobs_completed, health.jobs_failed),
+        (1, 2),
+        "{health:?}"
+    );
     assert_eq!((health.jobs_in_queue, health.jobs_in_progress), (0, 0));
 
     assert_eq!(sim.job_status(&job_id).await, "COMPLETED");
@@ -1283,7 +1460,10 @@ async fn serverless_happy_path_submit_status_completed_health_and_bill() {
     let bill = sim.admin("/admin/bill").await;
     let ep = &bill["endpoints"][0];
     assert_eq!(ep["id"], ENDPOINT_ID);
-    assert!(ep["worker_seconds"].as_f64().expect("seconds") > 0.0, "{bill}");
+    assert!(
+        ep["worker_seconds"].as_f64().expect("seconds") > 0.0,
+        "{bill}"
+    );
     assert!(bill["by_provider"]["serverless"].as_f64().expect("cost") > 0.0);
 }
 
@@ -1327,8 +1507,14 @@ async fn serverless_cancel_of_queued_running_and_unknown_jobs() {
     assert_eq!(sim.calls("serverless.cancel", 404).await, 1);
 
     // The worker is free again: a new job completes.
-    let next = sls.submit(&json!({"operation": "thumbnail"})).await.expect("submit");
-    assert_eq!(wait_final(&sls, &next).await.status, ServerlessStatus::Completed);
+    let next = sls
+        .submit(&json!({"operation": "thumbnail"}))
+        .await
+        .expect("submit");
+    assert_eq!(
+        wait_final(&sls, &next).await.status,
+        ServerlessStatus::Completed
+    );
 }
 
 #[tokio::test]
@@ -1451,16 +1637,23 @@ async fn serverless_transient_errors_hangs_and_rate_limits() {
     let sls = serverless_client(&sim, RUNPOD_KEY, ENDPOINT_ID, http());
 
     // A submit refused with 429 is repeated (nothing was queued); one job in the end.
-    sim.faults(json!({"rate_limits": {"serverless.run": {"next": 1}}})).await;
+    sim.faults(json!({"rate_limits": {"serverless.run": {"next": 1}}}))
+        .await;
     let job = sls
         .submit(&json!({"operation": "transcode"}))
         .await
         .expect("submit after a 429");
     assert_eq!(sim.calls("serverless.run", 429).await, 1);
-    assert_eq!(sim.admin("/admin/state").await["jobs"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        sim.admin("/admin/state").await["jobs"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
 
     // A submit answered 500 may have queued the job: not repeated.
-    sim.faults(json!({"errors": {"serverless.run": {"next": 1}}})).await;
+    sim.faults(json!({"errors": {"serverless.run": {"next": 1}}}))
+        .await;
     assert_eq!(class(&sls.submit(&json!({"a": 1})).await), "Transient");
     assert_eq!(sim.calls_total("serverless.run").await, 3);
 
@@ -1469,29 +1662,36 @@ async fn serverless_transient_errors_hangs_and_rate_limits() {
     sls.status(&job).await.expect("status after two 503s");
     assert_eq!(sim.calls("serverless.status", 503).await, 2);
 
-    sim.faults(json!({"errors": {"serverless.status": {"rate": 1.0}}})).await;
+    sim.faults(json!({"errors": {"serverless.status": {"rate": 1.0}}}))
+        .await;
     assert_eq!(class(&sls.status(&job).await), "Transient");
     assert_eq!(sim.calls("serverless.status", 500).await, 3);
 
-    sim.faults(json!({"rate_limits": {"serverless.status": {"next": 2}}})).await;
+    sim.faults(json!({"rate_limits": {"serverless.status": {"next": 2}}}))
+        .await;
     sls.status(&job).await.expect("status after back-off");
     assert_eq!(sim.calls("serverless.status", 429).await, 2);
 
-    sim.faults(json!({"rate_limits": {"serverless.health": {"rate": 1.0}}})).await;
+    sim.faults(json!({"rate_limits": {"serverless.health": {"rate": 1.0}}}))
+        .await;
     assert_eq!(
         sls.health().await,
         Err(ProviderError::RateLimited { retry_after: None })
     );
     assert_eq!(sim.calls("serverless.health", 429).await, 3);
 
-    sim.faults(json!({"hangs": {"serverless.health": {"rate": 1.0}}})).await;
+    sim.faults(json!({"hangs": {"serverless.health": {"rate": 1.0}}}))
+        .await;
     let hung = serverless_client(&sim, RUNPOD_KEY, ENDPOINT_ID, short_timeout_http());
     let t0 = Instant::now();
     assert_eq!(class(&hung.health().await), "Transient");
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 
     sim.faults(json!({})).await;
-    assert_eq!(wait_final(&sls, &job).await.status, ServerlessStatus::Completed);
+    assert_eq!(
+        wait_final(&sls, &job).await.status,
+        ServerlessStatus::Completed
+    );
 }
 
 // ---------------------------------------------------------------- the worker
@@ -1533,7 +1733,11 @@ async fn worker_failures_map_to_their_error_classes() {
     };
 
     assert_eq!(
-        run(json!({"simulate": {"status": 422, "error": "bad video"}}), JOB_TIMEOUT).await,
+        run(
+            json!({"simulate": {"status": 422, "error": "bad video"}}),
+            JOB_TIMEOUT
+        )
+        .await,
         Err(WorkerError::Rejected {
             status: 422,
             message: "bad video".into()
@@ -1542,7 +1746,10 @@ async fn worker_failures_map_to_their_error_classes() {
     let e = run(json!({"simulate": {"status": 503}}), JOB_TIMEOUT)
         .await
         .expect_err("503");
-    assert!(matches!(e, WorkerError::ServerError { status: 503, .. }), "{e:?}");
+    assert!(
+        matches!(e, WorkerError::ServerError { status: 503, .. }),
+        "{e:?}"
+    );
     assert!(e.is_retryable() && !e.instance_looks_broken());
     assert_eq!(
         run(json!({"simulate": {"outputBytes": 100_000}}), JOB_TIMEOUT).await,
@@ -1552,13 +1759,24 @@ async fn worker_failures_map_to_their_error_classes() {
     let out = run(json!({"simulate": {"outputBytes": 60_000}}), JOB_TIMEOUT)
         .await
         .expect("60 kB output");
-    assert!(out["result"]["padding"].as_str().is_some_and(|p| p.len() > 50_000));
+    assert!(
+        out["result"]["padding"]
+            .as_str()
+            .is_some_and(|p| p.len() > 50_000)
+    );
     let e = run(json!({"simulate": {"nonJson": true}}), JOB_TIMEOUT)
         .await
         .expect_err("HTML");
-    assert!(matches!(e, WorkerError::InvalidOutput { status: 200, .. }), "{e:?}");
+    assert!(
+        matches!(e, WorkerError::InvalidOutput { status: 200, .. }),
+        "{e:?}"
+    );
     assert_eq!(
-        run(json!({"simulate": {"seconds": 5}}), Duration::from_millis(200)).await,
+        run(
+            json!({"simulate": {"seconds": 5}}),
+            Duration::from_millis(200)
+        )
+        .await,
         Err(WorkerError::Timeout(Duration::from_millis(200)))
     );
 }
@@ -1609,7 +1827,10 @@ async fn worker_job_that_dies_mid_way_is_a_connection_error() {
             .expect_err("nothing listens any more");
         assert!(matches!(e, WorkerError::Connection(_)), "{e:?}");
         let state = sim.state_instance(id).await;
-        assert_eq!((&state["phase"], &state["alive"]), (&json!("dead"), &json!(true)));
+        assert_eq!(
+            (&state["phase"], &state["alive"]),
+            (&json!("dead"), &json!(true))
+        );
 
         delete_and_check_gone(provider, id).await;
     }
@@ -1639,10 +1860,20 @@ async fn worker_job_that_dies_behind_the_proxy_is_a_bad_gateway() {
     let token = Credentials::new(SESSION_TOKEN);
     let input = json!({"simulate": {"die": true, "seconds": 0.2}});
     let e = worker_client(Some(WORKER_API_KEY))
-        .dispatch(&dispatch(&endpoint, &input, "pdjob", 0, &token, JOB_TIMEOUT))
+        .dispatch(&dispatch(
+            &endpoint,
+            &input,
+            "pdjob",
+            0,
+            &token,
+            JOB_TIMEOUT,
+        ))
         .await
         .expect_err("the pod died");
-    assert!(matches!(e, WorkerError::ServerError { status: 502, .. }), "{e:?}");
+    assert!(
+        matches!(e, WorkerError::ServerError { status: 502, .. }),
+        "{e:?}"
+    );
     eventually("the pod reported stopped", || async {
         let i = runpod.get(&id).await.expect("get");
         matches!(i.state, RemoteState::Stopped(_)).then_some(())
