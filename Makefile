@@ -3,14 +3,20 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/gpupool-target
 export GPUPOOL_TESTBINS ?= $(HOME)/.cache/gpupool-testbins
 
-.PHONY: test unit e2e demo crds testbins lint control-plane-up control-plane-down
+.PHONY: test unit fidelity e2e demo crds testbins lint control-plane-up control-plane-down
 
-## Run every test: unit tests, then the end-to-end tests on a fresh local control plane.
-test: unit e2e
+## Run every test: unit and integration tests, the simulator's fidelity with the official
+## provider clients, then the end-to-end tests on a fresh local control plane.
+test: unit fidelity e2e
 
-## Unit tests, the CRD drift check and the example parsing; no cluster needed.
+## Unit tests, the CRD drift check, the provider clients against the simulator; no cluster.
 unit:
 	cargo test --locked
+
+## The official vastai CLI and runpod SDK (pinned, installed in a cached venv) against the
+## simulator, and the simulator's JSON against the providers' published OpenAPI documents.
+fidelity:
+	hack/fidelity.sh
 
 ## End-to-end tests against a real kube-apiserver + etcd started (and stopped) for the run.
 e2e: testbins
