@@ -4,3 +4,5 @@
 //! The library holds everything; the binaries under `src/bin/` are thin.
 
 pub mod crd;
+pub mod provider;
+pub mod sim;

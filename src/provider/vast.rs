@@ -1,0 +1,1 @@
+//! (filled in by the provider-clients work of issue 3)

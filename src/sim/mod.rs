@@ -1,0 +1,1 @@
+//! The provider simulator (issue 3).
