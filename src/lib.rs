@@ -6,3 +6,4 @@
 pub mod crd;
 pub mod provider;
 pub mod sim;
+pub mod controller;
