@@ -3,7 +3,9 @@
 //!
 //! The library holds everything; the binaries under `src/bin/` are thin.
 
+pub mod clock;
+pub mod controller;
 pub mod crd;
 pub mod provider;
 pub mod sim;
-pub mod controller;
+pub mod worker;
