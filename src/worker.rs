@@ -241,7 +241,10 @@ impl WorkerClient {
                 return Err(status_failure(status, &body, &redactor));
             }
             let limit = self.config.max_output_bytes;
-            if response.content_length().is_some_and(|len| len > limit as u64) {
+            if response
+                .content_length()
+                .is_some_and(|len| len > limit as u64)
+            {
                 return Err(WorkerError::OutputTooLarge { limit });
             }
             let (body, truncated) = read_prefix(&mut response, limit)
@@ -361,7 +364,9 @@ pub fn health_url(endpoint: &str, health_path: &str) -> Result<Url, WorkerError>
 fn status_failure(status: StatusCode, body: &[u8], redactor: &Redactor) -> WorkerError {
     let code = status.as_u16();
     match status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => WorkerError::Unauthorized { status: code },
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            WorkerError::Unauthorized { status: code }
+        }
         // "Busy" and "too slow" are not the input's fault.
         StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => WorkerError::ServerError {
             status: code,
@@ -454,16 +459,29 @@ mod tests {
     fn statuses_and_messages() {
         let key = Credentials::new("tok-SECRET");
         let r = Redactor::new([&key]);
-        let e = status_failure(StatusCode::UNPROCESSABLE_ENTITY, br#"{"error":"bad codec tok-SECRET"}"#, &r);
+        let e = status_failure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            br#"{"error":"bad codec tok-SECRET"}"#,
+            &r,
+        );
         assert_eq!(
             e,
-            WorkerError::Rejected { status: 422, message: "bad codec <redacted>".into() }
+            WorkerError::Rejected {
+                status: 422,
+                message: "bad codec <redacted>".into()
+            }
         );
         assert!(!e.is_retryable());
-        assert_eq!(status_failure(StatusCode::FORBIDDEN, b"", &r).label(), "Unauthorized");
+        assert_eq!(
+            status_failure(StatusCode::FORBIDDEN, b"", &r).label(),
+            "Unauthorized"
+        );
         let e = status_failure(StatusCode::BAD_GATEWAY, b"upstream down", &r);
         assert!(e.is_retryable() && !e.instance_looks_broken());
-        assert_eq!(status_failure(StatusCode::TOO_MANY_REQUESTS, b"", &r).label(), "ServerError");
+        assert_eq!(
+            status_failure(StatusCode::TOO_MANY_REQUESTS, b"", &r).label(),
+            "ServerError"
+        );
         assert!(WorkerError::Connection("refused".into()).instance_looks_broken());
     }
 }

@@ -58,6 +58,8 @@ pub struct RetryPolicy {
     pub min_delay: Duration,
     pub max_delay: Duration,
     /// Budget for the whole call (attempts and waits): no wait starts that would end after it.
+    /// A call therefore ends within `max_total` plus one `request_timeout` (the attempt that
+    /// started last), plus any wait for the client-side quota.
     pub max_total: Duration,
     /// Adds a random part (up to one more delay) so that clients do not retry in lockstep.
     pub jitter: bool,
@@ -167,7 +169,9 @@ impl WorkerShape {
         let port = u16::try_from(spec.port)
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| ProviderError::Permanent(format!("invalid worker port {}", spec.port)))?;
+            .ok_or_else(|| {
+                ProviderError::Permanent(format!("invalid worker port {}", spec.port))
+            })?;
         let disk_gb = u32::try_from(spec.container_disk_gb)
             .ok()
             .filter(|d| *d > 0)
@@ -599,13 +603,15 @@ impl ApiClient {
         }
         let idempotent = call.idempotency == Idempotency::Idempotent;
         let timeout = self.config.request_timeout;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", self.key.expose()))
-            .map_err(|_| Failure {
-                error: ProviderError::Unauthorized(format!(
-                    "{}: the API key is not a valid header value",
-                    self.vendor
-                )),
-                retryable: false,
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", self.key.expose())).map_err(|_| {
+                Failure {
+                    error: ProviderError::Unauthorized(format!(
+                        "{}: the API key is not a valid header value",
+                        self.vendor
+                    )),
+                    retryable: false,
+                }
             })?;
         auth.set_sensitive(true);
         let mut request = self
@@ -623,9 +629,7 @@ impl ApiClient {
         let transport_failure = |e: reqwest::Error| {
             // A connection that was never made cannot have had any effect.
             let never_sent = e.is_connect();
-            let msg = self
-                .redactor
-                .redact(&describe_transport_error(&e, timeout));
+            let msg = self.redactor.redact(&describe_transport_error(&e, timeout));
             Failure {
                 error: ProviderError::Transient(format!("{}: {msg}", call.op)),
                 retryable: idempotent || never_sent,
@@ -700,9 +704,7 @@ pub(crate) mod lenient {
     }
 
     /// Strings, and numbers rendered as strings (ids are numbers on Vast, strings on RunPod).
-    pub(crate) fn opt_string<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<String>, D::Error> {
+    pub(crate) fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
         Ok(match Value::deserialize(d)? {
             Value::String(s) => Some(s),
             Value::Number(n) => Some(n.to_string()),
@@ -787,7 +789,10 @@ mod tests {
     fn excerpt_redacts_before_truncating_and_flattens() {
         let key = Credentials::new("sk-SECRET-123");
         let r = Redactor::new([&key]);
-        let body = format!("{{\"error\":\"bad key sk-SECRET-123\"}}\n\n{}", "x".repeat(500));
+        let body = format!(
+            "{{\"error\":\"bad key sk-SECRET-123\"}}\n\n{}",
+            "x".repeat(500)
+        );
         let e = r.excerpt(body.as_bytes());
         assert!(!e.contains("SECRET"), "{e}");
         assert!(e.contains("<redacted>"));
@@ -847,7 +852,8 @@ mod tests {
         assert!(parse_base_url("x", "ftp://h").is_err());
         assert!(parse_base_url("x", "https://user:pw@h").is_err());
         assert!(parse_base_url("x", "https://h/?api_key=1").is_err());
-        let base = parse_base_url("x", "https://api.runpod.ai/v2").unwrap_or_else(|e| panic!("{e}"));
+        let base =
+            parse_base_url("x", "https://api.runpod.ai/v2").unwrap_or_else(|e| panic!("{e}"));
         let url = join_segments(&base, &["ab/../c", "run"]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(url.as_str(), "https://api.runpod.ai/v2/ab%2F..%2Fc/run");
         let base = parse_base_url("x", "http://127.0.0.1:1/").unwrap_or_else(|e| panic!("{e}"));
@@ -858,11 +864,17 @@ mod tests {
 
     #[test]
     fn money_rounds_and_refuses_nonsense() {
-        assert_eq!(money(0.2345678).map(|d| d.to_string()), Some("0.234568".into()));
+        assert_eq!(
+            money(0.2345678).map(|d| d.to_string()),
+            Some("0.234568".into())
+        );
         assert_eq!(money(f64::NAN), None);
         assert_eq!(money(-1.0), None);
         assert!(parse_price("p", "0").is_err());
         assert!(parse_price("p", "abc").is_err());
-        assert_eq!(parse_price("p", "0.25").map(|d| d.to_string()).ok(), Some("0.25".into()));
+        assert_eq!(
+            parse_price("p", "0.25").map(|d| d.to_string()).ok(),
+            Some("0.25".into())
+        );
     }
 }

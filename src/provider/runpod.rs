@@ -31,8 +31,8 @@ use super::{
     ProviderResult, RemoteInstance, RemoteState,
     http::{
         ApiClient, Call, DEFAULT_RUNPOD_GRAPHQL_BASE_URL, DEFAULT_RUNPOD_PROXY_TEMPLATE,
-        HttpConfig, Idempotency, RawResponse, Redactor, WorkerShape, join_segments, lenient,
-        money, parse_base_url, parse_price, status_error,
+        HttpConfig, Idempotency, RawResponse, Redactor, WorkerShape, join_segments, lenient, money,
+        parse_base_url, parse_price, status_error,
     },
 };
 use crate::crd::{CloudType, RunpodProvider, pool::RunpodWorkerAccess};
@@ -98,7 +98,9 @@ impl RunpodClient {
                 ProviderError::Permanent(format!("invalid gpuCount {}", entry.gpu_count))
             })?;
         if entry.gpu_type_ids.is_empty() {
-            return Err(ProviderError::Permanent("runpod gpuTypeIds is empty".into()));
+            return Err(ProviderError::Permanent(
+                "runpod gpuTypeIds is empty".into(),
+            ));
         }
         Ok(Self {
             api: ApiClient::new("runpod", credentials, options.http)?,
@@ -142,13 +144,19 @@ impl RunpodClient {
             "lowestPriceInput": lowest,
         });
         let data: GpuTypesData = self
-            .query("runpod.gpu_types", QUERY, variables, Idempotency::Idempotent)
+            .query(
+                "runpod.gpu_types",
+                QUERY,
+                variables,
+                Idempotency::Idempotent,
+            )
             .await?;
+        // Only the requested type: a server that ignored the filter must not get another
+        // GPU's price booked under this id.
         let Some(dto) = data
             .gpu_types
             .iter()
             .find(|g| g.id.as_deref() == Some(gpu_type_id))
-            .or_else(|| (data.gpu_types.len() == 1).then(|| &data.gpu_types[0]))
         else {
             warn!(gpu_type_id, "RunPod does not list this GPU type");
             return Ok(None);
@@ -212,7 +220,10 @@ impl RunpodClient {
             label: dto.name.clone().filter(|n| !n.is_empty()),
             state: pod_state(dto),
             endpoint,
-            gpu_name: dto.machine.as_ref().and_then(|m| m.gpu_display_name.clone()),
+            gpu_name: dto
+                .machine
+                .as_ref()
+                .and_then(|m| m.gpu_display_name.clone()),
             num_gpus: dto.gpu_count.and_then(|n| u32::try_from(n).ok()),
             price_per_hour: dto.cost_per_hr.and_then(money),
             region: dto
@@ -271,7 +282,7 @@ impl InstanceProvider for RunpodClient {
             }
         }
         // Stable: the entry's order breaks ties between equal prices.
-        offers.sort_by(|a, b| a.price_per_hour.cmp(&b.price_per_hour));
+        offers.sort_by_key(|o| o.price_per_hour);
         Ok(offers)
     }
 
@@ -438,9 +449,7 @@ fn pod_state(dto: &PodDto) -> RemoteState {
     };
     match status.as_str() {
         "RUNNING" if dto.runtime.is_some() => RemoteState::Running,
-        "RUNNING" | "CREATED" | "RESTARTING" | "PROVISIONING" | "STARTING" => {
-            RemoteState::Starting
-        }
+        "RUNNING" | "CREATED" | "RESTARTING" | "PROVISIONING" | "STARTING" => RemoteState::Starting,
         "EXITED" | "PAUSED" | "DEAD" | "ERROR" => RemoteState::Stopped(detail()),
         "TERMINATED" => RemoteState::Terminated,
         // Unknown or missing: not ready; the provision timeout bounds how long.
@@ -531,8 +540,7 @@ fn graphql_error(op: &str, error: &GraphqlErrorDto, redactor: &Redactor) -> Prov
         .unwrap_or_default()
         .to_ascii_uppercase();
     let msg = format!("{op}: {shown}");
-    if lower.contains("no longer any instances available")
-        || lower.contains("not enough free gpus")
+    if lower.contains("no longer any instances available") || lower.contains("not enough free gpus")
     {
         ProviderError::InsufficientCapacity(msg)
     } else if lower.contains("something went wrong") {
@@ -638,7 +646,10 @@ struct LowestPriceDto {
 #[derive(Deserialize, Debug, Default)]
 #[serde(default)]
 struct DeployData {
-    #[serde(rename = "podFindAndDeployOnDemand", deserialize_with = "lenient::opt_obj")]
+    #[serde(
+        rename = "podFindAndDeployOnDemand",
+        deserialize_with = "lenient::opt_obj"
+    )]
     pod: Option<PodDto>,
 }
 
@@ -774,12 +785,18 @@ mod tests {
         assert_eq!(offer.price_per_hour.to_string(), "0.6");
         assert_eq!(offer.gpu_name, "RTX 3090");
         assert_eq!(offer.num_gpus, 2);
-        assert!(client(RunpodWorkerAccess::PublicTcp, CloudType::Secure, "1", 8000)
-            .offer_from("x", dto)
-            .is_none(), "not in the secure cloud");
-        assert!(client(RunpodWorkerAccess::PublicTcp, CloudType::All, "0.59", 8000)
-            .offer_from("x", dto)
-            .is_none(), "over the cap");
+        assert!(
+            client(RunpodWorkerAccess::PublicTcp, CloudType::Secure, "1", 8000)
+                .offer_from("x", dto)
+                .is_none(),
+            "not in the secure cloud"
+        );
+        assert!(
+            client(RunpodWorkerAccess::PublicTcp, CloudType::All, "0.59", 8000)
+                .offer_from("x", dto)
+                .is_none(),
+            "over the cap"
+        );
 
         let all: GpuTypesData = decode(fixture!("gpu_types.all.200.json")).expect("list");
         assert_eq!(all.gpu_types.len(), 3);
@@ -815,7 +832,10 @@ mod tests {
         assert_eq!(i.label.as_deref(), Some("Runpod Pytorch"));
         assert_eq!(i.state, RemoteState::Starting);
         // Pod ids are alphanumeric; the placeholder's underscores are dropped from the host.
-        assert_eq!(i.endpoint.as_deref(), Some("https://YOURPODID-8888.proxy.runpod.net"));
+        assert_eq!(
+            i.endpoint.as_deref(),
+            Some("https://YOURPODID-8888.proxy.runpod.net")
+        );
         // Its only port is an http port on a private IP: no public TCP endpoint.
         let tcp = client(RunpodWorkerAccess::PublicTcp, CloudType::All, "1", 8888);
         assert_eq!(tcp.to_remote(&pod).and_then(|i| i.endpoint), None);
@@ -825,14 +845,23 @@ mod tests {
         assert_eq!(pods.len(), 1);
         assert_eq!(pods[0].id.as_deref(), Some("ldl1dxirsim64n"));
         let i = proxy.to_remote(&pods[0]).expect("remote");
-        assert_eq!(i.endpoint.as_deref(), Some("https://ldl1dxirsim64n-8888.proxy.runpod.net"));
+        assert_eq!(
+            i.endpoint.as_deref(),
+            Some("https://ldl1dxirsim64n-8888.proxy.runpod.net")
+        );
 
-        let deployed: DeployData = decode(fixture!("pod_find_and_deploy_on_demand.200.json")).expect("deploy");
-        assert_eq!(deployed.pod.and_then(|p| p.id).as_deref(), Some("50qynxzilsxoey"));
+        let deployed: DeployData =
+            decode(fixture!("pod_find_and_deploy_on_demand.200.json")).expect("deploy");
+        assert_eq!(
+            deployed.pod.and_then(|p| p.id).as_deref(),
+            Some("50qynxzilsxoey")
+        );
 
         let stop: Value = decode(fixture!("pod_stop.200.json")).expect("stop");
         let stopped = PodDto {
-            desired_status: stop["podStop"]["desiredStatus"].as_str().map(str::to_string),
+            desired_status: stop["podStop"]["desiredStatus"]
+                .as_str()
+                .map(str::to_string),
             ..PodDto::default()
         };
         assert_eq!(pod_state(&stopped), RemoteState::Stopped("EXITED".into()));
@@ -859,7 +888,10 @@ mod tests {
         let i = c.to_remote(&pod).expect("remote");
         assert_eq!(i.state, RemoteState::Running);
         assert_eq!(i.endpoint.as_deref(), Some("http://213.173.1.2:40123"));
-        assert_eq!(i.price_per_hour.map(|p| p.to_string()).as_deref(), Some("0.69"));
+        assert_eq!(
+            i.price_per_hour.map(|p| p.to_string()).as_deref(),
+            Some("0.69")
+        );
         assert_eq!(i.gpu_name.as_deref(), Some("RTX 4090"));
         assert_eq!(i.region.as_deref(), Some("EU-RO-1"));
         assert_eq!(i.num_gpus, Some(2));
@@ -879,7 +911,10 @@ mod tests {
         assert_eq!(s("CREATED", false), RemoteState::Starting);
         assert_eq!(s("RESTARTING", true), RemoteState::Starting);
         for stopped in ["EXITED", "PAUSED", "DEAD"] {
-            assert!(matches!(s(stopped, false), RemoteState::Stopped(_)), "{stopped}");
+            assert!(
+                matches!(s(stopped, false), RemoteState::Stopped(_)),
+                "{stopped}"
+            );
         }
         assert_eq!(s("TERMINATED", false), RemoteState::Terminated);
     }
@@ -889,19 +924,50 @@ mod tests {
         let e = decode::<Value>(fixture!("error.no_capacity.json")).expect_err("capacity");
         assert_eq!(e.label(), "InsufficientCapacity");
         assert!(e.to_string().contains("no longer any instances"), "{e}");
-        assert_eq!(decode::<Value>(fixture!("error.not_enough_free_gpus.json")).map_err(|e| e.label()), Err("InsufficientCapacity"));
-        assert_eq!(decode::<Value>(fixture!("error.something_went_wrong.json")).map_err(|e| e.label()), Err("Transient"));
-        assert_eq!(decode::<Value>(r#"{"errors":[{"message":"Pod not found"}],"data":null}"#).map_err(|e| e.label()), Err("NotFound"));
-        assert_eq!(decode::<Value>(r#"{"errors":[{"message":"Invalid gpuCount"}]}"#).map_err(|e| e.label()), Err("Permanent"));
-        let r = Redactor::default();
-        assert_eq!(classify_graphql::<Value>("t", &raw(401, "{}"), &r).map_err(|e| e.label()), Err("Unauthorized"));
-        assert_eq!(classify_graphql::<Value>("t", &raw(429, ""), &r).map_err(|e| e.label()), Err("RateLimited"));
-        assert_eq!(classify_graphql::<Value>("t", &raw(502, "<html>"), &r).map_err(|e| e.label()), Err("Transient"));
         assert_eq!(
-            classify_graphql::<Value>("t", &raw(400, r#"{"errors":[{"message":"Syntax Error"}]}"#), &r).map_err(|e| e.label()),
+            decode::<Value>(fixture!("error.not_enough_free_gpus.json")).map_err(|e| e.label()),
+            Err("InsufficientCapacity")
+        );
+        assert_eq!(
+            decode::<Value>(fixture!("error.something_went_wrong.json")).map_err(|e| e.label()),
+            Err("Transient")
+        );
+        assert_eq!(
+            decode::<Value>(r#"{"errors":[{"message":"Pod not found"}],"data":null}"#)
+                .map_err(|e| e.label()),
+            Err("NotFound")
+        );
+        assert_eq!(
+            decode::<Value>(r#"{"errors":[{"message":"Invalid gpuCount"}]}"#)
+                .map_err(|e| e.label()),
             Err("Permanent")
         );
-        assert_eq!(classify_graphql::<Value>("t", &raw(200, "not json"), &r).map_err(|e| e.label()), Err("Transient"));
+        let r = Redactor::default();
+        assert_eq!(
+            classify_graphql::<Value>("t", &raw(401, "{}"), &r).map_err(|e| e.label()),
+            Err("Unauthorized")
+        );
+        assert_eq!(
+            classify_graphql::<Value>("t", &raw(429, ""), &r).map_err(|e| e.label()),
+            Err("RateLimited")
+        );
+        assert_eq!(
+            classify_graphql::<Value>("t", &raw(502, "<html>"), &r).map_err(|e| e.label()),
+            Err("Transient")
+        );
+        assert_eq!(
+            classify_graphql::<Value>(
+                "t",
+                &raw(400, r#"{"errors":[{"message":"Syntax Error"}]}"#),
+                &r
+            )
+            .map_err(|e| e.label()),
+            Err("Permanent")
+        );
+        assert_eq!(
+            classify_graphql::<Value>("t", &raw(200, "not json"), &r).map_err(|e| e.label()),
+            Err("Transient")
+        );
     }
 
     #[test]
@@ -913,7 +979,12 @@ mod tests {
             port: 8000,
             disk_gb: 20,
         };
-        let c = client(RunpodWorkerAccess::PublicTcp, CloudType::Community, "1", 8000);
+        let c = client(
+            RunpodWorkerAccess::PublicTcp,
+            CloudType::Community,
+            "1",
+            8000,
+        );
         let input = c.deploy_input("NVIDIA GeForce RTX 3090", &req, Some("EU-RO-1"));
         assert_eq!(
             input,
@@ -934,8 +1005,20 @@ mod tests {
 
     #[test]
     fn graphql_url_and_proxy_template() {
-        assert_eq!(graphql_url("https://api.runpod.io").map(|u| u.to_string()).ok().as_deref(), Some("https://api.runpod.io/graphql"));
-        assert_eq!(graphql_url("http://127.0.0.1:9/x/graphql").map(|u| u.to_string()).ok().as_deref(), Some("http://127.0.0.1:9/x/graphql"));
+        assert_eq!(
+            graphql_url("https://api.runpod.io")
+                .map(|u| u.to_string())
+                .ok()
+                .as_deref(),
+            Some("https://api.runpod.io/graphql")
+        );
+        assert_eq!(
+            graphql_url("http://127.0.0.1:9/x/graphql")
+                .map(|u| u.to_string())
+                .ok()
+                .as_deref(),
+            Some("http://127.0.0.1:9/x/graphql")
+        );
         assert!(ProxyTemplate::parse("https://proxy.example/{port}").is_err());
         let t = ProxyTemplate::parse("http://127.0.0.1:7000/{podId}/{port}").expect("template");
         assert_eq!(t.render("abc", 8000), "http://127.0.0.1:7000/abc/8000");

@@ -20,8 +20,8 @@ use tracing::warn;
 use url::Url;
 
 use super::{
-    Credentials, EndpointHealth, EndpointSettings, ProviderError, ProviderResult,
-    ServerlessJob, ServerlessProvider, ServerlessStatus,
+    Credentials, EndpointHealth, EndpointSettings, ProviderError, ProviderResult, ServerlessJob,
+    ServerlessProvider, ServerlessStatus,
     http::{
         ApiClient, Call, DEFAULT_RUNPOD_GRAPHQL_BASE_URL, DEFAULT_RUNPOD_SERVERLESS_BASE_URL,
         HttpConfig, Idempotency, RawResponse, Redactor, join_segments, lenient, parse_base_url,
@@ -119,7 +119,8 @@ impl RunpodServerlessClient {
 
     /// The endpoint as RunPod stores it, with the preserved fields.
     async fn read_endpoint(&self) -> ProviderResult<Map<String, Value>> {
-        let query = format!("query Endpoints {{ myself {{ endpoints {{ {ENDPOINT_SELECTION} }} }} }}");
+        let query =
+            format!("query Endpoints {{ myself {{ endpoints {{ {ENDPOINT_SELECTION} }} }} }}");
         let data: MyselfEndpointsData = graphql(
             &self.api,
             &self.graphql,
@@ -135,9 +136,7 @@ impl RunpodServerlessClient {
         endpoints
             .into_iter()
             .find(|e| e.get("id").and_then(Value::as_str) == Some(self.endpoint_id.as_str()))
-            .ok_or_else(|| {
-                ProviderError::NotFound(format!("runpod endpoint {}", self.endpoint_id))
-            })
+            .ok_or_else(|| ProviderError::NotFound(format!("runpod endpoint {}", self.endpoint_id)))
     }
 }
 
@@ -313,7 +312,10 @@ fn classify_status(
     let status = match dto.status.as_deref().map(str::trim) {
         Some(s) => parse_status(s).unwrap_or_else(|| {
             // A state this client does not know: keep polling, the job's timeout bounds it.
-            warn!(status = s, "unknown RunPod job status, treated as in progress");
+            warn!(
+                status = s,
+                "unknown RunPod job status, treated as in progress"
+            );
             ServerlessStatus::InProgress
         }),
         None => {
@@ -487,28 +489,73 @@ mod tests {
     #[test]
     fn published_job_payloads_map() {
         let r = Redactor::default();
-        let run: JobDto = serde_json::from_str(fixture!("runpod_serverless", "run.200.json")).expect("run");
-        assert_eq!(run.id.as_deref(), Some("eaebd6e7-6a92-4bb8-a911-f996ac5ea99d"));
-        assert_eq!(run.status.as_deref().and_then(parse_status), Some(ServerlessStatus::InQueue));
+        let run: JobDto =
+            serde_json::from_str(fixture!("runpod_serverless", "run.200.json")).expect("run");
+        assert_eq!(
+            run.id.as_deref(),
+            Some("eaebd6e7-6a92-4bb8-a911-f996ac5ea99d")
+        );
+        assert_eq!(
+            run.status.as_deref().and_then(parse_status),
+            Some(ServerlessStatus::InQueue)
+        );
 
-        let job = classify_status(&raw(200, fixture!("runpod_serverless", "status.completed.200.json")), &r, "x").expect("job");
+        let job = classify_status(
+            &raw(
+                200,
+                fixture!("runpod_serverless", "status.completed.200.json"),
+            ),
+            &r,
+            "x",
+        )
+        .expect("job");
         assert_eq!(job.id, "60902e6c-08a1-426e-9cb9-9eaec90f5e2b-u1");
         assert_eq!(job.status, ServerlessStatus::Completed);
         assert_eq!(job.delay_time_ms, Some(31618));
         assert_eq!(job.execution_time_ms, Some(1437));
-        assert_eq!(job.output.as_ref().and_then(|o| o["output_tokens"].as_u64()), Some(16));
+        assert_eq!(
+            job.output
+                .as_ref()
+                .and_then(|o| o["output_tokens"].as_u64()),
+            Some(16)
+        );
         assert_eq!(job.error, None);
 
-        let sync = classify_status(&raw(200, fixture!("runpod_serverless", "runsync.200.json")), &r, "x").expect("sync");
-        assert_eq!(sync.output.as_ref().and_then(|o| o[0]["seed"].as_u64()), Some(46578));
+        let sync = classify_status(
+            &raw(200, fixture!("runpod_serverless", "runsync.200.json")),
+            &r,
+            "x",
+        )
+        .expect("sync");
+        assert_eq!(
+            sync.output.as_ref().and_then(|o| o[0]["seed"].as_u64()),
+            Some(46578)
+        );
 
-        let cancelled = classify_status(&raw(200, fixture!("runpod_serverless", "cancel.200.json")), &r, "x").expect("cancel");
+        let cancelled = classify_status(
+            &raw(200, fixture!("runpod_serverless", "cancel.200.json")),
+            &r,
+            "x",
+        )
+        .expect("cancel");
         assert_eq!(cancelled.status, ServerlessStatus::Cancelled);
-        assert_eq!(classify_cancel(&raw(200, fixture!("runpod_serverless", "cancel.200.json")), &r), Ok(()));
-        let retried = classify_status(&raw(200, fixture!("runpod_serverless", "retry.200.json")), &r, "x").expect("retry");
+        assert_eq!(
+            classify_cancel(
+                &raw(200, fixture!("runpod_serverless", "cancel.200.json")),
+                &r
+            ),
+            Ok(())
+        );
+        let retried = classify_status(
+            &raw(200, fixture!("runpod_serverless", "retry.200.json")),
+            &r,
+            "x",
+        )
+        .expect("retry");
         assert_eq!(retried.status, ServerlessStatus::InQueue);
 
-        let health: HealthDto = serde_json::from_str(fixture!("runpod_serverless", "health.200.json")).expect("health");
+        let health: HealthDto =
+            serde_json::from_str(fixture!("runpod_serverless", "health.200.json")).expect("health");
         assert_eq!(
             EndpointHealth::from(health),
             EndpointHealth {
@@ -537,34 +584,69 @@ mod tests {
         }
         assert_eq!(parse_status("WHATEVER"), None);
         let r = Redactor::default();
-        let failed = classify_status(&raw(200, r#"{"id":"j","status":"FAILED","error":{"msg":"boom"}}"#), &r, "j").expect("failed");
+        let failed = classify_status(
+            &raw(
+                200,
+                r#"{"id":"j","status":"FAILED","error":{"msg":"boom"}}"#,
+            ),
+            &r,
+            "j",
+        )
+        .expect("failed");
         assert_eq!(failed.error.as_deref(), Some(r#"{"msg":"boom"}"#));
-        assert_eq!(classify_status(&raw(404, ""), &r, "j").map_err(|e| e.label()), Err("NotFound"));
-        assert_eq!(classify_status(&raw(200, r#"{"id":"j"}"#), &r, "j").map_err(|e| e.label()), Err("Transient"));
+        assert_eq!(
+            classify_status(&raw(404, ""), &r, "j").map_err(|e| e.label()),
+            Err("NotFound")
+        );
+        assert_eq!(
+            classify_status(&raw(200, r#"{"id":"j"}"#), &r, "j").map_err(|e| e.label()),
+            Err("Transient")
+        );
     }
 
     #[test]
     fn cancel_of_gone_or_final_jobs_is_ok() {
         let r = Redactor::default();
         assert_eq!(classify_cancel(&raw(404, "job not found"), &r), Ok(()));
-        assert_eq!(classify_cancel(&raw(400, r#"{"error":"job is already COMPLETED"}"#), &r), Ok(()));
-        assert_eq!(classify_cancel(&raw(400, r#"{"error":"bad id"}"#), &r).map_err(|e| e.label()), Err("Permanent"));
-        assert_eq!(classify_cancel(&raw(401, ""), &r).map_err(|e| e.label()), Err("Unauthorized"));
+        assert_eq!(
+            classify_cancel(&raw(400, r#"{"error":"job is already COMPLETED"}"#), &r),
+            Ok(())
+        );
+        assert_eq!(
+            classify_cancel(&raw(400, r#"{"error":"bad id"}"#), &r).map_err(|e| e.label()),
+            Err("Permanent")
+        );
+        assert_eq!(
+            classify_cancel(&raw(401, ""), &r).map_err(|e| e.label()),
+            Err("Unauthorized")
+        );
     }
 
     #[test]
     fn published_endpoint_list_round_trips_into_save_input() {
-        let data: MyselfEndpointsData =
-            classify_graphql("t", &raw(200, fixture!("runpod", "myself_endpoints.200.json")), &Redactor::default()).expect("data");
+        let data: MyselfEndpointsData = classify_graphql(
+            "t",
+            &raw(200, fixture!("runpod", "myself_endpoints.200.json")),
+            &Redactor::default(),
+        )
+        .expect("data");
         let endpoint = data.myself.expect("myself").endpoints.remove(0);
         assert_eq!(
             settings_of(&endpoint),
-            Ok(EndpointSettings { idle_timeout_seconds: 5, workers_min: 0, workers_max: 5 })
+            Ok(EndpointSettings {
+                idle_timeout_seconds: 5,
+                workers_min: 0,
+                workers_max: 5
+            })
         );
         let input = save_input(
             "i02xupws21hp6i",
             &endpoint,
-            &EndpointSettings { idle_timeout_seconds: 300, workers_min: 1, workers_max: 4 },
+            &EndpointSettings {
+                idle_timeout_seconds: 300,
+                workers_min: 1,
+                workers_max: 4,
+            },
         );
         assert_eq!(
             Value::Object(input),
@@ -574,13 +656,25 @@ mod tests {
                 "templateId": "YOUR_TEMPLATE_ID", "workersMax": 4, "workersMin": 1
             })
         );
-        for f in ["save_endpoint.create.200.json", "save_endpoint.update.200.json"] {
+        for f in [
+            "save_endpoint.create.200.json",
+            "save_endpoint.update.200.json",
+        ] {
             let body = match f {
-                "save_endpoint.create.200.json" => fixture!("runpod", "save_endpoint.create.200.json"),
+                "save_endpoint.create.200.json" => {
+                    fixture!("runpod", "save_endpoint.create.200.json")
+                }
                 _ => fixture!("runpod", "save_endpoint.update.200.json"),
             };
-            let saved: SaveEndpointData = classify_graphql("t", &raw(200, body), &Redactor::default()).expect(f);
-            assert_eq!(saved.save_endpoint.and_then(|v| v["id"].as_str().map(str::to_string)).as_deref(), Some("i02xupws21hp6i"));
+            let saved: SaveEndpointData =
+                classify_graphql("t", &raw(200, body), &Redactor::default()).expect(f);
+            assert_eq!(
+                saved
+                    .save_endpoint
+                    .and_then(|v| v["id"].as_str().map(str::to_string))
+                    .as_deref(),
+                Some("i02xupws21hp6i")
+            );
         }
     }
 }

@@ -84,7 +84,9 @@ impl VastClient {
         let num_gpus = u32::try_from(entry.num_gpus)
             .ok()
             .filter(|n| *n > 0)
-            .ok_or_else(|| ProviderError::Permanent(format!("invalid numGpus {}", entry.num_gpus)))?;
+            .ok_or_else(|| {
+                ProviderError::Permanent(format!("invalid numGpus {}", entry.num_gpus))
+            })?;
         if !(0.0..=1.0).contains(&entry.min_reliability) {
             return Err(ProviderError::Permanent(format!(
                 "invalid minReliability {}",
@@ -101,7 +103,11 @@ impl VastClient {
             max_price,
             min_reliability: entry.min_reliability,
             num_gpus,
-            countries: entry.countries.iter().map(|c| c.to_ascii_uppercase()).collect(),
+            countries: entry
+                .countries
+                .iter()
+                .map(|c| c.to_ascii_uppercase())
+                .collect(),
             worker,
         })
     }
@@ -161,10 +167,7 @@ impl VastClient {
         if dto.direct_port_count.is_some_and(|n| n < 1.0)
             || dto.rentable == Some(false)
             || dto.rented == Some(true)
-            || dto
-                .verification
-                .as_deref()
-                .is_some_and(|v| v != "verified")
+            || dto.verification.as_deref().is_some_and(|v| v != "verified")
         {
             return None;
         }
@@ -241,8 +244,9 @@ impl VastClient {
                 })
                 .await?;
             rows.extend(page.instances.into_iter().filter_map(|v| {
+                // The serde message may quote the row: not logged.
                 serde_json::from_value::<InstanceDto>(v)
-                    .map_err(|e| warn!(error = %e, "skipping an unreadable Vast instance row"))
+                    .map_err(|_| warn!("skipping an unreadable Vast instance row"))
                     .ok()
             }));
             match page.next_token.filter(|t| !t.is_empty()) {
@@ -304,7 +308,10 @@ impl InstanceProvider for VastClient {
 
     async fn create(&self, offer: &Offer, req: &CreateRequest) -> ProviderResult<RemoteInstance> {
         let ask_id: u64 = offer.id.parse().map_err(|_| {
-            ProviderError::Permanent(format!("vast.create: offer id {:?} is not a Vast ask id", offer.id))
+            ProviderError::Permanent(format!(
+                "vast.create: offer id {:?} is not a Vast ask id",
+                offer.id
+            ))
         })?;
         let body = create_body(req)?;
         let call = Call {
@@ -402,7 +409,9 @@ fn rank_offers(offers: &mut [Offer]) {
 /// The body of `PUT /api/v0/asks/{id}/`.
 fn create_body(req: &CreateRequest) -> ProviderResult<Value> {
     if req.label.len() > 256 {
-        return Err(ProviderError::Permanent("vast.create: label longer than 256".into()));
+        return Err(ProviderError::Permanent(
+            "vast.create: label longer than 256".into(),
+        ));
     }
     if req.image.trim().is_empty() || req.image.len() > 1024 {
         return Err(ProviderError::Permanent(
@@ -471,7 +480,12 @@ fn instance_state(dto: &InstanceDto) -> RemoteState {
     }
     let detail = |what: &str| {
         let mut m = what.to_string();
-        if let Some(msg) = dto.status_msg.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+        if let Some(msg) = dto
+            .status_msg
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+        {
             m.push_str(": ");
             m.extend(msg.chars().take(200));
         }
@@ -579,9 +593,9 @@ fn classify_create(raw: &RawResponse, redactor: &Redactor) -> ProviderResult<u64
             format!("{OP}: HTTP 400: {text}"),
         )),
         // 403 invalid_args "Offer ... is not your own" is about the offer, not the key.
-        StatusCode::FORBIDDEN if code.as_deref() == Some("invalid_args") => Err(
-            ProviderError::Permanent(format!("{OP}: HTTP 403: {text}")),
-        ),
+        StatusCode::FORBIDDEN if code.as_deref() == Some("invalid_args") => {
+            Err(ProviderError::Permanent(format!("{OP}: HTTP 403: {text}")))
+        }
         _ => Err(vast_error(OP, raw, redactor)),
     }
 }
@@ -603,8 +617,8 @@ fn classify_show(raw: &RawResponse, redactor: &Redactor, id: u64) -> ProviderRes
         }),
         Some(v) => Some(v),
     };
-    let value =
-        found.ok_or_else(|| ProviderError::NotFound(format!("vast instance {id} does not exist")))?;
+    let value = found
+        .ok_or_else(|| ProviderError::NotFound(format!("vast instance {id} does not exist")))?;
     serde_json::from_value(value).map_err(|e| {
         ProviderError::Transient(format!(
             "{OP}: unexpected instance object: {}",
@@ -768,7 +782,13 @@ mod tests {
         };
     }
 
-    fn client(gpu: &str, max_price: &str, num_gpus: i32, countries: &[&str], port: u16) -> VastClient {
+    fn client(
+        gpu: &str,
+        max_price: &str,
+        num_gpus: i32,
+        countries: &[&str],
+        port: u16,
+    ) -> VastClient {
         let entry = VastProvider {
             gpu_names: vec![gpu.into()],
             max_price_per_hour: max_price.into(),
@@ -802,7 +822,8 @@ mod tests {
     #[test]
     fn published_offer_example_parses_and_is_rechecked() {
         // The example has `offers` as one object; it must still be read.
-        let found: SearchDto = serde_json::from_str(fixture!("search_offers.200.json")).expect("parse");
+        let found: SearchDto =
+            serde_json::from_str(fixture!("search_offers.200.json")).expect("parse");
         assert_eq!(found.offers.len(), 1);
         let dto: OfferDto = serde_json::from_value(found.offers[0].clone()).expect("offer");
 
@@ -817,12 +838,32 @@ mod tests {
 
         // Over the cap, other GPU, other count, other country: refused here whatever the
         // server-side filter did.
-        assert!(client("Imaginary RTX 9999", "0.2345", 4, &[], 8000).accept_offer(&dto).is_none());
-        assert!(client("RTX 4090", "1", 4, &[], 8000).accept_offer(&dto).is_none());
-        assert!(client("Imaginary RTX 9999", "1", 1, &[], 8000).accept_offer(&dto).is_none());
-        assert!(client("Imaginary RTX 9999", "1", 4, &["US"], 8000).accept_offer(&dto).is_none());
+        assert!(
+            client("Imaginary RTX 9999", "0.2345", 4, &[], 8000)
+                .accept_offer(&dto)
+                .is_none()
+        );
+        assert!(
+            client("RTX 4090", "1", 4, &[], 8000)
+                .accept_offer(&dto)
+                .is_none()
+        );
+        assert!(
+            client("Imaginary RTX 9999", "1", 1, &[], 8000)
+                .accept_offer(&dto)
+                .is_none()
+        );
+        assert!(
+            client("Imaginary RTX 9999", "1", 4, &["US"], 8000)
+                .accept_offer(&dto)
+                .is_none()
+        );
         // Underscores as the CLI writes them match spaces.
-        assert!(client("imaginary_rtx_9999", "1", 4, &[], 8000).accept_offer(&dto).is_some());
+        assert!(
+            client("imaginary_rtx_9999", "1", 4, &[], 8000)
+                .accept_offer(&dto)
+                .is_some()
+        );
     }
 
     #[test]
@@ -856,30 +897,45 @@ mod tests {
         assert_eq!(i.endpoint, None);
         assert_eq!(i.gpu_name.as_deref(), Some("RTX A5000"));
         assert_eq!(i.num_gpus, Some(1));
-        assert_eq!(i.price_per_hour.map(|p| p.to_string()).as_deref(), Some("1.002074"));
+        assert_eq!(
+            i.price_per_hour.map(|p| p.to_string()).as_deref(),
+            Some("1.002074")
+        );
         assert_eq!(i.region.as_deref(), Some("Washington, US"));
         assert_eq!(i.label, None);
-        assert_eq!(
-            i.started_at.map(|t| t.as_second()),
-            Some(1_761_008_618)
-        );
+        assert_eq!(i.started_at.map(|t| t.as_second()), Some(1_761_008_618));
     }
 
     #[test]
     fn published_list_example_maps_with_endpoint() {
-        let page: ListPageDto = serde_json::from_str(fixture!("show_instances_v1.200.json")).expect("page");
-        assert_eq!(page.next_token.as_deref(), Some("eyJ2YWx1ZXMiOiB7ImlkIjogMTIzfX0="));
+        let page: ListPageDto =
+            serde_json::from_str(fixture!("show_instances_v1.200.json")).expect("page");
+        assert_eq!(
+            page.next_token.as_deref(),
+            Some("eyJ2YWx1ZXMiOiB7ImlkIjogMTIzfX0=")
+        );
         let dto: InstanceDto = serde_json::from_value(page.instances[0].clone()).expect("row");
-        let i = client("RTX 4090", "1", 1, &[], 8888).to_remote(&dto, None).expect("instance");
+        let i = client("RTX 4090", "1", 1, &[], 8888)
+            .to_remote(&dto, None)
+            .expect("instance");
         assert_eq!(i.id, "312");
         assert_eq!(i.label.as_deref(), Some("ML Training Job 2025"));
         assert_eq!(i.state, RemoteState::Running);
         assert_eq!(i.endpoint.as_deref(), Some("http://192.0.2.45:8888"));
-        assert_eq!(i.price_per_hour.map(|p| p.to_string()).as_deref(), Some("0.8021"));
+        assert_eq!(
+            i.price_per_hour.map(|p| p.to_string()).as_deref(),
+            Some("0.8021")
+        );
         // The worker port was not mapped on this machine.
-        assert_eq!(client("RTX 4090", "1", 1, &[], 8000).to_remote(&dto, None).and_then(|i| i.endpoint), None);
+        assert_eq!(
+            client("RTX 4090", "1", 1, &[], 8000)
+                .to_remote(&dto, None)
+                .and_then(|i| i.endpoint),
+            None
+        );
 
-        let v0: ListPageDto = serde_json::from_str(fixture!("show_instances_v0.200.hello-world.json")).expect("v0");
+        let v0: ListPageDto =
+            serde_json::from_str(fixture!("show_instances_v0.200.hello-world.json")).expect("v0");
         assert!(v0.instances.is_empty() && v0.next_token.is_none());
     }
 
@@ -900,75 +956,162 @@ mod tests {
                 ..InstanceDto::default()
             })
         };
-        assert_eq!(s(Some("running"), "running", "running"), RemoteState::Running);
-        assert!(matches!(s(Some("running"), "stopped", "running"), RemoteState::Stopped(_)));
+        assert_eq!(
+            s(Some("running"), "running", "running"),
+            RemoteState::Running
+        );
+        assert!(matches!(
+            s(Some("running"), "stopped", "running"),
+            RemoteState::Stopped(_)
+        ));
         for starting in [None, Some("loading"), Some("created"), Some("scheduling")] {
             assert_eq!(s(starting, "running", "running"), RemoteState::Starting);
         }
         for stopped in ["exited", "stopped", "offline", "frozen", "unknown"] {
             match s(Some(stopped), "running", "running") {
                 RemoteState::Stopped(msg) => {
-                    assert!(msg.starts_with(stopped) && msg.contains("oci runtime"), "{msg}")
+                    assert!(
+                        msg.starts_with(stopped) && msg.contains("oci runtime"),
+                        "{msg}"
+                    )
                 }
                 other => panic!("{stopped}: {other:?}"),
             }
         }
-        assert_eq!(s(Some("running"), "running", "unloaded"), RemoteState::Terminated);
-        assert_eq!(s(Some("destroyed"), "stopped", "stopped"), RemoteState::Terminated);
+        assert_eq!(
+            s(Some("running"), "running", "unloaded"),
+            RemoteState::Terminated
+        );
+        assert_eq!(
+            s(Some("destroyed"), "stopped", "stopped"),
+            RemoteState::Terminated
+        );
     }
 
     #[test]
     fn create_outcomes_from_the_published_examples() {
         let r = Redactor::default();
-        assert_eq!(classify_create(&raw(200, fixture!("create_instance.200.json")), &r), Ok(1_234_568));
         assert_eq!(
-            classify_create(&raw(200, fixture!("create_instance.200.hello-world.json")), &r),
+            classify_create(&raw(200, fixture!("create_instance.200.json")), &r),
+            Ok(1_234_568)
+        );
+        assert_eq!(
+            classify_create(
+                &raw(200, fixture!("create_instance.200.hello-world.json")),
+                &r
+            ),
             Ok(12_345_678)
         );
-        for (code, body) in [(404, fixture!("create_instance.404.json")), (410, fixture!("create_instance.410.json"))] {
+        for (code, body) in [
+            (404, fixture!("create_instance.404.json")),
+            (410, fixture!("create_instance.410.json")),
+        ] {
             let e = classify_create(&raw(code, body), &r).expect_err("capacity");
             assert_eq!(e.label(), "InsufficientCapacity", "{code}: {e}");
             assert!(e.to_string().contains("no_such_ask"));
         }
-        assert_eq!(classify_create(&raw(400, fixture!("create_instance.400.json")), &r).map_err(|e| e.label()), Err("Permanent"));
-        assert_eq!(classify_create(&raw(403, fixture!("create_instance.403.json")), &r).map_err(|e| e.label()), Err("Permanent"));
+        assert_eq!(
+            classify_create(&raw(400, fixture!("create_instance.400.json")), &r)
+                .map_err(|e| e.label()),
+            Err("Permanent")
+        );
+        assert_eq!(
+            classify_create(&raw(403, fixture!("create_instance.403.json")), &r)
+                .map_err(|e| e.label()),
+            Err("Permanent")
+        );
         assert_eq!(
             classify_create(&raw(429, fixture!("create_instance.429.json")), &r),
             Err(ProviderError::RateLimited { retry_after: None })
         );
-        assert_eq!(classify_create(&raw(401, fixture!("show_instance.401.json")), &r).map_err(|e| e.label()), Err("Unauthorized"));
+        assert_eq!(
+            classify_create(&raw(401, fixture!("show_instance.401.json")), &r)
+                .map_err(|e| e.label()),
+            Err("Unauthorized")
+        );
         // A 200 that says no, and a 200 without an id (ambiguous: adopt by label).
         assert_eq!(
-            classify_create(&raw(200, r#"{"success":false,"error":"no_such_ask","msg":"gone"}"#), &r).map_err(|e| e.label()),
+            classify_create(
+                &raw(
+                    200,
+                    r#"{"success":false,"error":"no_such_ask","msg":"gone"}"#
+                ),
+                &r
+            )
+            .map_err(|e| e.label()),
             Err("InsufficientCapacity")
         );
-        assert_eq!(classify_create(&raw(200, r#"{"success":true}"#), &r).map_err(|e| e.label()), Err("Transient"));
-        assert_eq!(classify_create(&raw(200, "<html>"), &r).map_err(|e| e.label()), Err("Transient"));
+        assert_eq!(
+            classify_create(&raw(200, r#"{"success":true}"#), &r).map_err(|e| e.label()),
+            Err("Transient")
+        );
+        assert_eq!(
+            classify_create(&raw(200, "<html>"), &r).map_err(|e| e.label()),
+            Err("Transient")
+        );
     }
 
     #[test]
     fn destroy_outcomes_from_the_published_examples() {
         let r = Redactor::default();
-        assert_eq!(classify_destroy(&raw(200, fixture!("destroy_instance.200.json")), &r), Ok(()));
-        assert_eq!(classify_destroy(&raw(404, fixture!("destroy_instance.404.json")), &r), Ok(()));
-        assert_eq!(classify_destroy(&raw(200, r#"{"success":false,"msg":"Instance 5 not found."}"#), &r), Ok(()));
-        assert_eq!(classify_destroy(&raw(400, fixture!("destroy_instance.400.json")), &r).map_err(|e| e.label()), Err("Permanent"));
-        assert_eq!(classify_destroy(&raw(429, fixture!("destroy_instance.429.json")), &r).map_err(|e| e.label()), Err("RateLimited"));
-        assert_eq!(classify_destroy(&raw(503, "busy"), &r).map_err(|e| e.label()), Err("Transient"));
+        assert_eq!(
+            classify_destroy(&raw(200, fixture!("destroy_instance.200.json")), &r),
+            Ok(())
+        );
+        assert_eq!(
+            classify_destroy(&raw(404, fixture!("destroy_instance.404.json")), &r),
+            Ok(())
+        );
+        assert_eq!(
+            classify_destroy(
+                &raw(200, r#"{"success":false,"msg":"Instance 5 not found."}"#),
+                &r
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            classify_destroy(&raw(400, fixture!("destroy_instance.400.json")), &r)
+                .map_err(|e| e.label()),
+            Err("Permanent")
+        );
+        assert_eq!(
+            classify_destroy(&raw(429, fixture!("destroy_instance.429.json")), &r)
+                .map_err(|e| e.label()),
+            Err("RateLimited")
+        );
+        assert_eq!(
+            classify_destroy(&raw(503, "busy"), &r).map_err(|e| e.label()),
+            Err("Transient")
+        );
     }
 
     #[test]
     fn show_null_is_not_found_and_errors_keep_their_text() {
         let r = Redactor::default();
-        assert_eq!(classify_show(&raw(200, r#"{"instances": null}"#), &r, 5).map_err(|e| e.label()).err(), Some("NotFound"));
-        assert_eq!(classify_show(&raw(404, "{}"), &r, 5).map_err(|e| e.label()).err(), Some("NotFound"));
-        let e = classify_show(&raw(401, fixture!("show_instance.401.json")), &r, 5).expect_err("401");
+        assert_eq!(
+            classify_show(&raw(200, r#"{"instances": null}"#), &r, 5)
+                .map_err(|e| e.label())
+                .err(),
+            Some("NotFound")
+        );
+        assert_eq!(
+            classify_show(&raw(404, "{}"), &r, 5)
+                .map_err(|e| e.label())
+                .err(),
+            Some("NotFound")
+        );
+        let e =
+            classify_show(&raw(401, fixture!("show_instance.401.json")), &r, 5).expect_err("401");
         assert_eq!(e.label(), "Unauthorized");
         assert!(e.to_string().contains("Invalid user key"), "{e}");
-        let e = classify_show(&raw(429, fixture!("show_instance.429.json")), &r, 5).expect_err("429");
+        let e =
+            classify_show(&raw(429, fixture!("show_instance.429.json")), &r, 5).expect_err("429");
         assert_eq!(e, ProviderError::RateLimited { retry_after: None });
         let e = vast_error("op", &raw(400, fixture!("show_instances_v1.400.json")), &r);
-        assert!(e.to_string().contains("invalid_request") && e.to_string().contains("dph_total"), "{e}");
+        assert!(
+            e.to_string().contains("invalid_request") && e.to_string().contains("dph_total"),
+            "{e}"
+        );
         let e = vast_error("op", &raw(400, fixture!("search_offers.400.json")), &r);
         assert!(e.to_string().contains("Invalid json body"), "{e}");
     }
@@ -983,7 +1126,10 @@ mod tests {
             disk_gb: 20,
         };
         let body = create_body(&req).expect("body");
-        assert_eq!(body["env"], json!({"GPUPOOL_SESSION_TOKEN": "tok", "-p 8000:8000": "1"}));
+        assert_eq!(
+            body["env"],
+            json!({"GPUPOOL_SESSION_TOKEN": "tok", "-p 8000:8000": "1"})
+        );
         assert_eq!(body["runtype"], "args");
         assert_eq!(body["cancel_unavail"], true);
         assert_eq!(body["disk"], 20);
@@ -1006,7 +1152,11 @@ mod tests {
             region: None,
             reliability: Some(r),
         };
-        let mut offers = vec![o("3", "0.30", 0.99), o("2", "0.20", 0.95), o("1", "0.20", 0.99)];
+        let mut offers = vec![
+            o("3", "0.30", 0.99),
+            o("2", "0.20", 0.95),
+            o("1", "0.20", 0.99),
+        ];
         rank_offers(&mut offers);
         let ids: Vec<_> = offers.iter().map(|o| o.id.as_str()).collect();
         assert_eq!(ids, ["1", "2", "3"]);
@@ -1019,7 +1169,10 @@ mod tests {
             ports: Some(json!({"8000/tcp": [{"HostIp": "0.0.0.0", "HostPort": 41234}]})),
             ..InstanceDto::default()
         };
-        assert_eq!(worker_endpoint(&dto, 8000).as_deref(), Some("http://203.0.113.9:41234"));
+        assert_eq!(
+            worker_endpoint(&dto, 8000).as_deref(),
+            Some("http://203.0.113.9:41234")
+        );
         dto.ports = Some(json!({"8000/tcp": []}));
         assert_eq!(worker_endpoint(&dto, 8000), None);
         dto.ports = Some(json!({"8000/tcp": [{"HostPort": "not-a-port"}]}));
