@@ -1,0 +1,204 @@
+//! Instance life cycle shared by Vast instances and RunPod pods: provisioning → loading →
+//! running (a real worker server on a loopback port), stop/start, death and destruction.
+//!
+//! Transitions caused from outside (stop, destroy, death) bump the instance's generation so a
+//! lifecycle task still sleeping towards "running" stands down instead of resurrecting it.
+
+use std::{sync::Arc, time::Instant};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{
+    serve,
+    state::{Instance, Phase, Provider, Sim, WorkerHandle},
+    util, worker,
+};
+
+/// Registers a new instance and starts its life cycle (unless it is created stopped).
+pub fn create(sim: &Arc<Sim>, mut inst: Instance) {
+    inst.generation = sim.next_generation();
+    let (provider, id, generation, phase) =
+        (inst.provider, inst.id.clone(), inst.generation, inst.phase);
+    info!(provider = provider.name(), id = %id, gpu = %inst.gpu_name, "instance created");
+    sim.lock().instances.push(inst);
+    if phase == Phase::Provisioning {
+        tokio::spawn(lifecycle(sim.clone(), provider, id, generation));
+    }
+}
+
+/// Sleeps for `seconds`; false when the simulator shut down meanwhile.
+async fn nap(sim: &Sim, seconds: f64) -> bool {
+    let mut stop = sim.shutdown.subscribe();
+    tokio::select! {
+        _ = tokio::time::sleep(util::secs(seconds)) => true,
+        _ = serve::wait_true(&mut stop) => false,
+    }
+}
+
+/// Drives one instance from its current phase (provisioning or loading) to running.
+async fn lifecycle(sim: Arc<Sim>, provider: Provider, id: String, generation: u64) {
+    let still = |sim: &Sim, want: Phase| -> bool {
+        sim.lock()
+            .instance(provider, &id)
+            .is_some_and(|i| i.generation == generation && i.phase == want)
+    };
+    let (provisioning, loading) = {
+        let st = sim.lock();
+        (st.timing.provisioning_seconds, st.timing.loading_seconds)
+    };
+    if still(&sim, Phase::Provisioning) {
+        if !nap(&sim, provisioning).await {
+            return;
+        }
+        let mut st = sim.lock();
+        let Some(i) = st.instance_mut(provider, &id) else {
+            return;
+        };
+        if i.generation != generation || i.phase != Phase::Provisioning {
+            return;
+        }
+        i.phase = Phase::Loading;
+        i.last_status_change = util::now_ms();
+    }
+    if !still(&sim, Phase::Loading) || !nap(&sim, loading).await {
+        return;
+    }
+    let listener = match TcpListener::bind(("127.0.0.1", 0)).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot bind a worker port; the instance dies");
+            die(&sim, provider, &id, "cannot bind worker port");
+            return;
+        }
+    };
+    let Ok(port) = listener.local_addr().map(|a| a.port()) else {
+        return;
+    };
+    let mut st = sim.lock();
+    let boot = st.timing.boot_seconds;
+    let Some(i) = st.instance_mut(provider, &id) else {
+        return;
+    };
+    if i.generation != generation || i.phase != Phase::Loading {
+        return;
+    }
+    let ctx = worker::WorkerCtx {
+        sim: sim.clone(),
+        provider,
+        instance_id: id.clone(),
+        started: Instant::now(),
+        boot: util::secs(boot),
+        api_key: i
+            .env_value(crate::provider::ENV_API_KEY)
+            .map(str::to_string),
+        session_token: i
+            .env_value(crate::provider::ENV_SESSION_TOKEN)
+            .map(str::to_string),
+    };
+    let task = tokio::spawn(serve::serve(
+        listener,
+        worker::router(ctx),
+        sim.shutdown.subscribe(),
+    ));
+    let now = util::now_ms();
+    i.worker = Some(WorkerHandle { port, task });
+    i.worker_started = Some(Instant::now());
+    i.phase = Phase::Running;
+    i.running_at.get_or_insert(now);
+    i.last_started_at = Some(now);
+    i.last_status_change = now;
+    info!(provider = provider.name(), id = %id, port, "instance running");
+}
+
+/// Stops the worker of `i` (closing its port and open connections); returns the task to
+/// await outside the lock so the caller can be sure the port is closed.
+fn take_worker(i: &mut Instance) -> Option<JoinHandle<()>> {
+    i.worker_started = None;
+    i.worker.take().map(|w| {
+        w.task.abort();
+        w.task
+    })
+}
+
+/// Waits until an aborted worker task is gone (its listener and connections dropped).
+pub async fn reap(task: Option<JoinHandle<()>>) {
+    if let Some(t) = task {
+        let _ = t.await;
+    }
+}
+
+/// Destroys an instance. `None` when it does not exist or is already destroyed.
+pub fn destroy(sim: &Sim, provider: Provider, id: &str) -> Option<Option<JoinHandle<()>>> {
+    let mut st = sim.lock();
+    let i = st.instance_mut(provider, id)?;
+    if i.is_destroyed() {
+        return None;
+    }
+    i.generation = sim.next_generation();
+    let now = util::now_ms();
+    i.phase = Phase::Destroyed;
+    i.destroyed_at = Some(now);
+    i.last_status_change = now;
+    info!(provider = provider.name(), id, "instance destroyed");
+    Some(take_worker(i))
+}
+
+/// Stops a running (or starting) instance: no worker, machine kept. `None` if unknown.
+pub fn stop(sim: &Sim, provider: Provider, id: &str) -> Option<Option<JoinHandle<()>>> {
+    let mut st = sim.lock();
+    let i = st.instance_mut(provider, id)?;
+    if i.is_destroyed() {
+        return None;
+    }
+    if i.phase == Phase::Stopped {
+        return Some(None);
+    }
+    i.generation = sim.next_generation();
+    i.phase = Phase::Stopped;
+    i.last_status_change = util::now_ms();
+    Some(take_worker(i))
+}
+
+/// Starts a stopped or dead instance again (through loading). `None` if unknown.
+pub fn start(sim: &Arc<Sim>, provider: Provider, id: &str) -> Option<()> {
+    let generation = {
+        let mut st = sim.lock();
+        let i = st.instance_mut(provider, id)?;
+        if i.is_destroyed() {
+            return None;
+        }
+        if !matches!(i.phase, Phase::Stopped | Phase::Dead) {
+            return Some(());
+        }
+        i.generation = sim.next_generation();
+        i.phase = Phase::Loading;
+        i.died_at = None;
+        i.last_status_change = util::now_ms();
+        i.generation
+    };
+    tokio::spawn(lifecycle(sim.clone(), provider, id.to_string(), generation));
+    Some(())
+}
+
+/// The container dies: worker gone, provider reports exited/DEAD, billing goes on.
+pub fn die(sim: &Sim, provider: Provider, id: &str, why: &str) -> Option<JoinHandle<()>> {
+    let mut st = sim.lock();
+    let i = st.instance_mut(provider, id)?;
+    if i.is_destroyed() || i.phase == Phase::Dead {
+        return None;
+    }
+    i.generation = sim.next_generation();
+    let now = util::now_ms();
+    i.phase = Phase::Dead;
+    i.died_at = Some(now);
+    i.last_status_change = now;
+    warn!(provider = provider.name(), id, why, "instance died");
+    take_worker(i)
+}
+
+/// Stops every worker (shutdown and reset).
+pub fn stop_all_workers(sim: &Sim) -> Vec<JoinHandle<()>> {
+    let mut st = sim.lock();
+    st.instances.iter_mut().filter_map(take_worker).collect()
+}
