@@ -167,7 +167,7 @@ async fn finish(
                 s.phase = Some(JobPhase::Succeeded);
                 s.output = Some(output.clone());
                 s.error = None;
-                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
                 s.cost = Some(share);
                 set_condition(&mut s.conditions, "Complete", true, "WorkerSucceeded", "the worker answered 2xx", current.metadata.generation, now);
                 ("Succeeded", false, format!("finished on {} in {run_secs:.2} s", instance.name_any()))
@@ -184,7 +184,7 @@ async fn finish(
             Err(e) => {
                 s.phase = Some(JobPhase::Failed);
                 s.error = Some(e.to_string());
-                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
                 s.cost = Some(share);
                 let reason = if e.is_retryable() { "RetriesExhausted" } else { e.label() };
                 set_condition(&mut s.conditions, "Complete", false, reason, &e.to_string(), current.metadata.generation, now);
@@ -244,10 +244,10 @@ pub async fn release(
         let now = ctx.now();
         s.current_job = None;
         s.jobs_completed += 1;
-        s.last_job_finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        s.last_job_finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
         if s.phase == Some(InstancePhase::Ready) {
-            s.idle_since = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
-            s.idle_deadline = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(idle::deadline(now, pool.spec.idle_timeout_seconds)));
+            s.idle_since = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
+            s.idle_deadline = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(idle::deadline(now, pool.spec.idle_timeout_seconds)));
         }
         match apply_status(api, &current, &s).await {
             Ok(_) => return Ok(()),

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference},
 };
 use kube::{
     Api, Resource, ResourceExt,
@@ -94,8 +94,8 @@ fn status_of(gi: &GpuInstance) -> GpuInstanceStatus {
     gi.status.clone().unwrap_or_default()
 }
 
-fn ts(t: Timestamp) -> Option<Time> {
-    Some(Time(t))
+fn ts(t: Timestamp) -> Option<MicroTime> {
+    Some(MicroTime(t))
 }
 
 /// What the instance needs of its pool; missing pool or entry is reported, not fatal.
@@ -418,6 +418,11 @@ async fn await_ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &
                     s.phase = Some(InstancePhase::Ready);
                     s.endpoint = Some(endpoint.clone());
                     s.ready_at = ts(now);
+                    // Bill from the provider's own creation time when it reports one.
+                    if let Some(t) = remote.started_at.filter(|t| *t <= now) {
+                        s.provisioning_started_at = ts(t);
+                    }
+                    let started = s.provisioning_started_at.as_ref().map(|t| t.0).unwrap_or(started);
                     s.idle_since = ts(now);
                     s.idle_deadline = ts(idle::deadline(now, pool.spec.idle_timeout_seconds));
                     if remote.price_per_hour.is_some() {
@@ -612,10 +617,12 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
         }
         (None, None) => vec![],
     };
+    let mut destroyed_at = ctx.now();
     for id in &ids {
         if let Err(e) = provider.delete(id).await {
             return teardown_failing(&gi, ctx, api, &key, e.into()).await;
         }
+        destroyed_at = ctx.now();
         match provider.get(id).await {
             Err(ProviderError::NotFound(_)) => {}
             Ok(r) if r.state == RemoteState::Terminated => {}
@@ -626,8 +633,7 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
         }
     }
 
-    let now = ctx.now();
-    let final_cost = started.map(|s| cost(price_of(&status), seconds_between(s, now)));
+    let final_cost = started.map(|s| cost(price_of(&status), seconds_between(s, destroyed_at)));
     let mut s = status_of(&gi);
     if let Some(c) = final_cost {
         s.accrued_cost = Some(money(c));

@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::{Duration, Instant}};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime as Time;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},

@@ -152,6 +152,12 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
             provider: i.spec.provider.clone(),
             phase: instance_phase(i),
             busy: i.status.as_ref().is_some_and(|s| s.current_job.is_some()),
+            releasing: i
+                .status
+                .as_ref()
+                .and_then(|s| s.current_job.as_ref())
+                .and_then(|j| jobs.iter().find(|job| &job.name_any() == j))
+                .is_some_and(|j| job_phase(j).is_finished()),
             deleting: i.metadata.deletion_timestamp.is_some(),
             price_per_hour: instance_price(i),
         })
@@ -196,6 +202,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         })
         .collect();
     let plan = scheduling::schedule(&pending_views, &views, &providers, &limits);
+    debug!(pending = pending_views.len(), instances = views.len(), ?plan, "scheduling pass");
 
     let mut requeue = Duration::from_secs(60);
     for (job_name, inst_name) in &plan.bind {
@@ -226,7 +233,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
             s.instance = None;
             s.provider = Some(provider.clone());
             s.remote_job_id = None;
-            s.scheduled_at = Some(Time(now));
+            s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
             set_condition(&mut s.conditions, "Scheduled", true, "Serverless", &format!("sent to the serverless endpoint {provider}"), job.metadata.generation, now);
             match apply_status(&job_api, job.as_ref(), &s).await {
                 Ok(_) => {}
@@ -284,7 +291,7 @@ async fn bind_job(ctx: &Context, api: &Api<VideoJob>, job: &VideoJob, instance: 
     s.instance = Some(instance.to_string());
     s.provider = Some(provider.to_string());
     s.remote_job_id = None;
-    s.scheduled_at = Some(Time(now));
+    s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
     set_condition(&mut s.conditions, "Scheduled", true, "Bound", &format!("bound to {instance}"), job.metadata.generation, now);
     match apply_status(api, job, &s).await {
         Ok(job) => {

@@ -32,6 +32,9 @@ pub struct InstanceView {
     pub phase: InstancePhase,
     /// Has a current job.
     pub busy: bool,
+    /// Busy with a job that has already finished: free in a moment, so jobs wait for it
+    /// rather than rent another machine.
+    pub releasing: bool,
     /// Has a deletionTimestamp: going away, never bound.
     pub deleting: bool,
     /// Price per hour once known (after the offer is taken).
@@ -111,7 +114,9 @@ pub fn schedule(
     let mut starting: Vec<&InstanceView> = instances
         .iter()
         .filter(|i| {
-            !i.deleting && matches!(i.phase, InstancePhase::Pending | InstancePhase::Provisioning)
+            !i.deleting
+                && (matches!(i.phase, InstancePhase::Pending | InstancePhase::Provisioning)
+                    || (i.phase == InstancePhase::Ready && i.busy && i.releasing))
         })
         .collect();
     let mut total = instances.iter().filter(|i| i.counts_against_limits()).count();
@@ -200,6 +205,7 @@ mod tests {
             provider: provider.into(),
             phase,
             busy,
+            releasing: false,
             deleting: false,
             price_per_hour: Some(dec("0.20")),
         }
@@ -275,6 +281,15 @@ mod tests {
         assert!(plan.bind.is_empty());
         assert_eq!(plan.create, vec!["vast".to_string()]);
         assert_eq!(plan.waiting.len(), 2);
+    }
+
+    #[test]
+    fn a_job_waits_for_an_instance_whose_job_just_finished() {
+        let mut finishing = inst("f", "vast", InstancePhase::Ready, true);
+        finishing.releasing = true;
+        let plan = schedule(&[job("next", 1, None)], &[finishing], &[vast(true)], &limits(10, None));
+        assert!(plan.create.is_empty() && plan.bind.is_empty());
+        assert_eq!(plan.waiting, vec![("next".into(), WaitReason::InstanceStarting)]);
     }
 
     #[test]
