@@ -149,6 +149,14 @@ async fn finish(
             .and_then(|o| o.price_per_hour.as_deref()),
     );
 
+    // A failed attempt that will be retried frees (or replaces) its instance first, so the
+    // pool never sees the job Pending while the instance still claims it (which it would
+    // take for a binding to complete). Any other outcome is recorded on the job first.
+    let retrying = matches!(&outcome, Err(e) if e.is_retryable() && attempt <= job.spec.max_retries);
+    if retrying {
+        release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
+    }
+
     // 1. The job, retried on conflicts with fresh reads.
     for _ in 0..10 {
         let Some(current) = jobs.get_opt(&job.name_any()).await? else { break };
@@ -213,7 +221,10 @@ async fn finish(
     }
 
     // 2. The instance: freed for the next job, or replaced if it looks broken.
-    release(ctx, &instances, instance, &job.name_any(), pool, broken).await
+    if !retrying {
+        release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
+    }
+    Ok(())
 }
 
 /// Frees `instance` from `job` (idle from now, deadline set) or, when `broken`, deletes it

@@ -22,7 +22,12 @@ use std::{sync::Arc, time::Duration};
 use futures::{StreamExt, future::join_all};
 use kube::{
     Api,
-    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
 };
 use tracing::{info, warn};
 
@@ -81,51 +86,89 @@ fn error_requeue(error: &Error, ctx: &Context, key: &str) -> Action {
     Action::requeue(Duration::from_secs(secs))
 }
 
+/// A stream that yields what a channel receives, as a controller trigger.
+fn channel_stream<K: Send + 'static>(
+    rx: tokio::sync::mpsc::UnboundedReceiver<K>,
+) -> impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (Ok(k), rx)) })
+}
+
+/// One watch per kind feeds one cache, then fans each object out to every controller that
+/// reacts to that kind. The cache is updated before any controller hears of the change, so
+/// a reconcile triggered by an event always sees that event in the cache (two watches of
+/// the same kind would race: a pool could be woken by a job its cache does not show yet).
+fn watch_and_fan_out<K>(
+    api: Api<K>,
+    consumers: usize,
+) -> (
+    Store<K>,
+    Vec<tokio::sync::mpsc::UnboundedReceiver<K>>,
+    impl Future<Output = ()> + Send,
+)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..consumers).map(|_| tokio::sync::mpsc::unbounded_channel::<K>()).unzip();
+    let kind = K::kind(&()).to_string();
+    let driver = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .for_each(move |event| {
+            match event {
+                Ok(obj) => {
+                    for tx in &senders {
+                        let _ = tx.send(obj.clone());
+                    }
+                }
+                Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying"),
+            }
+            futures::future::ready(())
+        });
+    (store, receivers, driver)
+}
+
 /// Runs the three controllers and the orphan sweep until shutdown.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
-    let ns = ctx.config.namespace.clone();
-    let api = |ns: &Option<String>| -> (Api<GpuPool>, Api<GpuInstance>, Api<VideoJob>) {
-        match ns {
+    let (pools, instances, jobs): (Api<GpuPool>, Api<GpuInstance>, Api<VideoJob>) =
+        match &ctx.config.namespace {
             Some(n) => (
                 Api::namespaced(client.clone(), n),
                 Api::namespaced(client.clone(), n),
                 Api::namespaced(client.clone(), n),
             ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        }
-    };
-    let (pools, instances, jobs) = api(&ns);
-    let wc = watcher::Config::default().any_semantic();
+            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let (pool_store, mut pool_rx, pool_watch) = watch_and_fan_out(pools, 1);
+    let (inst_store, mut inst_rx, inst_watch) = watch_and_fan_out(instances, 2);
+    let (job_store, mut job_rx, job_watch) = watch_and_fan_out(jobs, 3);
+    ctx.set_stores(pool_store.clone(), inst_store.clone(), job_store.clone());
 
-    let pool_ctrl = Controller::new(pools.clone(), wc.clone())
-        .watches(jobs.clone(), wc.clone(), |job: VideoJob| {
+    let pool_ctrl = Controller::for_stream(channel_stream(pool_rx.remove(0)), pool_store)
+        .watches_stream(channel_stream(job_rx.remove(0)), |job: VideoJob| {
             job.metadata
                 .namespace
                 .clone()
                 .map(|ns| ObjectRef::new(&job.spec.pool).within(&ns))
         })
-        .watches(instances.clone(), wc.clone(), |gi: GpuInstance| {
+        .watches_stream(channel_stream(inst_rx.remove(0)), |gi: GpuInstance| {
             gi.metadata
                 .namespace
                 .clone()
                 .map(|ns| ObjectRef::new(&gi.spec.pool).within(&ns))
         })
         .shutdown_on_signal();
-    let instance_ctrl = Controller::new(instances.clone(), wc.clone())
-        .watches(jobs.clone(), wc.clone(), |job: VideoJob| {
+    let instance_ctrl = Controller::for_stream(channel_stream(inst_rx.remove(0)), inst_store)
+        .watches_stream(channel_stream(job_rx.remove(0)), |job: VideoJob| {
             let ns = job.metadata.namespace.clone()?;
             let inst = job.status.as_ref()?.instance.clone()?;
             Some(ObjectRef::new(&inst).within(&ns))
         })
         .shutdown_on_signal();
-    let job_ctrl = Controller::new(jobs.clone(), wc.clone()).shutdown_on_signal();
-
-    ctx.set_stores(pool_ctrl.store(), instance_ctrl.store(), job_ctrl.store());
+    let job_ctrl = Controller::for_stream(channel_stream(job_rx.remove(0)), job_store).shutdown_on_signal();
 
     let pool_run = pool_ctrl
         .run(pool::reconcile, pool::error_policy, ctx.clone())
@@ -144,18 +187,21 @@ pub async fn run(ctx: Arc<Context>) {
             ctx.set_ready();
         }
     };
-    let sweep = sweep::run(ctx.clone());
     info!(cluster_id = %ctx.config.cluster_id, "gpupool controllers starting");
-    futures::future::select(
-        Box::pin(join_all([
-            Box::pin(pool_run) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-            Box::pin(inst_run),
-            Box::pin(job_run),
-            Box::pin(ready),
-        ])),
-        Box::pin(sweep),
-    )
-    .await;
+    let controllers = join_all([
+        Box::pin(pool_run) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+        Box::pin(inst_run),
+        Box::pin(job_run),
+        Box::pin(ready),
+    ]);
+    let watches = join_all([
+        Box::pin(pool_watch) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+        Box::pin(inst_watch),
+        Box::pin(job_watch),
+        Box::pin(sweep::run(ctx.clone())),
+    ]);
+    // The controllers end on SIGTERM/SIGINT; the watches and the sweep never end by themselves.
+    futures::future::select(Box::pin(controllers), Box::pin(watches)).await;
     info!("controllers stopped");
 }
 
@@ -164,6 +210,12 @@ where
     K: kube::Resource,
 {
     if let Err(e) = r {
-        warn!(kind, error = %e, "reconcile failed");
+        // Conflicts are retried at once and deleted objects are expected; neither is news.
+        let text = e.to_string();
+        if text.contains("Conflict") || text.contains("not found in local store") {
+            tracing::debug!(kind, error = %text, "reconcile will be retried");
+        } else {
+            warn!(kind, error = %text, "reconcile failed");
+        }
     }
 }

@@ -33,7 +33,7 @@ use crate::{
 use super::{
     Context, Error, Result, error_requeue,
     scheduling::{self, InstanceView, Limits, PendingJob, ProviderView, WaitReason},
-    status::{apply_status, money, set_condition},
+    status::{apply_own_status, apply_status, money, set_condition},
 };
 
 /// Finalizer that holds a pool until its instances are gone.
@@ -263,7 +263,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
     sync_endpoints(&pool, ctx).await;
     let (status, next_backoff) = pool_status(&pool, ctx, &jobs, &instances, now);
     if pool.status.as_ref() != Some(&status) {
-        apply_status(api, pool.as_ref(), &status).await?;
+        apply_own_status(api, pool.as_ref(), &status).await?;
     }
     if let Some(at) = next_backoff {
         requeue = requeue.min(now.duration_until(at).unsigned_abs() + Duration::from_millis(50));

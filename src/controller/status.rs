@@ -25,11 +25,33 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     S: Serialize,
 {
+    apply(api, obj, status, true).await
+}
+
+/// Applies `status` as the whole status of an object only one reconciler writes (its own
+/// pool), without a resourceVersion precondition.
+pub async fn apply_own_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+{
+    apply(api, obj, status, false).await
+}
+
+async fn apply<K, S>(api: &Api<K>, obj: &K, status: &S, precondition: bool) -> Result<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+{
     let name = obj.meta().name.clone().unwrap_or_default();
+    let mut metadata = json!({"name": name});
+    if precondition {
+        metadata["resourceVersion"] = json!(obj.meta().resource_version);
+    }
     let patch = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
-        "metadata": {"name": name, "resourceVersion": obj.meta().resource_version},
+        "metadata": metadata,
         "status": status,
     });
     Ok(api

@@ -94,6 +94,9 @@ impl Operator {
             "--liveness-interval-seconds=5".into(),
             "--provision-poll-ms=200".into(),
         ];
+        // A flag given in `extra` replaces the default above.
+        let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
+        args.retain(|a| !extra.iter().any(|e| flag(e) == flag(a)));
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn(ns, args, 0)
     }
