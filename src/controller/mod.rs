@@ -170,23 +170,47 @@ pub async fn run(ctx: Arc<Context>) {
         .shutdown_on_signal();
     let job_ctrl = Controller::for_stream(channel_stream(job_rx.remove(0)), job_store).shutdown_on_signal();
 
-    let pool_run = pool_ctrl
-        .run(pool::reconcile, pool::error_policy, ctx.clone())
-        .for_each(|r| async move { log_outcome("GpuPool", r) });
-    let inst_run = instance_ctrl
-        .run(instance::reconcile, instance::error_policy, ctx.clone())
-        .for_each(|r| async move { log_outcome("GpuInstance", r) });
-    let job_run = job_ctrl
-        .run(job::reconcile, job::error_policy, ctx.clone())
-        .for_each(|r| async move { log_outcome("VideoJob", r) });
-    let ready = {
+    // No reconcile may run before every cache is filled: a pool that saw its jobs but not
+    // yet its instances would rent machines it already has.
+    let synced = {
         let ctx = ctx.clone();
-        async move {
+        futures::future::FutureExt::shared(Box::pin(async move {
             ctx.wait_until_synced().await;
             info!("caches synced; ready");
             ctx.set_ready();
+        }))
+    };
+    let pool_run = {
+        let (ctx, synced) = (ctx.clone(), synced.clone());
+        async move {
+            synced.await;
+            pool_ctrl
+                .run(pool::reconcile, pool::error_policy, ctx)
+                .for_each(|r| async move { log_outcome("GpuPool", r) })
+                .await
         }
     };
+    let inst_run = {
+        let (ctx, synced) = (ctx.clone(), synced.clone());
+        async move {
+            synced.await;
+            instance_ctrl
+                .run(instance::reconcile, instance::error_policy, ctx)
+                .for_each(|r| async move { log_outcome("GpuInstance", r) })
+                .await
+        }
+    };
+    let job_run = {
+        let (ctx, synced) = (ctx.clone(), synced.clone());
+        async move {
+            synced.await;
+            job_ctrl
+                .run(job::reconcile, job::error_policy, ctx)
+                .for_each(|r| async move { log_outcome("VideoJob", r) })
+                .await
+        }
+    };
+    let ready = synced;
     info!(cluster_id = %ctx.config.cluster_id, "gpupool controllers starting");
     let controllers = join_all([
         Box::pin(pool_run) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,

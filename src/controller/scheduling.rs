@@ -144,6 +144,14 @@ pub fn schedule(
             plan.bind.push((job.name.clone(), inst.name.clone()));
             continue;
         }
+        // A serverless endpoint that comes first in the pool's order runs the job now rather
+        // than have it wait for a machine that is still starting.
+        if let Some(p) = providers.iter().find(|p| allowed(&p.name) && p.available)
+            && p.kind == ProviderKind::RunpodServerless
+        {
+            plan.serverless.push((job.name.clone(), p.name.clone()));
+            continue;
+        }
         if let Some(pos) = starting.iter().position(|i| allowed(&i.provider)) {
             starting.remove(pos);
             plan.waiting.push((job.name.clone(), WaitReason::InstanceStarting));
@@ -333,6 +341,19 @@ mod tests {
 
         let plan = schedule(&[job("a", 1, None)], &[], &[serverless(false), vast(false)], &limits(10, None));
         assert_eq!(plan.waiting, vec![("a".into(), WaitReason::NoProviderAvailable)]);
+    }
+
+    #[test]
+    fn serverless_first_in_order_beats_waiting_for_a_starting_instance() {
+        let plan = schedule(
+            &[job("a", 1, None), job("pinned", 2, Some("vast"))],
+            &[inst("s", "vast", InstancePhase::Provisioning, false)],
+            &[serverless(true), vast(true)],
+            &limits(10, None),
+        );
+        assert_eq!(plan.serverless, vec![("a".into(), "sls".into())]);
+        assert_eq!(plan.waiting, vec![("pinned".into(), WaitReason::InstanceStarting)]);
+        assert!(plan.create.is_empty());
     }
 
     #[test]
