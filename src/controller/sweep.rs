@@ -55,7 +55,8 @@ pub async fn sweep_once(ctx: &Context, first_seen: &mut HashMap<String, Instant>
             let provider = match ctx.providers.instance(&pool, &entry.name).await {
                 Ok(p) => p,
                 Err(e) => {
-                    warn!(pool = %pool.name_any(), provider = %entry.name, error = %e, "sweep cannot use this provider");
+                    // Reported on the pool's status by the reconcilers; no need to repeat it here.
+                    tracing::debug!(pool = %pool.name_any(), provider = %entry.name, error = %e, "sweep cannot use this provider");
                     continue;
                 }
             };

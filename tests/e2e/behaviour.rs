@@ -402,3 +402,123 @@ async fn default_idle_timeout_is_300_seconds() {
     assert!((300.0..=301.0).contains(&after), "destroyed {after:.3} s after the last job");
     ns.cleanup().await;
 }
+
+/// What only the operator can detect becomes a condition and an event, never a crash: an
+/// unknown pool, a missing Secret, a teardown the provider keeps refusing (retried until it
+/// works, the finalizer held meanwhile). Finished jobs go after ttlSecondsAfterFinished.
+#[tokio::test]
+async fn bad_references_and_failing_teardowns_are_reported_and_survived() {
+    let ns = namespace_with_secrets("refs").await;
+    let client = ns.client();
+    let sim = sim().await;
+    let op = Operator::start(&ns.name, &sim, &[]);
+    let jobs: Api<VideoJob> = Api::namespaced(client.clone(), &ns.name);
+
+    create_job(&client, &ns.name, "lost", json!({"operation": "caption", "pool": "nope"})).await;
+    let reason = eventually(Duration::from_secs(20), "PoolNotFound condition", Some(&op), || {
+        let jobs = jobs.clone();
+        async move {
+            let s = jobs.get("lost").await.ok()?.status?;
+            s.conditions.iter().find(|c| c.type_ == "Scheduled").map(|c| c.reason.clone())
+        }
+    })
+    .await;
+    assert_eq!(reason, "PoolNotFound");
+
+    let mut spec = vast_pool(2);
+    spec["providers"][0]["vast"]["credentialsSecretRef"]["name"] = json!("missing-secret");
+    spec["providers"].as_array_mut().unwrap().push(json!({"name": "vast-ok", "vast": {"gpuNames": ["RTX 3060"],
+        "maxPricePerHour": "1.00", "credentialsSecretRef": {"name": "vast", "key": "apiKey"}}}));
+    create_pool(&client, &ns.name, "default", spec).await;
+    // The provider will refuse the first six destroys (the client retries three times per call) (used at the end of this test).
+    admin_put(&sim, "faults", json!({"errors": {"vast.destroy": {"next": 6, "status": 500}}})).await;
+    create_job(&client, &ns.name, "ttl", json!({"operation": "caption", "ttlSecondsAfterFinished": 1})).await;
+    let job = finished_job(&client, &ns.name, "ttl", Duration::from_secs(60), &op).await;
+    assert_eq!(phase(&job), JobPhase::Succeeded, "the second provider ran it: {:?}", job.status);
+    assert_eq!(job.status.as_ref().unwrap().provider.as_deref(), Some("vast-ok"));
+    let pools: Api<GpuPool> = Api::namespaced(client.clone(), &ns.name);
+    let vast = pools.get("default").await.unwrap().status.unwrap().providers.into_iter().find(|p| p.name == "vast").unwrap();
+    assert_eq!(format!("{:?}", vast.state), "Unavailable");
+    assert!(vast.message.unwrap().contains("Secret"), "the message names the missing Secret");
+    eventually(Duration::from_secs(20), "the TTL to delete the job", Some(&op), || {
+        let jobs = jobs.clone();
+        async move { jobs.get_opt("ttl").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+
+    // The provider refuses the destroy six times: the finalizer holds, the condition says
+    // so, then it succeeds and the machine is gone.
+    let inst = job.status.unwrap().instance.unwrap();
+    let gis: Api<GpuInstance> = Api::namespaced(client.clone(), &ns.name);
+    eventually(Duration::from_secs(30), "TeardownFailing condition", Some(&op), || {
+        let gis = gis.clone();
+        let inst = inst.clone();
+        async move {
+            let s = gis.get_opt(&inst).await.ok()??.status?;
+            s.conditions.iter().any(|c| c.type_ == "TeardownFailing" && c.status == "True").then_some(())
+        }
+    })
+    .await;
+    final_state(&client, &ns.name, &inst, Duration::from_secs(60)).await;
+    assert_eq!(alive(&sim).await, 0, "the machine was destroyed in the end");
+    let events = kube::Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let reasons: Vec<String> = events.items.iter().filter_map(|e| e.reason.clone()).collect();
+    for r in ["PoolNotFound", "ProviderUnavailable", "TeardownFailing", "Destroyed"] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
+    }
+    ns.cleanup().await;
+}
+
+/// Dispatch overhead on a warm instance: from the job's creation to the moment the attempt is
+/// sent, over 20 jobs one after another. Printed, not asserted (a benchmark, not a timed test).
+#[tokio::test]
+async fn dispatch_overhead_on_a_warm_instance_is_measured() {
+    let ns = namespace_with_secrets("overhead").await;
+    let client = ns.client();
+    let sim = sim().await;
+    let op = Operator::start(&ns.name, &sim, &[]);
+    create_pool(&client, &ns.name, "default", vast_pool(60)).await;
+    create_job(&client, &ns.name, "warmup", json!({"operation": "caption"})).await;
+    let warm = finished_job(&client, &ns.name, "warmup", Duration::from_secs(60), &op).await;
+    let warm_instance = warm.status.unwrap().instance.unwrap();
+    let mut overheads = Vec::new();
+    for i in 0..20 {
+        let name = format!("o-{i}");
+        let t0 = Timestamp::now();
+        create_job(&client, &ns.name, &name, json!({"operation": "caption"})).await;
+        let job = finished_job(&client, &ns.name, &name, Duration::from_secs(30), &op).await;
+        let st = job.status.unwrap();
+        assert_eq!(st.instance.as_deref(), Some(warm_instance.as_str()), "ran on the warm instance");
+        overheads.push(t0.duration_until(st.started_at.unwrap().0).as_secs_f64() * 1000.0);
+        // Wait until the instance is free again so each job finds it warm and idle.
+        eventually(Duration::from_secs(10), "instance idle", Some(&op), || {
+            let client = client.clone();
+            let (ns, inst) = (ns.name.clone(), warm_instance.clone());
+            async move {
+                let s = Api::<GpuInstance>::namespaced(client, &ns).get(&inst).await.ok()?.status?;
+                s.current_job.is_none().then_some(())
+            }
+        })
+        .await;
+    }
+    overheads.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p = |q: f64| overheads[((overheads.len() as f64 - 1.0) * q).round() as usize];
+    eprintln!(
+        "dispatch overhead on a warm instance (creation to request, 20 jobs): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        p(0.5),
+        p(0.99),
+        overheads.last().unwrap()
+    );
+    let metrics_line = op.logs().lines().find(|l| l.contains("gpupool listening")).map(str::to_string).unwrap();
+    let addr = metrics_line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let metrics = http().get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in ["gpupool_instances", "gpupool_jobs_total", "gpupool_job_wait_seconds", "gpupool_idle_teardown_lateness_seconds", "gpupool_provider_calls_total", "gpupool_spend_dollars_per_hour"] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    let ready = http().get(format!("http://{addr}/readyz")).send().await.unwrap();
+    assert!(ready.status().is_success());
+    ns.cleanup().await;
+}
