@@ -1,55 +1,115 @@
 #!/usr/bin/env bash
-# The gpupool demo.
+# The gpupool demo: the whole story with simulated providers.
 #   DEMO_CLUSTER=local   (default) start a local kube-apiserver + etcd, run there, stop it after
 #   DEMO_CLUSTER=current use the current kube context, in a namespace of its own removed afterwards
+#   DEMO_IDLE_SECONDS    idle timeout used by the demo pool (default 20; the product default is 300)
 #   DEMO_KEEP=1          leave the local control plane running (prints how to reach it)
+# Every process it starts is stopped by its pid on exit.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 cd "$ROOT"
 MODE=${DEMO_CLUSTER:-local}
+IDLE=${DEMO_IDLE_SECONDS:-20}
+STATE=${GPUPOOL_STATE:-$ROOT/.state}/demo-run
 NS=gpupool-demo
+PIDS=()
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$MODE" = current ]; then
+    kubectl delete namespace "$NS" --wait=false >/dev/null 2>&1 || true
+  elif [ "${DEMO_KEEP:-}" != 1 ]; then
+    "$HERE/control-plane.sh" stop "$STATE/control-plane" || true
+  fi
+}
+trap cleanup EXIT
+mkdir -p "$STATE"
+
+say "Building gpupool and the provider simulator"
+cargo build --locked --bin gpupool --bin gpupool-sim 2>&1 | tail -1
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug
 
 case "$MODE" in
   local)
-    DIR=${GPUPOOL_STATE:-$ROOT/.state}/demo
-    [ "${DEMO_KEEP:-}" = 1 ] || trap '"$HERE/control-plane.sh" stop "$DIR"' EXIT
     say "Starting a local control plane (kube-apiserver + etcd on loopback)"
-    "$HERE/control-plane.sh" start "$DIR"
+    "$HERE/control-plane.sh" start "$STATE/control-plane"
     # shellcheck disable=SC1091
-    source "$DIR/env"
+    source "$STATE/control-plane/env"
     ;;
   current)
-    command -v kubectl >/dev/null || { echo "demo: kubectl not found" >&2; exit 1; }
     NS=gpupool-demo-$(date +%s)
     say "Using the current context $(kubectl config current-context), namespace $NS (removed afterwards)"
-    trap 'kubectl delete namespace "$NS" --wait=false >/dev/null 2>&1 || true' EXIT
     ;;
   *) echo "demo: DEMO_CLUSTER must be local or current, not $MODE" >&2; exit 2 ;;
 esac
 
-say "Installing the CRDs (GpuPool, GpuInstance, VideoJob)"
-kubectl apply --server-side --field-manager=gpupool-demo -f crds/
+say "Starting the provider simulator (Vast.ai, RunPod and RunPod Serverless on loopback)"
+rm -f "$STATE/sim.port"
+"$BIN/gpupool-sim" --port-file "$STATE/sim.port" >"$STATE/sim.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$STATE/sim.port" ] && break; sleep 0.1; done
+SIM="http://127.0.0.1:$(cat "$STATE/sim.port")"
+echo "simulator at $SIM"
+
+say "Installing the CRDs and applying deploy/examples/ in namespace $NS"
+kubectl apply --server-side --field-manager=gpupool-demo -f crds/ >/dev/null
 kubectl wait --for=condition=Established --timeout=60s \
-  crd/gpupools.gpupool.dev crd/gpuinstances.gpupool.dev crd/videojobs.gpupool.dev
-
-say "Applying deploy/examples/ in namespace $NS"
-kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f -
+  crd/gpupools.gpupool.dev crd/gpuinstances.gpupool.dev crd/videojobs.gpupool.dev >/dev/null
+kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl apply -n "$NS" -f deploy/examples/
+echo "The demo shortens the pool's idleTimeoutSeconds from 300 to $IDLE so it ends in a minute:"
+kubectl patch gp default -n "$NS" --type merge -p "{\"spec\":{\"idleTimeoutSeconds\":$IDLE}}"
 
-say "kubectl get gp,gi,vj"
-kubectl get gp,gi,vj -n "$NS"
+say "Starting the operator (the gpupool binary, as in the Helm chart) against the simulator"
+HTTP_PORT=$(free_port)
+"$BIN/gpupool" --namespace "$NS" --cluster-id gpupool-demo --http-addr "127.0.0.1:$HTTP_PORT" \
+  --vast-url "$SIM" --runpod-api-url "$SIM" --runpod-serverless-url "$SIM/v2" \
+  --runpod-proxy-template "$SIM/proxy/{podId}-{port}" --provision-poll-ms 500 \
+  --sweep-interval-seconds 10 >"$STATE/operator.log" 2>&1 &
+PIDS+=($!)
 
-say "A bad manifest is refused by the API server, naming the field"
-kubectl apply -n "$NS" -f tests/fixtures/invalid/gp-two-kinds-in-one-entry.yaml 2>&1 | sed 's/^/  /' || true
+say "Jobs and instances until every job is done and every machine is destroyed"
+echo "(caption-42 and transcode-43 go to RunPod Serverless, first in the pool's order;"
+echo " thumbnails-44 is pinned to Vast.ai and reuses the pre-warmed instance.)"
+start=$(date +%s)
+while true; do
+  sleep 3
+  now=$(( $(date +%s) - start ))
+  printf '\n--- t=%ss ---\n' "$now"
+  kubectl get vj,gi -n "$NS" 2>/dev/null || true
+  jobs_left=$(kubectl get vj -n "$NS" -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -cvE '^(Succeeded|Failed)$' || true)
+  machines=$(kubectl get gi -n "$NS" -o name | wc -l)
+  if [ "$jobs_left" -eq 0 ] && [ "$machines" -eq 0 ]; then break; fi
+  if [ "$now" -gt $(( IDLE * 6 + 120 )) ]; then
+    echo "demo: still not done after ${now}s; the operator log ends with:" >&2
+    tail -20 "$STATE/operator.log" >&2
+    exit 1
+  fi
+done
 
-cat <<TXT
+say "Results"
+kubectl get vj -n "$NS" -o custom-columns='JOB:.metadata.name,PHASE:.status.phase,PROVIDER:.status.provider,ATTEMPTS:.status.attempts,OUTPUT:.status.output.result.output'
+say "Events: what the operator did"
+kubectl get events -n "$NS" --sort-by=.metadata.creationTimestamp \
+  -o custom-columns='OBJECT:.involvedObject.name,REASON:.reason,MESSAGE:.message' 2>/dev/null | tail -25
 
-The API is installed and validated by the real API server. The controller that rents
-machines, dispatches these jobs and tears idle machines down arrives with the controller
-issue; until then the jobs above stay without a phase.
-TXT
+say "The simulator's bill next to the operator's accounting"
+curl -sf "$SIM/admin/bill" | python3 -c '
+import json, sys
+b = json.load(sys.stdin)
+for i in b["instances"]:
+    print("  machine %-6s %10s  %7.1f s x %s USD/h = %.6f USD  alive=%s"
+          % (i["provider"], i["id"], i["billed_seconds"], i["price_per_hour"], i["cost"], i["alive"]))
+for e in b["endpoints"]:
+    print("  serverless %s: %.1f worker-s = %.6f USD" % (e["id"], e["worker_seconds"], e["cost"]))
+print("  simulator bill for machines: %.6f USD" % (b["by_provider"]["vast"] + b["by_provider"]["runpod"]))'
+curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" | awk '/^gpupool_spend_dollars_total/ {s+=$2} END {printf "  operator accounting (gpupool_spend_dollars_total): %.6f USD\n", s}'
+echo "  (serverless time is billed by the endpoint itself; the operator accounts for the machines it rents)"
+
 if [ "$MODE" = local ] && [ "${DEMO_KEEP:-}" = 1 ]; then
-  echo "Control plane left running: source $DIR/env; stop it with hack/control-plane.sh stop $DIR"
+  echo; echo "Control plane left running: source $STATE/control-plane/env; stop it with hack/control-plane.sh stop $STATE/control-plane"
 fi

@@ -3,7 +3,13 @@
 //!
 //! The library holds everything; the binaries under `src/bin/` are thin.
 
+pub mod clock;
+pub mod config;
+pub mod controller;
 pub mod crd;
+pub mod http;
+pub mod metrics;
 pub mod provider;
 pub mod sim;
+pub mod telemetry;
 pub mod worker;

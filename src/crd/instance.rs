@@ -2,7 +2,7 @@
 //!
 //! Types and schema only. Everything learned from the provider is status.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -164,25 +164,26 @@ pub struct GpuInstanceStatus {
     #[serde(default)]
     pub jobs_completed: i64,
 
-    /// When the provider was first asked for the machine.
+    /// When the machine started billing: the provider's creation time once it reports one,
+    /// until then the moment the provider was asked for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provisioning_started_at: Option<Time>,
+    pub provisioning_started_at: Option<MicroTime>,
 
     /// When the machine first became Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ready_at: Option<Time>,
+    pub ready_at: Option<MicroTime>,
 
     /// When the last job on the machine finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_job_finished_at: Option<Time>,
+    pub last_job_finished_at: Option<MicroTime>,
 
     /// Since when the machine has been idle (last job finished, or Ready).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_since: Option<Time>,
+    pub idle_since: Option<MicroTime>,
 
     /// idleSince plus the pool's idleTimeoutSeconds: when the machine is destroyed if still idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_deadline: Option<Time>,
+    pub idle_deadline: Option<MicroTime>,
 
     /// USD billed for the machine so far (price times seconds alive), decimal string.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,7 +3,7 @@
 //! Types and schema only. The job's identity fields are immutable once created, as for a
 //! batch/v1 Job: what ran is what was asked.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -192,15 +192,15 @@ pub struct VideoJobStatus {
 
     /// When the job was bound to an instance or endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheduled_at: Option<Time>,
+    pub scheduled_at: Option<MicroTime>,
 
     /// When the current attempt was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<Time>,
+    pub started_at: Option<MicroTime>,
 
     /// When the job reached Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<Time>,
+    pub finished_at: Option<MicroTime>,
 
     /// The worker's JSON response, when it fits the output cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]

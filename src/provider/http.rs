@@ -126,16 +126,12 @@ impl Default for HttpConfig {
 }
 
 impl HttpConfig {
-    /// Vast.ai throttles per endpoint and identity (search offers: 10 a minute per IP), so
-    /// the default quota is gentle: 4 at once, then one every 1.5 s.
+    /// Vast.ai throttles per endpoint and identity and answers 429 (handled with back-off);
+    /// the client-side quota only keeps a burst of reconciles from provoking that: 10 at
+    /// once, then 5 a second. A tighter single bucket would delay teardown confirmations
+    /// behind unrelated calls.
     pub fn vast() -> Self {
-        Self {
-            rate_limit: Some(RateLimit {
-                replenish_every: Duration::from_millis(1500),
-                burst: NonZeroU32::MIN.saturating_add(3),
-            }),
-            ..Self::default()
-        }
+        Self::default()
     }
 
     /// RunPod GraphQL: no published limit; 10 at once, then 5 a second.

@@ -7,6 +7,7 @@
 //! `controller/`.
 
 pub mod http;
+pub mod instrumented;
 pub mod runpod;
 pub mod runpod_serverless;
 pub mod vast;

@@ -2,5 +2,8 @@
 //! Run by `make test`; see tests/e2e/support.rs for what they expect of the environment.
 
 mod api;
+mod behaviour;
+mod lifecycle;
+mod operator;
 mod support;
 mod validation;

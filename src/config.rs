@@ -1,0 +1,105 @@
+//! The operator's configuration: flags, each with an environment-variable fallback.
+//! Credentials are never configured here; they come from Secrets named by the pools.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+
+use crate::{
+    controller::{context::ControllerConfig, providers::ProviderEndpoints},
+    provider::http::{
+        DEFAULT_RUNPOD_GRAPHQL_BASE_URL, DEFAULT_RUNPOD_PROXY_TEMPLATE,
+        DEFAULT_RUNPOD_SERVERLESS_BASE_URL, DEFAULT_VAST_BASE_URL,
+    },
+};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "gpupool", version, about = "Rents GPU machines on Vast.ai and RunPod only while there is video work for them")]
+pub struct Config {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "GPUPOOL_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Identifies this cluster in the labels of provider machines. Default: the UID of the
+    /// kube-system namespace. Give each operator sharing a provider account its own id.
+    #[arg(long, env = "GPUPOOL_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "GPUPOOL_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Vast.ai API base (host only; /api/v0 is appended).
+    #[arg(long, env = "GPUPOOL_VAST_URL", default_value = DEFAULT_VAST_BASE_URL)]
+    pub vast_url: String,
+
+    /// RunPod GraphQL API base (/graphql is appended).
+    #[arg(long, env = "GPUPOOL_RUNPOD_API_URL", default_value = DEFAULT_RUNPOD_GRAPHQL_BASE_URL)]
+    pub runpod_api_url: String,
+
+    /// RunPod Serverless API base ({endpointId}/run is appended).
+    #[arg(long, env = "GPUPOOL_RUNPOD_SERVERLESS_URL", default_value = DEFAULT_RUNPOD_SERVERLESS_BASE_URL)]
+    pub runpod_serverless_url: String,
+
+    /// URL of a worker behind RunPod's HTTP proxy, with {podId} and {port} placeholders.
+    #[arg(long, env = "GPUPOOL_RUNPOD_PROXY_TEMPLATE", default_value = DEFAULT_RUNPOD_PROXY_TEMPLATE)]
+    pub runpod_proxy_template: String,
+
+    /// Seconds between orphan sweeps.
+    #[arg(long, env = "GPUPOOL_SWEEP_INTERVAL_SECONDS", default_value_t = 60)]
+    pub sweep_interval_seconds: u64,
+
+    /// Seconds a labelled machine without a GpuInstance is left alone before the sweep destroys it.
+    #[arg(long, env = "GPUPOOL_ORPHAN_GRACE_SECONDS", default_value_t = 120)]
+    pub orphan_grace_seconds: u64,
+
+    /// Seconds a provider is skipped after reporting no capacity (doubling while it keeps failing).
+    #[arg(long, env = "GPUPOOL_PROVIDER_BACKOFF_SECONDS", default_value_t = 180)]
+    pub provider_backoff_seconds: u64,
+
+    /// Seconds between provider checks of a Ready machine.
+    #[arg(long, env = "GPUPOOL_LIVENESS_INTERVAL_SECONDS", default_value_t = 60)]
+    pub liveness_interval_seconds: u64,
+
+    /// Milliseconds between polls of a starting machine.
+    #[arg(long, env = "GPUPOOL_PROVISION_POLL_MS", default_value_t = 2000)]
+    pub provision_poll_ms: u64,
+
+    /// Largest worker output kept in a VideoJob's status, in bytes.
+    #[arg(long, env = "GPUPOOL_MAX_OUTPUT_BYTES", default_value_t = 64 * 1024)]
+    pub max_output_bytes: usize,
+
+    /// Log format: text or json. The level comes from RUST_LOG (default info).
+    #[arg(long, env = "GPUPOOL_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// Name of this replica in events (the pod name in a Deployment).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+}
+
+impl Config {
+    pub fn controller(&self, cluster_id: String) -> ControllerConfig {
+        ControllerConfig {
+            namespace: self.namespace.clone(),
+            cluster_id,
+            sweep_interval: Duration::from_secs(self.sweep_interval_seconds.max(1)),
+            orphan_grace: Duration::from_secs(self.orphan_grace_seconds),
+            provision_poll: Duration::from_millis(self.provision_poll_ms.max(10)),
+            liveness_interval: Duration::from_secs(self.liveness_interval_seconds.max(1)),
+            provider_backoff: Duration::from_secs(self.provider_backoff_seconds.max(1)),
+            max_output_bytes: self.max_output_bytes,
+        }
+    }
+
+    pub fn endpoints(&self) -> ProviderEndpoints {
+        let mut e = ProviderEndpoints::default();
+        e.vast.base_url = self.vast_url.clone();
+        e.runpod.graphql_base_url = self.runpod_api_url.clone();
+        e.runpod.proxy_url_template = self.runpod_proxy_template.clone();
+        e.serverless.base_url = self.runpod_serverless_url.clone();
+        e.serverless.graphql_base_url = self.runpod_api_url.clone();
+        e.worker.max_output_bytes = self.max_output_bytes;
+        e
+    }
+}

@@ -1,0 +1,275 @@
+//! [`Context`]: the only door from a reconciler to the world (Kubernetes, providers, workers,
+//! clock, events, metrics). Reconcilers never build clients or read the clock themselves.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::{
+    Client, Resource,
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+    },
+};
+use tracing::debug;
+
+use crate::{
+    clock::Clock,
+    crd::{GpuInstance, GpuPool, MANAGER, VideoJob},
+    metrics::{EventLabels, Metrics},
+};
+
+use super::{dispatch::Dispatcher, providers::Providers};
+
+/// Settings of the controllers, from the operator's flags.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Watch only this namespace; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// Identifies this cluster in provider labels, so two clusters sharing an account never
+    /// destroy each other's machines.
+    pub cluster_id: String,
+    /// How often the orphan sweep runs.
+    pub sweep_interval: Duration,
+    /// How old an unlabelled-by-us machine must be before the sweep destroys it (covers creates
+    /// whose GpuInstance status is not written yet).
+    pub orphan_grace: Duration,
+    /// How often a Provisioning instance is polled.
+    pub provision_poll: Duration,
+    /// How often a Ready instance is checked at the provider (liveness, cost).
+    pub liveness_interval: Duration,
+    /// How long a provider is skipped after it reports no capacity or fails.
+    pub provider_backoff: Duration,
+    /// Largest job output stored in status.
+    pub max_output_bytes: usize,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            cluster_id: "local".into(),
+            sweep_interval: Duration::from_secs(60),
+            orphan_grace: Duration::from_secs(120),
+            provision_poll: Duration::from_secs(2),
+            liveness_interval: Duration::from_secs(60),
+            provider_backoff: Duration::from_secs(180),
+            max_output_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// A provider entry skipped until `until` after failures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProviderBackoff {
+    pub until: Timestamp,
+    pub failures: u32,
+    pub message: String,
+    /// True when the entry is misconfigured (missing Secret, bad key) rather than out of capacity.
+    pub unavailable: bool,
+}
+
+/// The caches of the three kinds, filled by the controllers' watches.
+#[derive(Clone)]
+pub struct Stores {
+    pub pools: Store<GpuPool>,
+    pub instances: Store<GpuInstance>,
+    pub jobs: Store<VideoJob>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub config: ControllerConfig,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub providers: Providers,
+    pub dispatcher: Dispatcher,
+    recorder: Recorder,
+    stores: OnceLock<Stores>,
+    backoff: Mutex<HashMap<(String, String, String), ProviderBackoff>>,
+    endpoint_sync: Mutex<HashMap<(String, String, String), std::time::Instant>>,
+    failures: Mutex<HashMap<String, u32>>,
+    ready: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        providers: Providers,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            clock,
+            metrics,
+            providers,
+            dispatcher: Dispatcher::default(),
+            stores: OnceLock::new(),
+            backoff: Mutex::default(),
+            endpoint_sync: Mutex::default(),
+            failures: Mutex::default(),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub(super) fn set_stores(
+        &self,
+        pools: Store<GpuPool>,
+        instances: Store<GpuInstance>,
+        jobs: Store<VideoJob>,
+    ) {
+        let _ = self.stores.set(Stores { pools, instances, jobs });
+    }
+
+    /// The caches. Only called from reconcilers, which run after [`super::run`] set them.
+    pub fn stores(&self) -> &Stores {
+        self.stores.get().expect("stores are set before any reconcile runs")
+    }
+
+    pub(super) async fn wait_until_synced(&self) {
+        let s = self.stores().clone();
+        let _ = s.pools.wait_until_ready().await;
+        let _ = s.instances.wait_until_ready().await;
+        let _ = s.jobs.wait_until_ready().await;
+    }
+
+    pub(super) fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// True once every cache has its first full list.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn pool(&self, namespace: &str, name: &str) -> Option<Arc<GpuPool>> {
+        self.stores().pools.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    pub fn instance(&self, namespace: &str, name: &str) -> Option<Arc<GpuInstance>> {
+        self.stores().instances.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    pub fn job(&self, namespace: &str, name: &str) -> Option<Arc<VideoJob>> {
+        self.stores().jobs.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Counts consecutive reconcile failures of one object, for the error policy's back-off.
+    pub fn note_failure(&self, key: &str) -> u32 {
+        let mut f = lock(&self.failures);
+        let n = f.entry(key.to_string()).or_default();
+        *n += 1;
+        *n
+    }
+
+    pub fn clear_failures(&self, key: &str) {
+        lock(&self.failures).remove(key);
+    }
+
+    /// Skips provider `provider` of pool `ns/pool` for a while.
+    pub fn back_off_provider(&self, ns: &str, pool: &str, provider: &str, message: String, unavailable: bool) {
+        let now = self.now();
+        let mut b = lock(&self.backoff);
+        let entry = b
+            .entry((ns.into(), pool.into(), provider.into()))
+            .or_insert(ProviderBackoff { until: now, failures: 0, message: String::new(), unavailable });
+        entry.failures += 1;
+        // Doubles per failure in a row, from the configured back-off up to 8 times it.
+        let factor = 1u32 << (entry.failures - 1).min(3);
+        let secs = self.config.provider_backoff.as_secs_f64() * f64::from(factor);
+        entry.until = now
+            .saturating_add(jiff::SignedDuration::from_secs_f64(secs))
+            .unwrap_or(now);
+        entry.message = message;
+        entry.unavailable = unavailable;
+    }
+
+    /// Forgets a provider's failures after it worked.
+    pub fn provider_succeeded(&self, ns: &str, pool: &str, provider: &str) {
+        lock(&self.backoff).remove(&(ns.into(), pool.into(), provider.into()));
+    }
+
+    /// The back-off of a provider, if it is still in force.
+    pub fn provider_backoff(&self, ns: &str, pool: &str, provider: &str) -> Option<ProviderBackoff> {
+        let now = self.now();
+        lock(&self.backoff)
+            .get(&(ns.into(), pool.into(), provider.into()))
+            .filter(|b| b.until > now)
+            .cloned()
+    }
+
+    /// Whether the settings of a serverless entry are due for comparison (and marks them done).
+    pub fn endpoint_sync_due(&self, pool: &GpuPool, entry: &str, every: Duration) -> bool {
+        use kube::ResourceExt;
+        let key = (pool.namespace().unwrap_or_default(), pool.name_any(), entry.to_string());
+        let mut m = lock(&self.endpoint_sync);
+        match m.get(&key) {
+            Some(at) if at.elapsed() < every => false,
+            _ => {
+                m.insert(key, std::time::Instant::now());
+                true
+            }
+        }
+    }
+
+    /// Makes the next reconcile compare the entry's settings again.
+    pub fn endpoint_sync_failed(&self, pool: &GpuPool, entry: &str) {
+        use kube::ResourceExt;
+        lock(&self.endpoint_sync).remove(&(pool.namespace().unwrap_or_default(), pool.name_any(), entry.to_string()));
+    }
+
+    /// Publishes an event about `obj`. Failing to publish never fails a reconcile.
+    pub async fn event<K>(&self, obj: &K, warning: bool, reason: &str, note: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        self.metrics
+            .events
+            .get_or_create(&EventLabels { reason: reason.into() })
+            .inc();
+        let reference = ObjectReference {
+            api_version: Some(K::api_version(&()).into_owned()),
+            kind: Some(K::kind(&()).into_owned()),
+            name: obj.meta().name.clone(),
+            namespace: obj.meta().namespace.clone(),
+            uid: obj.meta().uid.clone(),
+            resource_version: None,
+            field_path: None,
+        };
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            debug!(error = %e, reason, "event not published");
+        }
+    }
+}

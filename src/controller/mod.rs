@@ -1,0 +1,245 @@
+//! The reconcilers and the pure decisions they rest on.
+//!
+//! `pool` schedules (binds pending jobs to idle instances, creates instances, sends jobs to
+//! serverless endpoints); `instance` rents, watches and destroys machines and applies the
+//! idle rule; `job` dispatches to workers and endpoints and finishes jobs; `sweep` destroys
+//! machines that carry this cluster's label and have no GpuInstance. `scheduling` and
+//! `idle` hold the decisions as pure functions. Every side effect goes through [`Context`].
+
+pub mod context;
+pub mod dispatch;
+pub mod idle;
+pub mod instance;
+pub mod job;
+pub mod pool;
+pub mod providers;
+pub mod scheduling;
+pub mod status;
+pub mod sweep;
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{StreamExt, future::join_all};
+use kube::{
+    Api,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{info, warn};
+
+pub use context::Context;
+
+use crate::{
+    crd::{GpuInstance, GpuPool, VideoJob},
+    provider::ProviderError,
+    worker::WorkerError,
+};
+
+/// What a reconcile can fail with. The error policy requeues with back-off; permanent
+/// problems become conditions and events inside the reconcilers instead.
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("{0}")]
+    Config(String),
+    #[error("teardown of {0} is not confirmed yet")]
+    TeardownPending(String),
+}
+
+impl Error {
+    /// Short, stable name for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
+            Error::Kube(_) => "Kube",
+            Error::Provider(e) => e.label(),
+            Error::Worker(e) => e.label(),
+            Error::Config(_) => "Config",
+            Error::TeardownPending(_) => "TeardownPending",
+        }
+    }
+
+    /// A write refused because the object changed since it was read: just look again.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 409)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Back-off of the error policy: quick for conflicts, growing for the rest up to a minute.
+fn error_requeue(error: &Error, ctx: &Context, key: &str) -> Action {
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_millis(200));
+    }
+    let failures = ctx.note_failure(key);
+    let secs = (1u64 << failures.min(6)).min(60);
+    Action::requeue(Duration::from_secs(secs))
+}
+
+/// A stream that yields what a channel receives, as a controller trigger.
+fn channel_stream<K: Send + 'static>(
+    rx: tokio::sync::mpsc::UnboundedReceiver<K>,
+) -> impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (Ok(k), rx)) })
+}
+
+/// One watch per kind feeds one cache, then fans each object out to every controller that
+/// reacts to that kind. The cache is updated before any controller hears of the change, so
+/// a reconcile triggered by an event always sees that event in the cache (two watches of
+/// the same kind would race: a pool could be woken by a job its cache does not show yet).
+fn watch_and_fan_out<K>(
+    api: Api<K>,
+    consumers: usize,
+) -> (
+    Store<K>,
+    Vec<tokio::sync::mpsc::UnboundedReceiver<K>>,
+    impl Future<Output = ()> + Send,
+)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..consumers).map(|_| tokio::sync::mpsc::unbounded_channel::<K>()).unzip();
+    let kind = K::kind(&()).to_string();
+    let driver = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .for_each(move |event| {
+            match event {
+                Ok(obj) => {
+                    for tx in &senders {
+                        let _ = tx.send(obj.clone());
+                    }
+                }
+                Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying"),
+            }
+            futures::future::ready(())
+        });
+    (store, receivers, driver)
+}
+
+/// Runs the three controllers and the orphan sweep until shutdown.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let (pools, instances, jobs): (Api<GpuPool>, Api<GpuInstance>, Api<VideoJob>) =
+        match &ctx.config.namespace {
+            Some(n) => (
+                Api::namespaced(client.clone(), n),
+                Api::namespaced(client.clone(), n),
+                Api::namespaced(client.clone(), n),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let (pool_store, mut pool_rx, pool_watch) = watch_and_fan_out(pools, 1);
+    let (inst_store, mut inst_rx, inst_watch) = watch_and_fan_out(instances, 2);
+    let (job_store, mut job_rx, job_watch) = watch_and_fan_out(jobs, 3);
+    ctx.set_stores(pool_store.clone(), inst_store.clone(), job_store.clone());
+
+    let pool_ctrl = Controller::for_stream(channel_stream(pool_rx.remove(0)), pool_store)
+        .watches_stream(channel_stream(job_rx.remove(0)), |job: VideoJob| {
+            job.metadata
+                .namespace
+                .clone()
+                .map(|ns| ObjectRef::new(&job.spec.pool).within(&ns))
+        })
+        .watches_stream(channel_stream(inst_rx.remove(0)), |gi: GpuInstance| {
+            gi.metadata
+                .namespace
+                .clone()
+                .map(|ns| ObjectRef::new(&gi.spec.pool).within(&ns))
+        })
+        .shutdown_on_signal();
+    let instance_ctrl = Controller::for_stream(channel_stream(inst_rx.remove(0)), inst_store)
+        .watches_stream(channel_stream(job_rx.remove(0)), |job: VideoJob| {
+            let ns = job.metadata.namespace.clone()?;
+            let inst = job.status.as_ref()?.instance.clone()?;
+            Some(ObjectRef::new(&inst).within(&ns))
+        })
+        .shutdown_on_signal();
+    let job_ctrl = Controller::for_stream(channel_stream(job_rx.remove(0)), job_store).shutdown_on_signal();
+
+    // No reconcile may run before every cache is filled: a pool that saw its jobs but not
+    // yet its instances would rent machines it already has.
+    let synced = {
+        let ctx = ctx.clone();
+        futures::future::FutureExt::shared(Box::pin(async move {
+            ctx.wait_until_synced().await;
+            info!("caches synced; ready");
+            ctx.set_ready();
+        }))
+    };
+    let pool_run = {
+        let (ctx, synced) = (ctx.clone(), synced.clone());
+        async move {
+            synced.await;
+            pool_ctrl
+                .run(pool::reconcile, pool::error_policy, ctx)
+                .for_each(|r| async move { log_outcome("GpuPool", r) })
+                .await
+        }
+    };
+    let inst_run = {
+        let (ctx, synced) = (ctx.clone(), synced.clone());
+        async move {
+            synced.await;
+            instance_ctrl
+                .run(instance::reconcile, instance::error_policy, ctx)
+                .for_each(|r| async move { log_outcome("GpuInstance", r) })
+                .await
+        }
+    };
+    let job_run = {
+        let (ctx, synced) = (ctx.clone(), synced.clone());
+        async move {
+            synced.await;
+            job_ctrl
+                .run(job::reconcile, job::error_policy, ctx)
+                .for_each(|r| async move { log_outcome("VideoJob", r) })
+                .await
+        }
+    };
+    let ready = synced;
+    info!(cluster_id = %ctx.config.cluster_id, "gpupool controllers starting");
+    let controllers = join_all([
+        Box::pin(pool_run) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+        Box::pin(inst_run),
+        Box::pin(job_run),
+        Box::pin(ready),
+    ]);
+    let watches = join_all([
+        Box::pin(pool_watch) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+        Box::pin(inst_watch),
+        Box::pin(job_watch),
+        Box::pin(sweep::run(ctx.clone())),
+    ]);
+    // The controllers end on SIGTERM/SIGINT; the watches and the sweep never end by themselves.
+    futures::future::select(Box::pin(controllers), Box::pin(watches)).await;
+    info!("controllers stopped");
+}
+
+fn log_outcome<K, E: std::fmt::Display>(kind: &str, r: Result<(ObjectRef<K>, Action), E>)
+where
+    K: kube::Resource,
+{
+    if let Err(e) = r {
+        // Conflicts are retried at once and deleted objects are expected; neither is news.
+        let text = e.to_string();
+        if text.contains("Conflict") || text.contains("not found in local store") {
+            tracing::debug!(kind, error = %text, "reconcile will be retried");
+        } else {
+            warn!(kind, error = %text, "reconcile failed");
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The GpuPool reconciler: the scheduler of its pool. It binds pending jobs to idle
+//! instances (the instance write, with a resourceVersion precondition, is the lock that
+//! gives an instance to exactly one job), sends jobs to serverless endpoints, creates
+//! GpuInstances within the pool's limits, shows why jobs wait, keeps serverless endpoint
+//! settings in line, and reports the pool's state. Deleting a pool first deletes its
+//! instances (so their machines are destroyed while credentials are still known).
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, PostParams},
+    runtime::{
+        controller::Action,
+        finalizer::{Event as Finalizer, finalizer},
+    },
+};
+use rust_decimal::Decimal;
+use tracing::{debug, info, instrument, warn};
+
+use crate::{
+    crd::{
+        GpuInstance, GpuInstanceSpec, GpuPool, GpuPoolStatus, INSTANCE_FINALIZER, InstancePhase,
+        JobPhase, VideoJob,
+        pool::{InstanceCounts, ProviderState, ProviderStatus},
+    },
+    metrics::{InstanceLabels, PoolLabels},
+    provider::EndpointSettings,
+};
+
+use super::{
+    Context, Error, Result, error_requeue,
+    scheduling::{self, InstanceView, Limits, PendingJob, ProviderView, WaitReason},
+    status::{apply_own_status, apply_status, money, set_condition},
+};
+
+/// Finalizer that holds a pool until its instances are gone.
+pub const POOL_FINALIZER: &str = "gpupool.dev/instances";
+/// Label on every GpuInstance naming its pool.
+pub const POOL_LABEL: &str = "gpupool.dev/pool";
+/// How often serverless endpoint settings are compared with the pool.
+const ENDPOINT_SYNC: Duration = Duration::from_secs(300);
+
+#[instrument(skip_all, fields(ns = pool.namespace().unwrap_or_default(), name = pool.name_any()))]
+pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = pool.namespace().unwrap_or_default();
+    let api: Api<GpuPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = format!("gp/{ns}/{}", pool.name_any());
+    let result = finalizer(&api, POOL_FINALIZER, pool, |event| async {
+        match event {
+            Finalizer::Apply(pool) => apply(pool, &ctx, &api).await,
+            Finalizer::Cleanup(pool) => cleanup(pool, &ctx).await,
+        }
+    })
+    .await;
+    let action = match result {
+        Ok(a) => a,
+        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
+        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => return Err(e),
+        Err(kube::runtime::finalizer::Error::AddFinalizer(e))
+        | Err(kube::runtime::finalizer::Error::RemoveFinalizer(e)) => return Err(Error::Kube(e)),
+        Err(e) => return Err(Error::Config(e.to_string())),
+    };
+    ctx.clear_failures(&key);
+    Ok(action)
+}
+
+pub fn error_policy(pool: Arc<GpuPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("gp/{}/{}", pool.namespace().unwrap_or_default(), pool.name_any());
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ReconcileLabels { kind: "GpuPool".into(), error: error.label().into() })
+        .inc();
+    if !error.is_conflict() {
+        warn!(pool = %key, error = %error, "GpuPool reconcile failed");
+    }
+    error_requeue(error, &ctx, &key)
+}
+
+fn jobs_of(ctx: &Context, ns: &str, pool: &str) -> Vec<Arc<VideoJob>> {
+    ctx.stores()
+        .jobs
+        .state()
+        .into_iter()
+        .filter(|j| j.namespace().as_deref() == Some(ns) && j.spec.pool == pool)
+        .collect()
+}
+
+fn instances_of(ctx: &Context, ns: &str, pool: &str) -> Vec<Arc<GpuInstance>> {
+    ctx.stores()
+        .instances
+        .state()
+        .into_iter()
+        .filter(|i| i.namespace().as_deref() == Some(ns) && i.spec.pool == pool)
+        .collect()
+}
+
+fn job_phase(j: &VideoJob) -> JobPhase {
+    j.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+}
+
+fn instance_phase(i: &GpuInstance) -> InstancePhase {
+    i.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+}
+
+fn instance_price(i: &GpuInstance) -> Option<Decimal> {
+    i.status
+        .as_ref()?
+        .offer
+        .as_ref()?
+        .price_per_hour
+        .as_deref()?
+        .parse()
+        .ok()
+}
+
+async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Result<Action> {
+    let ns = pool.namespace().unwrap_or_default();
+    let name = pool.name_any();
+    let jobs = jobs_of(ctx, &ns, &name);
+    let instances = instances_of(ctx, &ns, &name);
+    let job_api: Api<VideoJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let inst_api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
+    let now = ctx.now();
+
+    // Complete bindings a crash interrupted: an instance claims a job still Pending.
+    let mut repaired = Vec::new();
+    for inst in &instances {
+        let Some(job_name) = inst.status.as_ref().and_then(|s| s.current_job.clone()) else { continue };
+        if let Some(job) = jobs.iter().find(|j| j.name_any() == job_name)
+            && matches!(job_phase(job), JobPhase::Pending)
+            && job.metadata.deletion_timestamp.is_none()
+            && inst.metadata.deletion_timestamp.is_none()
+        {
+            bind_job(ctx, &job_api, job, &inst.name_any(), &inst.spec.provider).await?;
+            repaired.push(job_name);
+        }
+    }
+
+    let pending: Vec<&Arc<VideoJob>> = jobs
+        .iter()
+        .filter(|j| j.metadata.deletion_timestamp.is_none())
+        .filter(|j| matches!(job_phase(j), JobPhase::Pending) && j.status.is_some())
+        .filter(|j| !repaired.contains(&j.name_any()))
+        .collect();
+    let views: Vec<InstanceView> = instances
+        .iter()
+        .map(|i| InstanceView {
+            name: i.name_any(),
+            provider: i.spec.provider.clone(),
+            phase: instance_phase(i),
+            busy: i.status.as_ref().is_some_and(|s| s.current_job.is_some()),
+            releasing: i
+                .status
+                .as_ref()
+                .and_then(|s| s.current_job.as_ref())
+                .and_then(|j| jobs.iter().find(|job| &job.name_any() == j))
+                .is_some_and(|j| job_phase(j).is_finished()),
+            deleting: i.metadata.deletion_timestamp.is_some(),
+            price_per_hour: instance_price(i),
+        })
+        .collect();
+    // Idle instances longest idle first, so warm ones are reused before fresh ones idle out.
+    let mut views = views;
+    views.sort_by_key(|v| {
+        instances
+            .iter()
+            .find(|i| i.name_any() == v.name)
+            .and_then(|i| i.status.as_ref()?.idle_since.as_ref().map(|t| t.0))
+            .unwrap_or(Timestamp::MAX)
+    });
+    let providers: Vec<ProviderView> = pool
+        .spec
+        .providers
+        .iter()
+        .filter_map(|p| {
+            Some(ProviderView {
+                name: p.name.clone(),
+                kind: p.kind()?,
+                available: ctx.provider_backoff(&ns, &name, &p.name).is_none(),
+                max_price_per_hour: p
+                    .vast
+                    .as_ref()
+                    .map(|v| v.max_price_per_hour.as_str())
+                    .or(p.runpod.as_ref().map(|r| r.max_price_per_hour.as_str()))
+                    .and_then(|s| s.parse().ok()),
+            })
+        })
+        .collect();
+    let limits = Limits {
+        max_instances: pool.spec.max_instances.max(0) as usize,
+        max_hourly_spend: pool.spec.max_hourly_spend.as_deref().and_then(|s| s.parse().ok()),
+    };
+    let pending_views: Vec<PendingJob> = pending
+        .iter()
+        .map(|j| PendingJob {
+            name: j.name_any(),
+            created: j.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),
+            provider: j.spec.provider.clone(),
+        })
+        .collect();
+    let plan = scheduling::schedule(&pending_views, &views, &providers, &limits);
+    debug!(pending = pending_views.len(), instances = views.len(), ?plan, "scheduling pass");
+
+    let mut requeue = Duration::from_secs(60);
+    for (job_name, inst_name) in &plan.bind {
+        let (Some(job), Some(inst)) = (
+            jobs.iter().find(|j| &j.name_any() == job_name),
+            instances.iter().find(|i| &i.name_any() == inst_name),
+        ) else {
+            continue;
+        };
+        // The claim: only one writer can move the instance from this resourceVersion.
+        let mut s = inst.status.clone().unwrap_or_default();
+        s.current_job = Some(job_name.clone());
+        match apply_status(&inst_api, inst, &s).await {
+            Ok(_) => {}
+            Err(e) if e.is_conflict() || matches!(&e, Error::Kube(kube::Error::Api(s)) if s.code == 404) => {
+                debug!(instance = %inst_name, "instance changed before the claim; trying again");
+                requeue = Duration::from_millis(200);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        bind_job(ctx, &job_api, job, inst_name, &inst.spec.provider).await?;
+    }
+    for (job_name, provider) in &plan.serverless {
+        if let Some(job) = jobs.iter().find(|j| &j.name_any() == job_name) {
+            let mut s = job.status.clone().unwrap_or_default();
+            s.phase = Some(JobPhase::Scheduled);
+            s.instance = None;
+            s.provider = Some(provider.clone());
+            s.remote_job_id = None;
+            s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
+            set_condition(&mut s.conditions, "Scheduled", true, "Serverless", &format!("sent to the serverless endpoint {provider}"), job.metadata.generation, now);
+            match apply_status(&job_api, job.as_ref(), &s).await {
+                Ok(_) => {}
+                Err(e) if e.is_conflict() => requeue = Duration::from_millis(200),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for provider in &plan.create {
+        create_instance(&inst_api, &pool, provider).await?;
+    }
+    for (job_name, reason) in &plan.waiting {
+        if let Some(job) = jobs.iter().find(|j| &j.name_any() == job_name) {
+            let (code, message) = wait_message(reason, &pool);
+            let mut s = job.status.clone().unwrap_or_default();
+            if set_condition(&mut s.conditions, "Scheduled", false, code, &message, job.metadata.generation, now) {
+                match apply_status(&job_api, job.as_ref(), &s).await {
+                    Ok(job) if code != "InstanceStarting" => ctx.event(&job, code == "UnknownProvider", code, message).await,
+                    Ok(_) => {}
+                    Err(e) if e.is_conflict() => requeue = Duration::from_millis(200),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    sync_endpoints(&pool, ctx).await;
+    let (status, next_backoff) = pool_status(&pool, ctx, &jobs, &instances, now);
+    if pool.status.as_ref() != Some(&status) {
+        apply_own_status(api, pool.as_ref(), &status).await?;
+    }
+    if let Some(at) = next_backoff {
+        requeue = requeue.min(now.duration_until(at).unsigned_abs() + Duration::from_millis(50));
+    }
+    Ok(Action::requeue(requeue))
+}
+
+fn wait_message(reason: &WaitReason, pool: &GpuPool) -> (&'static str, String) {
+    match reason {
+        WaitReason::InstanceStarting => ("InstanceStarting", "waiting for an instance that is starting".into()),
+        WaitReason::MaxInstances => ("MaxInstances", format!("the pool has its maximum of {} instances", pool.spec.max_instances)),
+        WaitReason::MaxHourlySpend => ("MaxHourlySpend", format!(
+            "another instance would exceed the pool's maxHourlySpend of {} USD/h",
+            pool.spec.max_hourly_spend.clone().unwrap_or_default()
+        )),
+        WaitReason::NoProviderAvailable => ("NoProviderAvailable", "every provider the job may use is backing off or misconfigured".into()),
+        WaitReason::UnknownProvider(p) => ("UnknownProvider", format!("the pool has no provider named {p}")),
+    }
+}
+
+async fn bind_job(ctx: &Context, api: &Api<VideoJob>, job: &VideoJob, instance: &str, provider: &str) -> Result<()> {
+    let now = ctx.now();
+    let mut s = job.status.clone().unwrap_or_default();
+    s.phase = Some(JobPhase::Scheduled);
+    s.instance = Some(instance.to_string());
+    s.provider = Some(provider.to_string());
+    s.remote_job_id = None;
+    s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
+    set_condition(&mut s.conditions, "Scheduled", true, "Bound", &format!("bound to {instance}"), job.metadata.generation, now);
+    match apply_status(api, job, &s).await {
+        Ok(job) => {
+            ctx.event(&job, false, "Bound", format!("bound to instance {instance}")).await;
+            Ok(())
+        }
+        // The job changed meanwhile; the instance's claim stays and the next pass repairs it.
+        Err(e) if e.is_conflict() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn create_instance(api: &Api<GpuInstance>, pool: &GpuPool, provider: &str) -> Result<()> {
+    let owner = OwnerReference {
+        api_version: GpuPool::api_version(&()).into_owned(),
+        kind: GpuPool::kind(&()).into_owned(),
+        name: pool.name_any(),
+        uid: pool.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(false),
+    };
+    let mut gi = GpuInstance::new("", GpuInstanceSpec { pool: pool.name_any(), provider: provider.into() });
+    gi.metadata.name = None;
+    gi.metadata.generate_name = Some(format!("{}-", pool.name_any()));
+    gi.metadata.labels = Some(BTreeMap::from([
+        (POOL_LABEL.to_string(), pool.name_any()),
+        ("gpupool.dev/provider".to_string(), provider.to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "gpupool".to_string()),
+    ]));
+    gi.metadata.finalizers = Some(vec![INSTANCE_FINALIZER.to_string()]);
+    gi.metadata.owner_references = Some(vec![owner]);
+    let created = api.create(&PostParams::default(), &gi).await?;
+    info!(instance = %created.name_any(), provider, "created GpuInstance for waiting jobs");
+    Ok(())
+}
+
+/// Keeps each managed serverless endpoint's idle timeout and worker bounds equal to the pool's.
+async fn sync_endpoints(pool: &GpuPool, ctx: &Context) {
+    let desired = EndpointSettings {
+        idle_timeout_seconds: pool.spec.idle_timeout_seconds.clamp(1, 3600) as u32,
+        workers_min: pool.spec.min_idle.max(0) as u32,
+        workers_max: pool.spec.max_instances.max(0) as u32,
+    };
+    for entry in &pool.spec.providers {
+        let Some(sls) = &entry.runpod_serverless else { continue };
+        if !sls.manage_endpoint_settings || !ctx.endpoint_sync_due(pool, &entry.name, ENDPOINT_SYNC) {
+            continue;
+        }
+        let result = async {
+            let endpoint = ctx.providers.serverless(pool, &entry.name).await?;
+            let current = endpoint.settings().await?;
+            if current != desired {
+                endpoint.update_settings(&desired).await?;
+                info!(provider = %entry.name, ?desired, "serverless endpoint settings updated to match the pool");
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            ctx.endpoint_sync_failed(pool, &entry.name);
+            ctx.event(pool, true, "EndpointSyncFailed", format!("{}: {e}", entry.name)).await;
+        }
+    }
+}
+
+fn pool_status(
+    pool: &GpuPool,
+    ctx: &Context,
+    jobs: &[Arc<VideoJob>],
+    instances: &[Arc<GpuInstance>],
+    now: Timestamp,
+) -> (GpuPoolStatus, Option<Timestamp>) {
+    let ns = pool.namespace().unwrap_or_default();
+    let name = pool.name_any();
+    let mut counts = InstanceCounts::default();
+    let mut spend = Decimal::ZERO;
+    let mut by_label: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for i in instances {
+        counts.total += 1;
+        let phase = if i.metadata.deletion_timestamp.is_some() { InstancePhase::Terminating } else { instance_phase(i) };
+        match phase {
+            InstancePhase::Pending => counts.pending += 1,
+            InstancePhase::Provisioning => counts.provisioning += 1,
+            InstancePhase::Ready => counts.ready += 1,
+            InstancePhase::Terminating => counts.terminating += 1,
+            InstancePhase::Failed => counts.failed += 1,
+        }
+        if phase == InstancePhase::Ready && i.status.as_ref().is_some_and(|s| s.current_job.is_some()) {
+            counts.busy += 1;
+        }
+        let billing = i.status.as_ref().is_some_and(|s| s.provider_instance_id.is_some());
+        if billing {
+            spend += instance_price(i).unwrap_or_default();
+        }
+        *by_label.entry((i.spec.provider.clone(), format!("{phase:?}"))).or_default() += 1;
+    }
+    for p in &pool.spec.providers {
+        for phase in ["Pending", "Provisioning", "Ready", "Terminating", "Failed"] {
+            let v = by_label.get(&(p.name.clone(), phase.to_string())).copied().unwrap_or(0);
+            ctx.metrics
+                .instances
+                .get_or_create(&InstanceLabels { namespace: ns.clone(), pool: name.clone(), provider: p.name.clone(), phase: phase.into() })
+                .set(v);
+        }
+    }
+    let pending = jobs
+        .iter()
+        .filter(|j| j.metadata.deletion_timestamp.is_none() && matches!(job_phase(j), JobPhase::Pending))
+        .count();
+    let pool_labels = PoolLabels { namespace: ns.clone(), pool: name.clone() };
+    ctx.metrics.pending_jobs.get_or_create(&pool_labels).set(pending as i64);
+    ctx.metrics.spend_per_hour.get_or_create(&pool_labels).set(spend.try_into().unwrap_or(0.0));
+
+    let mut next_backoff: Option<Timestamp> = None;
+    let providers: Vec<ProviderStatus> = pool
+        .spec
+        .providers
+        .iter()
+        .map(|p| match ctx.provider_backoff(&ns, &name, &p.name) {
+            Some(b) => {
+                next_backoff = Some(next_backoff.map_or(b.until, |n| n.min(b.until)));
+                ProviderStatus {
+                    name: p.name.clone(),
+                    state: if b.unavailable { ProviderState::Unavailable } else { ProviderState::BackingOff },
+                    backoff_until: Some(Time(b.until)),
+                    consecutive_failures: b.failures as i32,
+                    message: Some(b.message.chars().take(512).collect()),
+                }
+            }
+            None => ProviderStatus { name: p.name.clone(), state: ProviderState::Available, backoff_until: None, consecutive_failures: 0, message: None },
+        })
+        .collect();
+    let available = providers.iter().filter(|p| p.state == ProviderState::Available).count();
+    let mut conditions = pool.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    let ready = available > 0;
+    let message = if ready {
+        format!("{available} of {} providers available", providers.len())
+    } else {
+        "every provider is backing off or misconfigured; jobs wait".to_string()
+    };
+    set_condition(&mut conditions, "Ready", ready, if ready { "ProvidersAvailable" } else { "NoProviderAvailable" }, &message, pool.metadata.generation, pool
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.last_transition_time.0))
+        .filter(|_| {
+            pool.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).is_some_and(|c| (c.status == "True") == ready)
+        })
+        .unwrap_or(now));
+    let status = GpuPoolStatus {
+        observed_generation: pool.metadata.generation,
+        instances: Some(counts),
+        spend_per_hour: Some(money(spend)),
+        pending_jobs: Some(pending as i32),
+        providers,
+        conditions,
+    };
+    (status, next_backoff)
+}
+
+/// Pool deletion: delete every instance of the pool and wait until they are gone, so each
+/// machine is destroyed with the pool's credentials still at hand.
+async fn cleanup(pool: Arc<GpuPool>, ctx: &Context) -> Result<Action> {
+    let ns = pool.namespace().unwrap_or_default();
+    let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
+    let instances = instances_of(ctx, &ns, &pool.name_any());
+    if instances.is_empty() {
+        return Ok(Action::await_change());
+    }
+    for i in &instances {
+        if i.metadata.deletion_timestamp.is_none() {
+            match api.delete(&i.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Err(Error::TeardownPending(format!("{} instances of pool {}", instances.len(), pool.name_any())))
+}

@@ -1,0 +1,65 @@
+//! The `gpupool` operator: parse the configuration, start telemetry, serve /metrics and the
+//! probes, run the controllers.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{Api, Client};
+use tracing::{error, info};
+
+use gpupool::{
+    clock::SystemClock,
+    config::Config,
+    controller::{self, Context, providers::{HttpProviders, Providers}},
+    metrics::Metrics,
+};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    gpupool::telemetry::init(&config.log_format);
+    match run(config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "gpupool stopped");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let client = Client::try_default().await?;
+    let cluster_id = match &config.cluster_id {
+        Some(id) => id.clone(),
+        None => Api::<Namespace>::all(client.clone())
+            .get("kube-system")
+            .await?
+            .metadata
+            .uid
+            .ok_or("the kube-system namespace has no uid")?,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let endpoints = config.endpoints();
+    let worker_config = endpoints.worker.clone();
+    let providers = Providers::new(
+        client.clone(),
+        Box::new(HttpProviders { endpoints, metrics: metrics.clone() }),
+        worker_config,
+    );
+    let ctx = Arc::new(Context::new(
+        client,
+        config.controller(cluster_id.clone()),
+        Arc::new(SystemClock),
+        metrics,
+        providers,
+        config.pod_name.clone(),
+    ));
+    let (addr, server) = gpupool::http::serve(config.http_addr, ctx.clone()).await?;
+    info!(%addr, cluster_id, namespace = ?config.namespace, "gpupool listening");
+    tokio::select! {
+        r = server => r?,
+        () = controller::run(ctx) => {}
+    }
+    Ok(())
+}
