@@ -14,7 +14,11 @@ use crate::{
 };
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "gpupool", version, about = "Rents GPU machines on Vast.ai and RunPod only while there is video work for them")]
+#[command(
+    name = "gpupool",
+    version,
+    about = "Rents GPU machines on Vast.ai and RunPod only while there is video work for them"
+)]
 pub struct Config {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "GPUPOOL_NAMESPACE")]

@@ -10,13 +10,20 @@ use crate::controller::Context;
 
 async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         ctx.metrics.render(),
     )
 }
 
 async fn readyz(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
-    if ctx.is_ready() { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "caches not synced") }
+    if ctx.is_ready() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+    }
 }
 
 /// Binds `addr` and returns the bound address and the server future.

@@ -11,7 +11,10 @@ use tracing::{error, info};
 use gpupool::{
     clock::SystemClock,
     config::Config,
-    controller::{self, Context, providers::{HttpProviders, Providers}},
+    controller::{
+        self, Context,
+        providers::{HttpProviders, Providers},
+    },
     metrics::Metrics,
 };
 
@@ -44,7 +47,10 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let worker_config = endpoints.worker.clone();
     let providers = Providers::new(
         client.clone(),
-        Box::new(HttpProviders { endpoints, metrics: metrics.clone() }),
+        Box::new(HttpProviders {
+            endpoints,
+            metrics: metrics.clone(),
+        }),
         worker_config,
     );
     let ctx = Arc::new(Context::new(

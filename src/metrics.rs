@@ -116,27 +116,82 @@ impl Metrics {
             teardown_failing_set: Mutex::default(),
             registry: Registry::default(),
         };
-        registry.register("instances", "GpuInstances by pool, provider and phase", m.instances.clone());
-        registry.register("spend_dollars_per_hour", "USD per hour over a pool's billing instances", m.spend_per_hour.clone());
-        registry.register("spend_dollars", "USD billed for destroyed instances, as accounted by the operator", m.spend_total.clone());
-        registry.register("pending_jobs", "VideoJobs waiting for an instance", m.pending_jobs.clone());
+        registry.register(
+            "instances",
+            "GpuInstances by pool, provider and phase",
+            m.instances.clone(),
+        );
+        registry.register(
+            "spend_dollars_per_hour",
+            "USD per hour over a pool's billing instances",
+            m.spend_per_hour.clone(),
+        );
+        registry.register(
+            "spend_dollars",
+            "USD billed for destroyed instances, as accounted by the operator",
+            m.spend_total.clone(),
+        );
+        registry.register(
+            "pending_jobs",
+            "VideoJobs waiting for an instance",
+            m.pending_jobs.clone(),
+        );
         registry.register("jobs", "Finished VideoJobs by outcome", m.jobs.clone());
-        registry.register("job_wait_seconds", "From VideoJob creation to dispatch", m.job_wait_seconds.clone());
-        registry.register("job_run_seconds", "From dispatch to the worker's answer", m.job_run_seconds.clone());
-        registry.register("dispatch_overhead_seconds", "Operator time from a job's binding to the worker request on a warm instance", m.dispatch_overhead_seconds.clone());
-        registry.register("idle_teardown_lateness_seconds", "Time from an instance's idle deadline to its deletion", m.idle_teardown_lateness_seconds.clone());
-        registry.register("provider_calls", "Provider API calls by provider entry, operation and outcome", m.provider_calls.clone());
-        registry.register("provider_call_seconds", "Provider API call latency", m.provider_call_seconds.clone());
-        registry.register("reconcile_errors", "Failed reconciles by kind and error class", m.reconcile_errors.clone());
-        registry.register("teardown_failing", "Instances whose teardown keeps failing (they may still bill)", m.teardown_failing.clone());
+        registry.register(
+            "job_wait_seconds",
+            "From VideoJob creation to dispatch",
+            m.job_wait_seconds.clone(),
+        );
+        registry.register(
+            "job_run_seconds",
+            "From dispatch to the worker's answer",
+            m.job_run_seconds.clone(),
+        );
+        registry.register(
+            "dispatch_overhead_seconds",
+            "Operator time from a job's binding to the worker request on a warm instance",
+            m.dispatch_overhead_seconds.clone(),
+        );
+        registry.register(
+            "idle_teardown_lateness_seconds",
+            "Time from an instance's idle deadline to its deletion",
+            m.idle_teardown_lateness_seconds.clone(),
+        );
+        registry.register(
+            "provider_calls",
+            "Provider API calls by provider entry, operation and outcome",
+            m.provider_calls.clone(),
+        );
+        registry.register(
+            "provider_call_seconds",
+            "Provider API call latency",
+            m.provider_call_seconds.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by kind and error class",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "teardown_failing",
+            "Instances whose teardown keeps failing (they may still bill)",
+            m.teardown_failing.clone(),
+        );
         registry.register("orphans_destroyed", "Provider machines with this cluster's label and no GpuInstance, destroyed by the sweep", m.orphans_destroyed.clone());
-        registry.register("events", "Kubernetes events emitted, by reason", m.events.clone());
+        registry.register(
+            "events",
+            "Kubernetes events emitted, by reason",
+            m.events.clone(),
+        );
         Self { registry, ..m }
     }
 
     /// Records whether the teardown of `instance` is failing now.
     pub fn set_teardown_failing(&self, instance: &str, failing: bool) {
-        let mut set = self.teardown_failing_set.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self
+            .teardown_failing_set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if failing {
             set.insert(instance.to_string());
         } else {

@@ -143,12 +143,18 @@ impl Context {
         instances: Store<GpuInstance>,
         jobs: Store<VideoJob>,
     ) {
-        let _ = self.stores.set(Stores { pools, instances, jobs });
+        let _ = self.stores.set(Stores {
+            pools,
+            instances,
+            jobs,
+        });
     }
 
     /// The caches. Only called from reconcilers, which run after [`super::run`] set them.
     pub fn stores(&self) -> &Stores {
-        self.stores.get().expect("stores are set before any reconcile runs")
+        self.stores
+            .get()
+            .expect("stores are set before any reconcile runs")
     }
 
     pub(super) async fn wait_until_synced(&self) {
@@ -168,15 +174,21 @@ impl Context {
     }
 
     pub fn pool(&self, namespace: &str, name: &str) -> Option<Arc<GpuPool>> {
-        self.stores().pools.get(&ObjectRef::new(name).within(namespace))
+        self.stores()
+            .pools
+            .get(&ObjectRef::new(name).within(namespace))
     }
 
     pub fn instance(&self, namespace: &str, name: &str) -> Option<Arc<GpuInstance>> {
-        self.stores().instances.get(&ObjectRef::new(name).within(namespace))
+        self.stores()
+            .instances
+            .get(&ObjectRef::new(name).within(namespace))
     }
 
     pub fn job(&self, namespace: &str, name: &str) -> Option<Arc<VideoJob>> {
-        self.stores().jobs.get(&ObjectRef::new(name).within(namespace))
+        self.stores()
+            .jobs
+            .get(&ObjectRef::new(name).within(namespace))
     }
 
     /// Counts consecutive reconcile failures of one object, for the error policy's back-off.
@@ -192,12 +204,24 @@ impl Context {
     }
 
     /// Skips provider `provider` of pool `ns/pool` for a while.
-    pub fn back_off_provider(&self, ns: &str, pool: &str, provider: &str, message: String, unavailable: bool) {
+    pub fn back_off_provider(
+        &self,
+        ns: &str,
+        pool: &str,
+        provider: &str,
+        message: String,
+        unavailable: bool,
+    ) {
         let now = self.now();
         let mut b = lock(&self.backoff);
         let entry = b
             .entry((ns.into(), pool.into(), provider.into()))
-            .or_insert(ProviderBackoff { until: now, failures: 0, message: String::new(), unavailable });
+            .or_insert(ProviderBackoff {
+                until: now,
+                failures: 0,
+                message: String::new(),
+                unavailable,
+            });
         entry.failures += 1;
         // Doubles per failure in a row, from the configured back-off up to 8 times it.
         let factor = 1u32 << (entry.failures - 1).min(3);
@@ -215,7 +239,12 @@ impl Context {
     }
 
     /// The back-off of a provider, if it is still in force.
-    pub fn provider_backoff(&self, ns: &str, pool: &str, provider: &str) -> Option<ProviderBackoff> {
+    pub fn provider_backoff(
+        &self,
+        ns: &str,
+        pool: &str,
+        provider: &str,
+    ) -> Option<ProviderBackoff> {
         let now = self.now();
         lock(&self.backoff)
             .get(&(ns.into(), pool.into(), provider.into()))
@@ -226,7 +255,11 @@ impl Context {
     /// Whether the settings of a serverless entry are due for comparison (and marks them done).
     pub fn endpoint_sync_due(&self, pool: &GpuPool, entry: &str, every: Duration) -> bool {
         use kube::ResourceExt;
-        let key = (pool.namespace().unwrap_or_default(), pool.name_any(), entry.to_string());
+        let key = (
+            pool.namespace().unwrap_or_default(),
+            pool.name_any(),
+            entry.to_string(),
+        );
         let mut m = lock(&self.endpoint_sync);
         match m.get(&key) {
             Some(at) if at.elapsed() < every => false,
@@ -240,7 +273,11 @@ impl Context {
     /// Makes the next reconcile compare the entry's settings again.
     pub fn endpoint_sync_failed(&self, pool: &GpuPool, entry: &str) {
         use kube::ResourceExt;
-        lock(&self.endpoint_sync).remove(&(pool.namespace().unwrap_or_default(), pool.name_any(), entry.to_string()));
+        lock(&self.endpoint_sync).remove(&(
+            pool.namespace().unwrap_or_default(),
+            pool.name_any(),
+            entry.to_string(),
+        ));
     }
 
     /// Publishes an event about `obj`. Failing to publish never fails a reconcile.
@@ -250,7 +287,9 @@ impl Context {
     {
         self.metrics
             .events
-            .get_or_create(&EventLabels { reason: reason.into() })
+            .get_or_create(&EventLabels {
+                reason: reason.into(),
+            })
             .inc();
         let reference = ObjectReference {
             api_version: Some(K::api_version(&()).into_owned()),
@@ -262,7 +301,11 @@ impl Context {
             field_path: None,
         };
         let event = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
             action: reason.into(),

@@ -28,6 +28,14 @@ use super::{
     status::{apply_status, cost, money, parse_money, seconds_between, set_condition},
 };
 
+/// One attempt to start: the instance's session token, the attempt number (1-based), and
+/// when the job was found bound (for the dispatch-overhead metric; `None` after a restart).
+pub struct Attempt {
+    pub token: Credentials,
+    pub number: i32,
+    pub bound_at: Option<Instant>,
+}
+
 /// A job attempt in flight on this replica.
 #[derive(Clone, Debug)]
 struct Flight {
@@ -56,24 +64,33 @@ impl Dispatcher {
         self.lock().values().any(|f| f.instance == instance)
     }
 
-    /// Starts sending attempt `attempt` of `job` to `instance` unless it is already in flight.
+    /// Starts sending `attempt` of `job` to `instance` unless it is already in flight.
     pub fn start(
         &self,
         ctx: Arc<Context>,
         job: &VideoJob,
         instance: &GpuInstance,
         pool: &GpuPool,
-        token: Credentials,
-        attempt: i32,
-        bound_at: Option<Instant>,
+        attempt: Attempt,
     ) {
+        let Attempt {
+            token,
+            number: attempt,
+            bound_at,
+        } = attempt;
         let uid = job.uid().unwrap_or_default();
         {
             let mut running = self.lock();
             if running.get(&uid).is_some_and(|f| f.attempt == attempt) {
                 return;
             }
-            running.insert(uid.clone(), Flight { instance: instance.name_any(), attempt });
+            running.insert(
+                uid.clone(),
+                Flight {
+                    instance: instance.name_any(),
+                    attempt,
+                },
+            );
         }
         let job = job.clone();
         let instance = instance.clone();
@@ -119,11 +136,15 @@ async fn send(
         timeout: Duration::from_secs(job.spec.timeout_seconds.max(1) as u64),
     };
     if let Some(bound) = bound_at {
-        ctx.metrics.dispatch_overhead_seconds.observe(bound.elapsed().as_secs_f64());
+        ctx.metrics
+            .dispatch_overhead_seconds
+            .observe(bound.elapsed().as_secs_f64());
     }
     let started = Instant::now();
     let result = worker.dispatch(&request).await;
-    ctx.metrics.job_run_seconds.observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .job_run_seconds
+        .observe(started.elapsed().as_secs_f64());
     debug!(job = %job.name_any(), ok = result.is_ok(), "worker answered");
     result
 }
@@ -152,14 +173,17 @@ async fn finish(
     // A failed attempt that will be retried frees (or replaces) its instance first, so the
     // pool never sees the job Pending while the instance still claims it (which it would
     // take for a binding to complete). Any other outcome is recorded on the job first.
-    let retrying = matches!(&outcome, Err(e) if e.is_retryable() && attempt <= job.spec.max_retries);
+    let retrying =
+        matches!(&outcome, Err(e) if e.is_retryable() && attempt <= job.spec.max_retries);
     if retrying {
         release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
     }
 
     // 1. The job, retried on conflicts with fresh reads.
     for _ in 0..10 {
-        let Some(current) = jobs.get_opt(&job.name_any()).await? else { break };
+        let Some(current) = jobs.get_opt(&job.name_any()).await? else {
+            break;
+        };
         if current.uid() != job.uid() {
             break;
         }
@@ -168,17 +192,35 @@ async fn finish(
             break; // a newer attempt or a finished job: this outcome is stale
         }
         let now = ctx.now();
-        let run_secs = s.started_at.as_ref().map(|t| seconds_between(t.0, now)).unwrap_or(0.0);
+        let run_secs = s
+            .started_at
+            .as_ref()
+            .map(|t| seconds_between(t.0, now))
+            .unwrap_or(0.0);
         let share = money(parse_money(s.cost.as_deref()) + cost(price, run_secs));
         let (event_reason, warning, note) = match &outcome {
             Ok(output) => {
                 s.phase = Some(JobPhase::Succeeded);
                 s.output = Some(output.clone());
                 s.error = None;
-                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
+                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    now,
+                ));
                 s.cost = Some(share);
-                set_condition(&mut s.conditions, "Complete", true, "WorkerSucceeded", "the worker answered 2xx", current.metadata.generation, now);
-                ("Succeeded", false, format!("finished on {} in {run_secs:.2} s", instance.name_any()))
+                set_condition(
+                    &mut s.conditions,
+                    "Complete",
+                    true,
+                    "WorkerSucceeded",
+                    "the worker answered 2xx",
+                    current.metadata.generation,
+                    now,
+                );
+                (
+                    "Succeeded",
+                    false,
+                    format!("finished on {} in {run_secs:.2} s", instance.name_any()),
+                )
             }
             Err(e) if e.is_retryable() && attempt <= current.spec.max_retries => {
                 s.phase = Some(JobPhase::Pending);
@@ -186,17 +228,50 @@ async fn finish(
                 s.provider = None;
                 s.error = Some(format!("attempt {attempt} on {}: {e}", instance.name_any()));
                 s.cost = Some(share);
-                set_condition(&mut s.conditions, "Scheduled", false, "Retrying", &format!("attempt {attempt} failed: {}", e.label()), current.metadata.generation, now);
-                ("Retrying", true, format!("attempt {attempt} on {} failed ({e}); retrying", instance.name_any()))
+                set_condition(
+                    &mut s.conditions,
+                    "Scheduled",
+                    false,
+                    "Retrying",
+                    &format!("attempt {attempt} failed: {}", e.label()),
+                    current.metadata.generation,
+                    now,
+                );
+                (
+                    "Retrying",
+                    true,
+                    format!(
+                        "attempt {attempt} on {} failed ({e}); retrying",
+                        instance.name_any()
+                    ),
+                )
             }
             Err(e) => {
                 s.phase = Some(JobPhase::Failed);
                 s.error = Some(e.to_string());
-                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
+                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    now,
+                ));
                 s.cost = Some(share);
-                let reason = if e.is_retryable() { "RetriesExhausted" } else { e.label() };
-                set_condition(&mut s.conditions, "Complete", false, reason, &e.to_string(), current.metadata.generation, now);
-                ("Failed", true, format!("failed on {}: {e}", instance.name_any()))
+                let reason = if e.is_retryable() {
+                    "RetriesExhausted"
+                } else {
+                    e.label()
+                };
+                set_condition(
+                    &mut s.conditions,
+                    "Complete",
+                    false,
+                    reason,
+                    &e.to_string(),
+                    current.metadata.generation,
+                    now,
+                );
+                (
+                    "Failed",
+                    true,
+                    format!("failed on {}: {e}", instance.name_any()),
+                )
             }
         };
         match apply_status(&jobs, &current, &s).await {
@@ -209,7 +284,11 @@ async fn finish(
                 if let Some(o) = outcome_label {
                     ctx.metrics
                         .jobs
-                        .get_or_create(&JobLabels { namespace: ns.clone(), pool: pool.name_any(), outcome: o.into() })
+                        .get_or_create(&JobLabels {
+                            namespace: ns.clone(),
+                            pool: pool.name_any(),
+                            outcome: o.into(),
+                        })
                         .inc();
                 }
                 ctx.event(&updated, warning, event_reason, note).await;
@@ -238,15 +317,28 @@ pub async fn release(
     broken: bool,
 ) -> Result<()> {
     for _ in 0..10 {
-        let Some(current) = api.get_opt(&instance.name_any()).await? else { return Ok(()) };
+        let Some(current) = api.get_opt(&instance.name_any()).await? else {
+            return Ok(());
+        };
         let mut s = current.status.clone().unwrap_or_default();
         if s.current_job.as_deref() != Some(job) {
             return Ok(());
         }
         if broken {
             info!(instance = %current.name_any(), "instance looks broken; replacing it");
-            ctx.event(&current, true, "WorkerUnreachable", format!("lost the connection to the worker during job {job}; replacing the machine")).await;
-            match api.delete(&current.name_any(), &DeleteParams::default()).await {
+            ctx.event(
+                &current,
+                true,
+                "WorkerUnreachable",
+                format!(
+                    "lost the connection to the worker during job {job}; replacing the machine"
+                ),
+            )
+            .await;
+            match api
+                .delete(&current.name_any(), &DeleteParams::default())
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
                 Err(e) => return Err(Error::Kube(e)),
@@ -255,10 +347,16 @@ pub async fn release(
         let now = ctx.now();
         s.current_job = None;
         s.jobs_completed += 1;
-        s.last_job_finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
+        s.last_job_finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            now,
+        ));
         if s.phase == Some(InstancePhase::Ready) {
-            s.idle_since = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
-            s.idle_deadline = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(idle::deadline(now, pool.spec.idle_timeout_seconds)));
+            s.idle_since = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                now,
+            ));
+            s.idle_deadline = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                idle::deadline(now, pool.spec.idle_timeout_seconds),
+            ));
         }
         match apply_status(api, &current, &s).await {
             Ok(_) => return Ok(()),
@@ -266,5 +364,8 @@ pub async fn release(
             Err(e) => return Err(e),
         }
     }
-    Err(Error::Config(format!("could not free instance {} after 10 conflicts", instance.name_any())))
+    Err(Error::Config(format!(
+        "could not free instance {} after 10 conflicts",
+        instance.name_any()
+    )))
 }

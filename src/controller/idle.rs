@@ -38,8 +38,16 @@ pub enum IdleDecision {
 /// `idle_since` first, name breaking ties) so every replica computes the same set.
 pub fn protected_by_min_idle(idle: &[IdleInstance], min_idle: usize) -> Vec<&str> {
     let mut sorted: Vec<&IdleInstance> = idle.iter().collect();
-    sorted.sort_by(|a, b| b.idle_since.cmp(&a.idle_since).then_with(|| a.name.cmp(&b.name)));
-    sorted.into_iter().take(min_idle).map(|i| i.name.as_str()).collect()
+    sorted.sort_by(|a, b| {
+        b.idle_since
+            .cmp(&a.idle_since)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    sorted
+        .into_iter()
+        .take(min_idle)
+        .map(|i| i.name.as_str())
+        .collect()
 }
 
 /// The decision for `instance`, one of the pool's idle instances `pool_idle` (which should
@@ -72,7 +80,10 @@ mod tests {
     }
 
     fn idle(name: &str, since: &str) -> IdleInstance {
-        IdleInstance { name: name.into(), idle_since: at(since) }
+        IdleInstance {
+            name: name.into(),
+            idle_since: at(since),
+        }
     }
 
     #[test]
@@ -87,8 +98,14 @@ mod tests {
             decide(at("2026-01-01T00:04:59.750Z"), &i, 300, &pool, 0),
             IdleDecision::WaitFor(Duration::from_millis(250))
         );
-        assert_eq!(decide(at("2026-01-01T00:05:00Z"), &i, 300, &pool, 0), IdleDecision::Teardown);
-        assert_eq!(decide(at("2026-01-01T00:07:00Z"), &i, 300, &pool, 0), IdleDecision::Teardown);
+        assert_eq!(
+            decide(at("2026-01-01T00:05:00Z"), &i, 300, &pool, 0),
+            IdleDecision::Teardown
+        );
+        assert_eq!(
+            decide(at("2026-01-01T00:07:00Z"), &i, 300, &pool, 0),
+            IdleDecision::Teardown
+        );
     }
 
     #[test]

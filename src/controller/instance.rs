@@ -33,7 +33,7 @@ use crate::{
         OfferInfo,
     },
     provider::{
-        CreateRequest, ENV_API_KEY, ENV_SESSION_TOKEN, ENV_WORKER_PORT, Credentials,
+        CreateRequest, Credentials, ENV_API_KEY, ENV_SESSION_TOKEN, ENV_WORKER_PORT,
         InstanceProvider, ProviderError, RemoteInstance, RemoteState, instance_label,
     },
 };
@@ -41,7 +41,9 @@ use crate::{
 use super::{
     Context, Error, Result, error_requeue,
     idle::{self, IdleDecision, IdleInstance},
-    status::{apply_status, cost, money, parse_money, remove_condition, seconds_between, set_condition},
+    status::{
+        apply_status, cost, money, parse_money, remove_condition, seconds_between, set_condition,
+    },
 };
 
 /// Offers tried per provisioning attempt before the provider counts as out of capacity.
@@ -76,7 +78,11 @@ pub async fn reconcile(gi: Arc<GpuInstance>, ctx: Arc<Context>) -> Result<Action
 }
 
 pub fn error_policy(gi: Arc<GpuInstance>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("gi/{}/{}", gi.namespace().unwrap_or_default(), gi.name_any());
+    let key = format!(
+        "gi/{}/{}",
+        gi.namespace().unwrap_or_default(),
+        gi.name_any()
+    );
     ctx.metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::ReconcileLabels {
@@ -105,7 +111,14 @@ fn pool_of(ctx: &Context, gi: &GpuInstance) -> Option<Arc<GpuPool>> {
 
 async fn apply(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) -> Result<Action> {
     let Some(pool) = pool_of(ctx, &gi) else {
-        return report_blocked(&gi, ctx, api, "PoolNotFound", format!("GpuPool {} not found", gi.spec.pool)).await;
+        return report_blocked(
+            &gi,
+            ctx,
+            api,
+            "PoolNotFound",
+            format!("GpuPool {} not found", gi.spec.pool),
+        )
+        .await;
     };
     let phase = gi.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
     match phase {
@@ -128,7 +141,15 @@ async fn report_blocked(
     message: String,
 ) -> Result<Action> {
     let mut status = status_of(gi);
-    if set_condition(&mut status.conditions, "Ready", false, reason, &message, gi.metadata.generation, ctx.now()) {
+    if set_condition(
+        &mut status.conditions,
+        "Ready",
+        false,
+        reason,
+        &message,
+        gi.metadata.generation,
+        ctx.now(),
+    ) {
         status.message = Some(message.clone());
         apply_status(api, gi, &status).await?;
         ctx.event(gi, true, reason, message).await;
@@ -137,11 +158,25 @@ async fn report_blocked(
 }
 
 /// Marks the instance Failed, says why, and deletes it (the finalizer destroys any machine).
-async fn fail(gi: &GpuInstance, ctx: &Context, api: &Api<GpuInstance>, reason: &str, message: String) -> Result<Action> {
+async fn fail(
+    gi: &GpuInstance,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
     let mut status = status_of(gi);
     status.phase = Some(InstancePhase::Failed);
     status.message = Some(message.clone());
-    set_condition(&mut status.conditions, "Ready", false, reason, &message, gi.metadata.generation, ctx.now());
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        false,
+        reason,
+        &message,
+        gi.metadata.generation,
+        ctx.now(),
+    );
     let gi = apply_status(api, gi, &status).await?;
     ctx.event(&gi, true, reason, message).await;
     delete_self(&gi, ctx).await?;
@@ -149,7 +184,8 @@ async fn fail(gi: &GpuInstance, ctx: &Context, api: &Api<GpuInstance>, reason: &
 }
 
 async fn delete_self(gi: &GpuInstance, ctx: &Context) -> Result<()> {
-    let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
+    let api: Api<GpuInstance> =
+        Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
     match api.delete(&gi.name_any(), &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -158,7 +194,11 @@ async fn delete_self(gi: &GpuInstance, ctx: &Context) -> Result<()> {
 }
 
 /// The instance's provider client, or the reason it cannot be built.
-async fn provider_of(gi: &GpuInstance, pool: &GpuPool, ctx: &Context) -> Result<Arc<dyn InstanceProvider>> {
+async fn provider_of(
+    gi: &GpuInstance,
+    pool: &GpuPool,
+    ctx: &Context,
+) -> Result<Arc<dyn InstanceProvider>> {
     ctx.providers.instance(pool, &gi.spec.provider).await
 }
 
@@ -209,17 +249,29 @@ async fn session_token(gi: &GpuInstance, ctx: &Context) -> Result<Credentials> {
 }
 
 /// The request that rents this instance's machine.
-async fn create_request(gi: &GpuInstance, pool: &GpuPool, ctx: &Context, token: &Credentials) -> Result<CreateRequest> {
+async fn create_request(
+    gi: &GpuInstance,
+    pool: &GpuPool,
+    ctx: &Context,
+    token: &Credentials,
+) -> Result<CreateRequest> {
     let worker = pool
         .spec
         .worker
         .as_ref()
         .ok_or_else(|| Error::Config("the pool has no worker section".into()))?;
-    let mut env: BTreeMap<String, String> = worker.env.iter().map(|e| (e.name.clone(), e.value.clone())).collect();
+    let mut env: BTreeMap<String, String> = worker
+        .env
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
     env.insert(ENV_SESSION_TOKEN.into(), token.expose().to_string());
     env.insert(ENV_WORKER_PORT.into(), worker.port.to_string());
     if let Some(r) = &worker.api_key_secret_ref {
-        let key = ctx.providers.secret(&gi.namespace().unwrap_or_default(), r).await?;
+        let key = ctx
+            .providers
+            .secret(&gi.namespace().unwrap_or_default(), r)
+            .await?;
         env.insert(ENV_API_KEY.into(), key.expose().to_string());
     }
     Ok(CreateRequest {
@@ -234,7 +286,10 @@ async fn create_request(gi: &GpuInstance, pool: &GpuPool, ctx: &Context, token: 
 fn offer_info(remote: &RemoteInstance, offer: Option<&crate::provider::Offer>) -> OfferInfo {
     OfferInfo {
         offer_id: offer.map(|o| o.id.clone()),
-        gpu_name: remote.gpu_name.clone().or_else(|| offer.map(|o| o.gpu_name.clone())),
+        gpu_name: remote
+            .gpu_name
+            .clone()
+            .or_else(|| offer.map(|o| o.gpu_name.clone())),
         num_gpus: remote
             .num_gpus
             .or(offer.map(|o| o.num_gpus))
@@ -243,11 +298,19 @@ fn offer_info(remote: &RemoteInstance, offer: Option<&crate::provider::Offer>) -
             .price_per_hour
             .or(offer.map(|o| o.price_per_hour))
             .map(money),
-        region: remote.region.clone().or_else(|| offer.and_then(|o| o.region.clone())),
+        region: remote
+            .region
+            .clone()
+            .or_else(|| offer.and_then(|o| o.region.clone())),
     }
 }
 
-async fn provision(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Api<GpuInstance>) -> Result<Action> {
+async fn provision(
+    gi: Arc<GpuInstance>,
+    pool: &GpuPool,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+) -> Result<Action> {
     let ns = gi.namespace().unwrap_or_default();
     let pool_name = pool.name_any();
     let provider = match provider_of(&gi, pool, ctx).await {
@@ -272,7 +335,12 @@ async fn provision(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Ap
 
     // Record the intent before the call that spends money.
     let mut gi = gi;
-    if gi.status.as_ref().and_then(|s| s.provisioning_started_at.as_ref()).is_none() {
+    if gi
+        .status
+        .as_ref()
+        .and_then(|s| s.provisioning_started_at.as_ref())
+        .is_none()
+    {
         let mut status = status_of(&gi);
         status.phase = Some(InstancePhase::Pending);
         status.provisioning_started_at = ts(ctx.now());
@@ -284,7 +352,10 @@ async fn provision(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Ap
     // was an error although the machine was made).
     if let Some(found) = provider.find_by_label(&request.label).await? {
         info!(id = %found.id, "adopting the machine found with this instance's label");
-        let note = format!("adopted machine {} found with this instance's label", found.id);
+        let note = format!(
+            "adopted machine {} found with this instance's label",
+            found.id
+        );
         let gi = record_created(gi, ctx, api, found, None).await?;
         ctx.event(&gi, false, "Adopted", note).await;
         return Ok(Action::requeue(ctx.config.provision_poll));
@@ -317,7 +388,9 @@ async fn provision(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Ap
                 ctx.event(&gi, false, "Provisioning", note).await;
                 return Ok(Action::requeue(ctx.config.provision_poll));
             }
-            Err(ProviderError::InsufficientCapacity(m)) => last = Some(ProviderError::InsufficientCapacity(m)),
+            Err(ProviderError::InsufficientCapacity(m)) => {
+                last = Some(ProviderError::InsufficientCapacity(m))
+            }
             Err(e) => return provider_failed(&gi, pool, ctx, api, e).await,
         }
     }
@@ -350,8 +423,21 @@ async fn provider_failed(
         ProviderError::Unauthorized(_) => ("ProviderUnauthorized", true),
         _ => ("ProviderRefused", false),
     };
-    ctx.back_off_provider(&ns, &pool.name_any(), &gi.spec.provider, error.to_string(), unavailable);
-    fail(gi, ctx, api, reason, format!("{}: {error}", gi.spec.provider)).await
+    ctx.back_off_provider(
+        &ns,
+        &pool.name_any(),
+        &gi.spec.provider,
+        error.to_string(),
+        unavailable,
+    );
+    fail(
+        gi,
+        ctx,
+        api,
+        reason,
+        format!("{}: {error}", gi.spec.provider),
+    )
+    .await
 }
 
 async fn record_created(
@@ -371,25 +457,50 @@ async fn record_created(
     }
     status.endpoint = remote.endpoint.clone();
     status.message = Some(format!("machine {} is starting", remote.id));
-    set_condition(&mut status.conditions, "Ready", false, "Provisioning", "waiting for the machine and its worker", gi.metadata.generation, ctx.now());
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        false,
+        "Provisioning",
+        "waiting for the machine and its worker",
+        gi.metadata.generation,
+        ctx.now(),
+    );
     apply_status(api, &gi, &status).await
 }
 
 fn price_of(status: &GpuInstanceStatus) -> Decimal {
-    parse_money(status.offer.as_ref().and_then(|o| o.price_per_hour.as_deref()))
+    parse_money(
+        status
+            .offer
+            .as_ref()
+            .and_then(|o| o.price_per_hour.as_deref()),
+    )
 }
 
-async fn await_ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Api<GpuInstance>) -> Result<Action> {
+async fn await_ready(
+    gi: Arc<GpuInstance>,
+    pool: &GpuPool,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+) -> Result<Action> {
     let now = ctx.now();
     let status = status_of(&gi);
-    let started = status.provisioning_started_at.as_ref().map(|t| t.0).unwrap_or(now);
+    let started = status
+        .provisioning_started_at
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(now);
     if seconds_between(started, now) > pool.spec.provision_timeout_seconds as f64 {
         return fail(
             &gi,
             ctx,
             api,
             "ProvisionTimeout",
-            format!("not Ready within {} s; replacing it", pool.spec.provision_timeout_seconds),
+            format!(
+                "not Ready within {} s; replacing it",
+                pool.spec.provision_timeout_seconds
+            ),
         )
         .await;
     }
@@ -403,7 +514,14 @@ async fn await_ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &
     let remote = match provider.get(&id).await {
         Ok(r) => r,
         Err(ProviderError::NotFound(_)) => {
-            return fail(&gi, ctx, api, "MachineLost", format!("machine {id} disappeared while starting")).await;
+            return fail(
+                &gi,
+                ctx,
+                api,
+                "MachineLost",
+                format!("machine {id} disappeared while starting"),
+            )
+            .await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -411,7 +529,12 @@ async fn await_ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &
         (RemoteState::Running, Some(endpoint)) => {
             let worker = ctx.providers.worker(pool).await?;
             let token = session_token(&gi, ctx).await?;
-            let health_path = pool.spec.worker.as_ref().map(|w| w.health_path.clone()).unwrap_or_else(|| "/health".into());
+            let health_path = pool
+                .spec
+                .worker
+                .as_ref()
+                .map(|w| w.health_path.clone())
+                .unwrap_or_else(|| "/health".into());
             match worker.health(endpoint, &health_path, &token).await {
                 Ok(()) => {
                     let mut s = status.clone();
@@ -422,7 +545,11 @@ async fn await_ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &
                     if let Some(t) = remote.started_at.filter(|t| *t <= now) {
                         s.provisioning_started_at = ts(t);
                     }
-                    let started = s.provisioning_started_at.as_ref().map(|t| t.0).unwrap_or(started);
+                    let started = s
+                        .provisioning_started_at
+                        .as_ref()
+                        .map(|t| t.0)
+                        .unwrap_or(started);
                     s.idle_since = ts(now);
                     s.idle_deadline = ts(idle::deadline(now, pool.spec.idle_timeout_seconds));
                     if remote.price_per_hour.is_some() {
@@ -430,10 +557,29 @@ async fn await_ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &
                     }
                     s.accrued_cost = Some(money(cost(price_of(&s), seconds_between(started, now))));
                     s.message = Some(format!("ready at {endpoint}"));
-                    set_condition(&mut s.conditions, "Ready", true, "WorkerHealthy", "the worker answers its health path", gi.metadata.generation, now);
+                    set_condition(
+                        &mut s.conditions,
+                        "Ready",
+                        true,
+                        "WorkerHealthy",
+                        "the worker answers its health path",
+                        gi.metadata.generation,
+                        now,
+                    );
                     let gi = apply_status(api, &gi, &s).await?;
-                    ctx.event(&gi, false, "Ready", format!("machine {id} ready in {:.1} s", seconds_between(started, now))).await;
-                    Ok(Action::requeue(Duration::from_secs(pool.spec.idle_timeout_seconds.max(1) as u64)))
+                    ctx.event(
+                        &gi,
+                        false,
+                        "Ready",
+                        format!(
+                            "machine {id} ready in {:.1} s",
+                            seconds_between(started, now)
+                        ),
+                    )
+                    .await;
+                    Ok(Action::requeue(Duration::from_secs(
+                        pool.spec.idle_timeout_seconds.max(1) as u64,
+                    )))
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "worker not healthy yet");
@@ -441,9 +587,29 @@ async fn await_ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &
                 }
             }
         }
-        (RemoteState::Starting, _) | (RemoteState::Running, None) => Ok(Action::requeue(ctx.config.provision_poll)),
-        (RemoteState::Stopped(m), _) => fail(&gi, ctx, api, "MachineStopped", format!("machine {id} stopped while starting: {m}")).await,
-        (RemoteState::Terminated, _) => fail(&gi, ctx, api, "MachineLost", format!("machine {id} was terminated while starting")).await,
+        (RemoteState::Starting, _) | (RemoteState::Running, None) => {
+            Ok(Action::requeue(ctx.config.provision_poll))
+        }
+        (RemoteState::Stopped(m), _) => {
+            fail(
+                &gi,
+                ctx,
+                api,
+                "MachineStopped",
+                format!("machine {id} stopped while starting: {m}"),
+            )
+            .await
+        }
+        (RemoteState::Terminated, _) => {
+            fail(
+                &gi,
+                ctx,
+                api,
+                "MachineLost",
+                format!("machine {id} was terminated while starting"),
+            )
+            .await
+        }
     }
 }
 
@@ -453,18 +619,33 @@ fn pool_idle(ctx: &Context, ns: &str, pool: &str) -> Vec<IdleInstance> {
         .instances
         .state()
         .into_iter()
-        .filter(|i| i.namespace().as_deref() == Some(ns) && i.spec.pool == pool && i.metadata.deletion_timestamp.is_none())
+        .filter(|i| {
+            i.namespace().as_deref() == Some(ns)
+                && i.spec.pool == pool
+                && i.metadata.deletion_timestamp.is_none()
+        })
         .filter_map(|i| {
             let s = i.status.as_ref()?;
-            (s.phase == Some(InstancePhase::Ready) && s.current_job.is_none()).then(|| IdleInstance {
-                name: i.name_any(),
-                idle_since: s.idle_since.as_ref().map(|t| t.0).unwrap_or_else(|| Timestamp::UNIX_EPOCH),
+            (s.phase == Some(InstancePhase::Ready) && s.current_job.is_none()).then(|| {
+                IdleInstance {
+                    name: i.name_any(),
+                    idle_since: s
+                        .idle_since
+                        .as_ref()
+                        .map(|t| t.0)
+                        .unwrap_or_else(|| Timestamp::UNIX_EPOCH),
+                }
             })
         })
         .collect()
 }
 
-async fn ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Api<GpuInstance>) -> Result<Action> {
+async fn ready(
+    gi: Arc<GpuInstance>,
+    pool: &GpuPool,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+) -> Result<Action> {
     let ns = gi.namespace().unwrap_or_default();
     let now = ctx.now();
     let status = status_of(&gi);
@@ -473,7 +654,8 @@ async fn ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Api<Gp
         let job = ctx.job(&ns, job_name);
         let still_bound = job.as_ref().is_some_and(|j| {
             let phase = j.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
-            let on_me = j.status.as_ref().and_then(|s| s.instance.as_deref()) == Some(gi.name_any().as_str());
+            let on_me = j.status.as_ref().and_then(|s| s.instance.as_deref())
+                == Some(gi.name_any().as_str());
             !phase.is_finished() && (on_me || phase == JobPhase::Pending)
         });
         if !still_bound && !ctx.dispatcher.is_running_on(&gi.name_any()) {
@@ -500,9 +682,18 @@ async fn ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Api<Gp
         .or(status.ready_at.as_ref())
         .map(|t| t.0)
         .unwrap_or(now);
-    let me = IdleInstance { name: gi.name_any(), idle_since };
+    let me = IdleInstance {
+        name: gi.name_any(),
+        idle_since,
+    };
     let deadline = idle::deadline(idle_since, pool.spec.idle_timeout_seconds);
-    match idle::decide(now, &me, pool.spec.idle_timeout_seconds, &pool_idle(ctx, &ns, &gi.spec.pool), pool.spec.min_idle.max(0) as usize) {
+    match idle::decide(
+        now,
+        &me,
+        pool.spec.idle_timeout_seconds,
+        &pool_idle(ctx, &ns, &gi.spec.pool),
+        pool.spec.min_idle.max(0) as usize,
+    ) {
         IdleDecision::WaitFor(wait) => {
             if status.idle_deadline.as_ref().map(|t| t.0) != Some(deadline) {
                 // The pool's idle timeout changed: show the new deadline.
@@ -532,16 +723,26 @@ async fn ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Api<Gp
                 Ok(_) => {
                     let late = seconds_between(deadline, now).max(0.0);
                     ctx.metrics.idle_teardown_lateness_seconds.observe(late);
-                    info!(lateness_s = late, "idle deadline reached; deleting the instance");
-                    ctx.event(&*gi, false, "IdleTimeout", format!(
-                        "idle since {idle_since} ({} s); destroying the machine",
-                        pool.spec.idle_timeout_seconds
-                    ))
+                    info!(
+                        lateness_s = late,
+                        "idle deadline reached; deleting the instance"
+                    );
+                    ctx.event(
+                        &*gi,
+                        false,
+                        "IdleTimeout",
+                        format!(
+                            "idle since {idle_since} ({} s); destroying the machine",
+                            pool.spec.idle_timeout_seconds
+                        ),
+                    )
                     .await;
                     Ok(Action::await_change())
                 }
                 // A job claimed it first (or it changed): that write wins.
-                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(Action::requeue(Duration::ZERO)),
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                    Ok(Action::requeue(Duration::ZERO))
+                }
                 Err(e) => Err(e.into()),
             }
         }
@@ -550,9 +751,16 @@ async fn ready(gi: Arc<GpuInstance>, pool: &GpuPool, ctx: &Context, api: &Api<Gp
 
 /// Asks the provider whether a Ready machine still runs; a lost one is failed and replaced.
 /// Also refreshes the accrued cost.
-async fn check_alive(gi: &GpuInstance, pool: &GpuPool, ctx: &Context, api: &Api<GpuInstance>) -> Result<()> {
+async fn check_alive(
+    gi: &GpuInstance,
+    pool: &GpuPool,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+) -> Result<()> {
     let status = status_of(gi);
-    let Some(id) = status.provider_instance_id.clone() else { return Ok(()) };
+    let Some(id) = status.provider_instance_id.clone() else {
+        return Ok(());
+    };
     let provider = provider_of(gi, pool, ctx).await?;
     let gone = match provider.get(&id).await {
         Ok(r) => match r.state {
@@ -567,7 +775,11 @@ async fn check_alive(gi: &GpuInstance, pool: &GpuPool, ctx: &Context, api: &Api<
         fail(gi, ctx, api, "MachineLost", message).await?;
         return Ok(());
     }
-    let started = status.provisioning_started_at.as_ref().map(|t| t.0).unwrap_or_else(|| ctx.now());
+    let started = status
+        .provisioning_started_at
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or_else(|| ctx.now());
     let accrued = money(cost(price_of(&status), seconds_between(started, ctx.now())));
     if status.accrued_cost.as_deref() != Some(accrued.as_str()) {
         let mut s = status;
@@ -587,7 +799,10 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
 
     let provider = match pool_of(ctx, &gi) {
         Some(pool) => provider_of(&gi, &pool, ctx).await,
-        None => Err(Error::Config(format!("GpuPool {} not found: cannot reach the provider", gi.spec.pool))),
+        None => Err(Error::Config(format!(
+            "GpuPool {} not found: cannot reach the provider",
+            gi.spec.pool
+        ))),
     };
     let provider = match provider {
         Ok(p) => p,
@@ -627,7 +842,14 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
             Err(ProviderError::NotFound(_)) => {}
             Ok(r) if r.state == RemoteState::Terminated => {}
             Ok(_) => {
-                return teardown_failing(&gi, ctx, api, &key, Error::TeardownPending(format!("machine {id}"))).await;
+                return teardown_failing(
+                    &gi,
+                    ctx,
+                    api,
+                    &key,
+                    Error::TeardownPending(format!("machine {id}")),
+                )
+                .await;
             }
             Err(e) => return teardown_failing(&gi, ctx, api, &key, e.into()).await,
         }
@@ -637,32 +859,61 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
     let mut s = status_of(&gi);
     if let Some(c) = final_cost {
         s.accrued_cost = Some(money(c));
-        let labels = crate::metrics::PoolLabels { namespace: ns.clone(), pool: gi.spec.pool.clone() };
-        ctx.metrics.spend_total.get_or_create(&labels).inc_by(c.try_into().unwrap_or(0.0));
+        let labels = crate::metrics::PoolLabels {
+            namespace: ns.clone(),
+            pool: gi.spec.pool.clone(),
+        };
+        ctx.metrics
+            .spend_total
+            .get_or_create(&labels)
+            .inc_by(c.try_into().unwrap_or(0.0));
     }
-    s.message = Some(if ids.is_empty() { "no machine was rented".into() } else { format!("machine {} destroyed", ids.join(", ")) });
+    s.message = Some(if ids.is_empty() {
+        "no machine was rented".into()
+    } else {
+        format!("machine {} destroyed", ids.join(", "))
+    });
     remove_condition(&mut s.conditions, "TeardownFailing");
     // Best effort: the watch's final event then carries the final cost.
     let _ = apply_status(api, &gi, &s).await;
     delete_session_secret(&gi, ctx).await;
     ctx.metrics.set_teardown_failing(&key, false);
     if !ids.is_empty() {
-        ctx.event(&*gi, false, "Destroyed", format!(
-            "machine {} destroyed; accrued {} USD",
-            ids.join(", "),
-            final_cost.map(money).unwrap_or_else(|| "0".into())
-        ))
+        ctx.event(
+            &*gi,
+            false,
+            "Destroyed",
+            format!(
+                "machine {} destroyed; accrued {} USD",
+                ids.join(", "),
+                final_cost.map(money).unwrap_or_else(|| "0".into())
+            ),
+        )
         .await;
     }
     Ok(Action::await_change())
 }
 
 /// A teardown step failed: keep the finalizer, say so (condition, event, metric), retry.
-async fn teardown_failing(gi: &GpuInstance, ctx: &Context, api: &Api<GpuInstance>, key: &str, error: Error) -> Result<Action> {
+async fn teardown_failing(
+    gi: &GpuInstance,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+    key: &str,
+    error: Error,
+) -> Result<Action> {
     ctx.metrics.set_teardown_failing(key, true);
     let mut s = status_of(gi);
     let message = format!("cannot confirm the machine is destroyed: {error}");
-    if set_condition(&mut s.conditions, "TeardownFailing", true, error.label(), &message, gi.metadata.generation, ctx.now()) {
+    if set_condition(
+        &mut s.conditions,
+        "TeardownFailing",
+        true,
+        error.label(),
+        &message,
+        gi.metadata.generation,
+        ctx.now(),
+    ) {
         let _ = apply_status(api, gi, &s).await;
         ctx.event(gi, true, "TeardownFailing", message).await;
     }
@@ -670,8 +921,11 @@ async fn teardown_failing(gi: &GpuInstance, ctx: &Context, api: &Api<GpuInstance
 }
 
 async fn delete_session_secret(gi: &GpuInstance, ctx: &Context) {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
-    if let Err(e) = secrets.delete(&session_secret_name(gi), &DeleteParams::default()).await
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
+    if let Err(e) = secrets
+        .delete(&session_secret_name(gi), &DeleteParams::default())
+        .await
         && !matches!(&e, kube::Error::Api(s) if s.code == 404)
     {
         tracing::debug!(error = %e, "session secret not deleted; owner-reference GC will");

@@ -4,7 +4,10 @@
 //!
 //! Jobs are placed by the pool reconciler (`pool.rs`); this one never chooses an instance.
 
-use std::{sync::Arc, time::{Duration, Instant}};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime as Time;
 use kube::{
@@ -42,10 +45,17 @@ pub async fn reconcile(job: Arc<VideoJob>, ctx: Arc<Context>) -> Result<Action> 
 }
 
 pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("vj/{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+    let key = format!(
+        "vj/{}/{}",
+        job.namespace().unwrap_or_default(),
+        job.name_any()
+    );
     ctx.metrics
         .reconcile_errors
-        .get_or_create(&crate::metrics::ReconcileLabels { kind: "VideoJob".into(), error: error.label().into() })
+        .get_or_create(&crate::metrics::ReconcileLabels {
+            kind: "VideoJob".into(),
+            error: error.label().into(),
+        })
         .inc();
     if !error.is_conflict() {
         warn!(job = %key, error = %error, "VideoJob reconcile failed");
@@ -68,7 +78,16 @@ async fn apply(job: Arc<VideoJob>, ctx: &Arc<Context>, api: &Api<VideoJob>) -> R
         let mut s = status.clone();
         s.phase = Some(JobPhase::Pending);
         let msg = format!("GpuPool {} not found in {ns}", job.spec.pool);
-        if set_condition(&mut s.conditions, "Scheduled", false, "PoolNotFound", &msg, job.metadata.generation, ctx.now()) || phase.is_none() {
+        if set_condition(
+            &mut s.conditions,
+            "Scheduled",
+            false,
+            "PoolNotFound",
+            &msg,
+            job.metadata.generation,
+            ctx.now(),
+        ) || phase.is_none()
+        {
             let job = apply_status(api, &job, &s).await?;
             ctx.event(&job, true, "PoolNotFound", msg).await;
         }
@@ -79,7 +98,15 @@ async fn apply(job: Arc<VideoJob>, ctx: &Arc<Context>, api: &Api<VideoJob>) -> R
             let mut s = status.clone();
             s.phase = Some(JobPhase::Pending);
             s.observed_generation = job.metadata.generation;
-            set_condition(&mut s.conditions, "Scheduled", false, "Waiting", "waiting for an instance", job.metadata.generation, ctx.now());
+            set_condition(
+                &mut s.conditions,
+                "Scheduled",
+                false,
+                "Waiting",
+                "waiting for an instance",
+                job.metadata.generation,
+                ctx.now(),
+            );
             apply_status(api, &job, &s).await?;
             Ok(Action::await_change())
         }
@@ -104,7 +131,15 @@ async fn unbind(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>, why: &str) -
     s.instance = None;
     s.provider = None;
     s.remote_job_id = None;
-    set_condition(&mut s.conditions, "Scheduled", false, "Rescheduling", why, job.metadata.generation, ctx.now());
+    set_condition(
+        &mut s.conditions,
+        "Scheduled",
+        false,
+        "Rescheduling",
+        why,
+        job.metadata.generation,
+        ctx.now(),
+    );
     apply_status(api, job, &s).await?;
     Ok(Action::await_change())
 }
@@ -118,7 +153,11 @@ async fn run_on_instance(
 ) -> Result<Action> {
     let ns = job.namespace().unwrap_or_default();
     let status = status_of(&job);
-    if status.phase == Some(JobPhase::Running) && ctx.dispatcher.is_running(&job.uid().unwrap_or_default(), status.attempts) {
+    if status.phase == Some(JobPhase::Running)
+        && ctx
+            .dispatcher
+            .is_running(&job.uid().unwrap_or_default(), status.attempts)
+    {
         return Ok(Action::await_change());
     }
     // Read the instance fresh: the cache may not show the binding yet.
@@ -133,9 +172,21 @@ async fn run_on_instance(
     if !usable {
         if status.phase == Some(JobPhase::Running) {
             // The attempt was under way when the instance went: count it as a lost attempt.
-            return lost_attempt(&job, ctx, api, &format!("instance {instance_name} went away during the attempt")).await;
+            return lost_attempt(
+                &job,
+                ctx,
+                api,
+                &format!("instance {instance_name} went away during the attempt"),
+            )
+            .await;
         }
-        return unbind(&job, ctx, api, &format!("instance {instance_name} is no longer available")).await;
+        return unbind(
+            &job,
+            ctx,
+            api,
+            &format!("instance {instance_name} is no longer available"),
+        )
+        .await;
     }
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let token = secrets
@@ -153,9 +204,22 @@ async fn run_on_instance(
         s.phase = Some(JobPhase::Running);
         s.attempts += 1;
         s.started_at = Some(Time(now));
-        set_condition(&mut s.conditions, "Scheduled", true, "Dispatched", &format!("sent to {instance_name}"), job.metadata.generation, now);
+        set_condition(
+            &mut s.conditions,
+            "Scheduled",
+            true,
+            "Dispatched",
+            &format!("sent to {instance_name}"),
+            job.metadata.generation,
+            now,
+        );
         if s.attempts == 1 {
-            let wait = job.metadata.creation_timestamp.as_ref().map(|t| seconds_between(t.0, now)).unwrap_or(0.0);
+            let wait = job
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| seconds_between(t.0, now))
+                .unwrap_or(0.0);
             ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
         }
         let attempt = s.attempts;
@@ -165,12 +229,23 @@ async fn run_on_instance(
         // with the same X-Job-Id so the worker can tell.
         (job.as_ref().clone(), status.attempts, None)
     };
-    ctx.dispatcher.start(ctx.clone(), &job, &instance, pool, token, attempt, bound_at);
+    let attempt = super::dispatch::Attempt {
+        token,
+        number: attempt,
+        bound_at,
+    };
+    ctx.dispatcher
+        .start(ctx.clone(), &job, &instance, pool, attempt);
     Ok(Action::await_change())
 }
 
 /// An attempt was lost with its instance: retry while attempts remain, else fail.
-async fn lost_attempt(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>, why: &str) -> Result<Action> {
+async fn lost_attempt(
+    job: &VideoJob,
+    ctx: &Context,
+    api: &Api<VideoJob>,
+    why: &str,
+) -> Result<Action> {
     let mut s = status_of(job);
     let now = ctx.now();
     if s.attempts <= job.spec.max_retries {
@@ -179,14 +254,30 @@ async fn lost_attempt(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>, why: &
         s.provider = None;
         s.remote_job_id = None;
         s.error = Some(why.to_string());
-        set_condition(&mut s.conditions, "Scheduled", false, "Retrying", why, job.metadata.generation, now);
+        set_condition(
+            &mut s.conditions,
+            "Scheduled",
+            false,
+            "Retrying",
+            why,
+            job.metadata.generation,
+            now,
+        );
         let job = apply_status(api, job, &s).await?;
         ctx.event(&job, true, "Retrying", why.to_string()).await;
     } else {
         s.phase = Some(JobPhase::Failed);
         s.error = Some(why.to_string());
         s.finished_at = Some(Time(now));
-        set_condition(&mut s.conditions, "Complete", false, "RetriesExhausted", why, job.metadata.generation, now);
+        set_condition(
+            &mut s.conditions,
+            "Complete",
+            false,
+            "RetriesExhausted",
+            why,
+            job.metadata.generation,
+            now,
+        );
         let job = apply_status(api, job, &s).await?;
         count_outcome(ctx, &job, "Failed");
         ctx.event(&job, true, "Failed", why.to_string()).await;
@@ -216,8 +307,15 @@ async fn set_finalizer(job: &VideoJob, api: &Api<VideoJob>, present: bool) -> Re
     } else {
         finalizers.retain(|f| f != JOB_FINALIZER);
     }
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": job.resource_version()}});
-    Ok(api.patch(&job.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?)
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": job.resource_version()}});
+    Ok(api
+        .patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?)
 }
 
 /// Poll interval for a serverless job: grows with its age, 1 s to 15 s.
@@ -247,14 +345,29 @@ async fn run_serverless(
         // Submit. The finalizer goes on first so a deletion can cancel the remote job.
         let job = set_finalizer(&job, api, true).await?;
         let mut input = job.spec.input.clone();
-        input.insert("operation".into(), Value::String(job.spec.operation.clone()));
+        input.insert(
+            "operation".into(),
+            Value::String(job.spec.operation.clone()),
+        );
         let id = match endpoint.submit(&Value::Object(input)).await {
             Ok(id) => id,
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => {
-                ctx.back_off_provider(&ns, &pool.name_any(), provider_name, e.to_string(), matches!(e, ProviderError::Unauthorized(_)));
+                ctx.back_off_provider(
+                    &ns,
+                    &pool.name_any(),
+                    provider_name,
+                    e.to_string(),
+                    matches!(e, ProviderError::Unauthorized(_)),
+                );
                 let job = set_finalizer(&job, api, false).await?;
-                return unbind(&job, ctx, api, &format!("{provider_name} refused the job: {e}")).await;
+                return unbind(
+                    &job,
+                    ctx,
+                    api,
+                    &format!("{provider_name} refused the job: {e}"),
+                )
+                .await;
             }
         };
         ctx.provider_succeeded(&ns, &pool.name_any(), provider_name);
@@ -263,48 +376,110 @@ async fn run_serverless(
         s.remote_job_id = Some(id.clone());
         s.attempts += 1;
         s.started_at = Some(Time(now));
-        set_condition(&mut s.conditions, "Scheduled", true, "Submitted", &format!("queued at {provider_name} as {id}"), job.metadata.generation, now);
+        set_condition(
+            &mut s.conditions,
+            "Scheduled",
+            true,
+            "Submitted",
+            &format!("queued at {provider_name} as {id}"),
+            job.metadata.generation,
+            now,
+        );
         if s.attempts == 1 {
-            let wait = job.metadata.creation_timestamp.as_ref().map(|t| seconds_between(t.0, now)).unwrap_or(0.0);
+            let wait = job
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| seconds_between(t.0, now))
+                .unwrap_or(0.0);
             ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
         }
         apply_status(api, &job, &s).await?;
         return Ok(Action::requeue(poll_interval(0.0)));
     };
 
-    let elapsed = status.started_at.as_ref().map(|t| seconds_between(t.0, now)).unwrap_or(0.0);
+    let elapsed = status
+        .started_at
+        .as_ref()
+        .map(|t| seconds_between(t.0, now))
+        .unwrap_or(0.0);
     if elapsed > job.spec.timeout_seconds as f64 {
         let _ = endpoint.cancel(&remote_id).await;
-        return serverless_attempt_failed(&job, ctx, api, &format!("no result within {} s", job.spec.timeout_seconds)).await;
+        return serverless_attempt_failed(
+            &job,
+            ctx,
+            api,
+            &format!("no result within {} s", job.spec.timeout_seconds),
+        )
+        .await;
     }
     let remote = match endpoint.status(&remote_id).await {
         Ok(r) => r,
         Err(ProviderError::NotFound(_)) => {
-            return serverless_attempt_failed(&job, ctx, api, &format!("{provider_name} no longer knows job {remote_id}")).await;
+            return serverless_attempt_failed(
+                &job,
+                ctx,
+                api,
+                &format!("{provider_name} no longer knows job {remote_id}"),
+            )
+            .await;
         }
         Err(e) => return Err(e.into()),
     };
     match remote.status {
-        ServerlessStatus::InQueue | ServerlessStatus::InProgress => Ok(Action::requeue(poll_interval(elapsed))),
+        ServerlessStatus::InQueue | ServerlessStatus::InProgress => {
+            Ok(Action::requeue(poll_interval(elapsed)))
+        }
         ServerlessStatus::Completed => {
             let output = remote.output.unwrap_or(Value::Null);
-            let size = serde_json::to_vec(&output).map(|v| v.len()).unwrap_or(usize::MAX);
+            let size = serde_json::to_vec(&output)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
             let mut s = status.clone();
             s.finished_at = Some(Time(now));
             if size > ctx.config.max_output_bytes {
                 s.phase = Some(JobPhase::Failed);
-                s.error = Some(format!("output of {size} bytes exceeds the {}-byte limit", ctx.config.max_output_bytes));
-                set_condition(&mut s.conditions, "Complete", false, "OutputTooLarge", s.error.as_deref().unwrap_or_default(), job.metadata.generation, now);
+                s.error = Some(format!(
+                    "output of {size} bytes exceeds the {}-byte limit",
+                    ctx.config.max_output_bytes
+                ));
+                set_condition(
+                    &mut s.conditions,
+                    "Complete",
+                    false,
+                    "OutputTooLarge",
+                    s.error.as_deref().unwrap_or_default(),
+                    job.metadata.generation,
+                    now,
+                );
             } else {
                 s.phase = Some(JobPhase::Succeeded);
                 s.output = Some(output);
                 s.error = None;
-                set_condition(&mut s.conditions, "Complete", true, "EndpointCompleted", &format!("completed at {provider_name}"), job.metadata.generation, now);
+                set_condition(
+                    &mut s.conditions,
+                    "Complete",
+                    true,
+                    "EndpointCompleted",
+                    &format!("completed at {provider_name}"),
+                    job.metadata.generation,
+                    now,
+                );
             }
-            let outcome = if s.phase == Some(JobPhase::Succeeded) { "Succeeded" } else { "Failed" };
+            let outcome = if s.phase == Some(JobPhase::Succeeded) {
+                "Succeeded"
+            } else {
+                "Failed"
+            };
             let job = apply_status(api, &job, &s).await?;
             count_outcome(ctx, &job, outcome);
-            ctx.event(&job, outcome == "Failed", outcome, format!("finished at {provider_name} in {elapsed:.1} s")).await;
+            ctx.event(
+                &job,
+                outcome == "Failed",
+                outcome,
+                format!("finished at {provider_name} in {elapsed:.1} s"),
+            )
+            .await;
             set_finalizer(&job, api, false).await?;
             Ok(Action::await_change())
         }
@@ -319,7 +494,12 @@ async fn run_serverless(
     }
 }
 
-async fn serverless_attempt_failed(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>, why: &str) -> Result<Action> {
+async fn serverless_attempt_failed(
+    job: &VideoJob,
+    ctx: &Context,
+    api: &Api<VideoJob>,
+    why: &str,
+) -> Result<Action> {
     let job = set_finalizer(job, api, false).await?;
     lost_attempt(&job, ctx, api, why).await
 }
@@ -339,7 +519,13 @@ async fn cleanup(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>) -> Result<A
     {
         let endpoint = ctx.providers.serverless(&pool, provider).await?;
         endpoint.cancel(remote).await?;
-        ctx.event(job, false, "Cancelled", format!("cancelled {remote} at {provider}")).await;
+        ctx.event(
+            job,
+            false,
+            "Cancelled",
+            format!("cancelled {remote} at {provider}"),
+        )
+        .await;
     }
     set_finalizer(job, api, false).await?;
     Ok(Action::await_change())
@@ -347,8 +533,15 @@ async fn cleanup(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>) -> Result<A
 
 /// A finished job: delete it once its TTL has passed.
 async fn finished(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>) -> Result<Action> {
-    let Some(ttl) = job.spec.ttl_seconds_after_finished else { return Ok(Action::await_change()) };
-    let Some(done) = job.status.as_ref().and_then(|s| s.finished_at.as_ref()).map(|t| t.0) else {
+    let Some(ttl) = job.spec.ttl_seconds_after_finished else {
+        return Ok(Action::await_change());
+    };
+    let Some(done) = job
+        .status
+        .as_ref()
+        .and_then(|s| s.finished_at.as_ref())
+        .map(|t| t.0)
+    else {
         return Ok(Action::await_change());
     };
     let due = super::idle::deadline(done, ttl);
@@ -356,7 +549,10 @@ async fn finished(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>) -> Result<
     if now < due {
         return Ok(Action::requeue(now.duration_until(due).unsigned_abs()));
     }
-    match api.delete(&job.name_any(), &DeleteParams::background()).await {
+    match api
+        .delete(&job.name_any(), &DeleteParams::background())
+        .await
+    {
         Ok(_) => Ok(Action::await_change()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
         Err(e) => Err(e.into()),

@@ -90,7 +90,10 @@ fn error_requeue(error: &Error, ctx: &Context, key: &str) -> Action {
 fn channel_stream<K: Send + 'static>(
     rx: tokio::sync::mpsc::UnboundedReceiver<K>,
 ) -> impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (Ok(k), rx)) })
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|k| (Ok(k), rx)) },
+    )
 }
 
 /// One watch per kind feeds one cache, then fans each object out to every controller that
@@ -106,11 +109,18 @@ fn watch_and_fan_out<K>(
     impl Future<Output = ()> + Send,
 )
 where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (store, writer) = reflector::store();
-    let (senders, receivers): (Vec<_>, Vec<_>) =
-        (0..consumers).map(|_| tokio::sync::mpsc::unbounded_channel::<K>()).unzip();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..consumers)
+        .map(|_| tokio::sync::mpsc::unbounded_channel::<K>())
+        .unzip();
     let kind = K::kind(&()).to_string();
     let driver = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
@@ -140,7 +150,11 @@ pub async fn run(ctx: Arc<Context>) {
                 Api::namespaced(client.clone(), n),
                 Api::namespaced(client.clone(), n),
             ),
-            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
         };
     let (pool_store, mut pool_rx, pool_watch) = watch_and_fan_out(pools, 1);
     let (inst_store, mut inst_rx, inst_watch) = watch_and_fan_out(instances, 2);
@@ -168,7 +182,8 @@ pub async fn run(ctx: Arc<Context>) {
             Some(ObjectRef::new(&inst).within(&ns))
         })
         .shutdown_on_signal();
-    let job_ctrl = Controller::for_stream(channel_stream(job_rx.remove(0)), job_store).shutdown_on_signal();
+    let job_ctrl =
+        Controller::for_stream(channel_stream(job_rx.remove(0)), job_store).shutdown_on_signal();
 
     // No reconcile may run before every cache is filled: a pool that saw its jobs but not
     // yet its instances would rent machines it already has.

@@ -68,10 +68,17 @@ pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action> 
 }
 
 pub fn error_policy(pool: Arc<GpuPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("gp/{}/{}", pool.namespace().unwrap_or_default(), pool.name_any());
+    let key = format!(
+        "gp/{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    );
     ctx.metrics
         .reconcile_errors
-        .get_or_create(&crate::metrics::ReconcileLabels { kind: "GpuPool".into(), error: error.label().into() })
+        .get_or_create(&crate::metrics::ReconcileLabels {
+            kind: "GpuPool".into(),
+            error: error.label().into(),
+        })
         .inc();
     if !error.is_conflict() {
         warn!(pool = %key, error = %error, "GpuPool reconcile failed");
@@ -128,7 +135,9 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
     // Complete bindings a crash interrupted: an instance claims a job still Pending.
     let mut repaired = Vec::new();
     for inst in &instances {
-        let Some(job_name) = inst.status.as_ref().and_then(|s| s.current_job.clone()) else { continue };
+        let Some(job_name) = inst.status.as_ref().and_then(|s| s.current_job.clone()) else {
+            continue;
+        };
         if let Some(job) = jobs.iter().find(|j| j.name_any() == job_name)
             && matches!(job_phase(job), JobPhase::Pending)
             && job.metadata.deletion_timestamp.is_none()
@@ -191,18 +200,32 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         .collect();
     let limits = Limits {
         max_instances: pool.spec.max_instances.max(0) as usize,
-        max_hourly_spend: pool.spec.max_hourly_spend.as_deref().and_then(|s| s.parse().ok()),
+        max_hourly_spend: pool
+            .spec
+            .max_hourly_spend
+            .as_deref()
+            .and_then(|s| s.parse().ok()),
     };
     let pending_views: Vec<PendingJob> = pending
         .iter()
         .map(|j| PendingJob {
             name: j.name_any(),
-            created: j.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),
+            created: j
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .unwrap_or(now),
             provider: j.spec.provider.clone(),
         })
         .collect();
     let plan = scheduling::schedule(&pending_views, &views, &providers, &limits);
-    debug!(pending = pending_views.len(), instances = views.len(), ?plan, "scheduling pass");
+    debug!(
+        pending = pending_views.len(),
+        instances = views.len(),
+        ?plan,
+        "scheduling pass"
+    );
 
     let mut requeue = Duration::from_secs(60);
     for (job_name, inst_name) in &plan.bind {
@@ -217,7 +240,10 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         s.current_job = Some(job_name.clone());
         match apply_status(&inst_api, inst, &s).await {
             Ok(_) => {}
-            Err(e) if e.is_conflict() || matches!(&e, Error::Kube(kube::Error::Api(s)) if s.code == 404) => {
+            Err(e)
+                if e.is_conflict()
+                    || matches!(&e, Error::Kube(kube::Error::Api(s)) if s.code == 404) =>
+            {
                 debug!(instance = %inst_name, "instance changed before the claim; trying again");
                 requeue = Duration::from_millis(200);
                 continue;
@@ -233,8 +259,18 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
             s.instance = None;
             s.provider = Some(provider.clone());
             s.remote_job_id = None;
-            s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
-            set_condition(&mut s.conditions, "Scheduled", true, "Serverless", &format!("sent to the serverless endpoint {provider}"), job.metadata.generation, now);
+            s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                now,
+            ));
+            set_condition(
+                &mut s.conditions,
+                "Scheduled",
+                true,
+                "Serverless",
+                &format!("sent to the serverless endpoint {provider}"),
+                job.metadata.generation,
+                now,
+            );
             match apply_status(&job_api, job.as_ref(), &s).await {
                 Ok(_) => {}
                 Err(e) if e.is_conflict() => requeue = Duration::from_millis(200),
@@ -249,9 +285,20 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         if let Some(job) = jobs.iter().find(|j| &j.name_any() == job_name) {
             let (code, message) = wait_message(reason, &pool);
             let mut s = job.status.clone().unwrap_or_default();
-            if set_condition(&mut s.conditions, "Scheduled", false, code, &message, job.metadata.generation, now) {
+            if set_condition(
+                &mut s.conditions,
+                "Scheduled",
+                false,
+                code,
+                &message,
+                job.metadata.generation,
+                now,
+            ) {
                 match apply_status(&job_api, job.as_ref(), &s).await {
-                    Ok(job) if code != "InstanceStarting" => ctx.event(&job, code == "UnknownProvider", code, message).await,
+                    Ok(job) if code != "InstanceStarting" => {
+                        ctx.event(&job, code == "UnknownProvider", code, message)
+                            .await
+                    }
                     Ok(_) => {}
                     Err(e) if e.is_conflict() => requeue = Duration::from_millis(200),
                     Err(e) => return Err(e),
@@ -273,29 +320,69 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
 
 fn wait_message(reason: &WaitReason, pool: &GpuPool) -> (&'static str, String) {
     match reason {
-        WaitReason::InstanceStarting => ("InstanceStarting", "waiting for an instance that is starting".into()),
-        WaitReason::MaxInstances => ("MaxInstances", format!("the pool has its maximum of {} instances", pool.spec.max_instances)),
-        WaitReason::MaxHourlySpend => ("MaxHourlySpend", format!(
-            "another instance would exceed the pool's maxHourlySpend of {} USD/h",
-            pool.spec.max_hourly_spend.clone().unwrap_or_default()
-        )),
-        WaitReason::NoProviderAvailable => ("NoProviderAvailable", "every provider the job may use is backing off or misconfigured".into()),
-        WaitReason::UnknownProvider(p) => ("UnknownProvider", format!("the pool has no provider named {p}")),
+        WaitReason::InstanceStarting => (
+            "InstanceStarting",
+            "waiting for an instance that is starting".into(),
+        ),
+        WaitReason::MaxInstances => (
+            "MaxInstances",
+            format!(
+                "the pool has its maximum of {} instances",
+                pool.spec.max_instances
+            ),
+        ),
+        WaitReason::MaxHourlySpend => (
+            "MaxHourlySpend",
+            format!(
+                "another instance would exceed the pool's maxHourlySpend of {} USD/h",
+                pool.spec.max_hourly_spend.clone().unwrap_or_default()
+            ),
+        ),
+        WaitReason::NoProviderAvailable => (
+            "NoProviderAvailable",
+            "every provider the job may use is backing off or misconfigured".into(),
+        ),
+        WaitReason::UnknownProvider(p) => (
+            "UnknownProvider",
+            format!("the pool has no provider named {p}"),
+        ),
     }
 }
 
-async fn bind_job(ctx: &Context, api: &Api<VideoJob>, job: &VideoJob, instance: &str, provider: &str) -> Result<()> {
+async fn bind_job(
+    ctx: &Context,
+    api: &Api<VideoJob>,
+    job: &VideoJob,
+    instance: &str,
+    provider: &str,
+) -> Result<()> {
     let now = ctx.now();
     let mut s = job.status.clone().unwrap_or_default();
     s.phase = Some(JobPhase::Scheduled);
     s.instance = Some(instance.to_string());
     s.provider = Some(provider.to_string());
     s.remote_job_id = None;
-    s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now));
-    set_condition(&mut s.conditions, "Scheduled", true, "Bound", &format!("bound to {instance}"), job.metadata.generation, now);
+    s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        now,
+    ));
+    set_condition(
+        &mut s.conditions,
+        "Scheduled",
+        true,
+        "Bound",
+        &format!("bound to {instance}"),
+        job.metadata.generation,
+        now,
+    );
     match apply_status(api, job, &s).await {
         Ok(job) => {
-            ctx.event(&job, false, "Bound", format!("bound to instance {instance}")).await;
+            ctx.event(
+                &job,
+                false,
+                "Bound",
+                format!("bound to instance {instance}"),
+            )
+            .await;
             Ok(())
         }
         // The job changed meanwhile; the instance's claim stays and the next pass repairs it.
@@ -313,13 +400,22 @@ async fn create_instance(api: &Api<GpuInstance>, pool: &GpuPool, provider: &str)
         controller: Some(true),
         block_owner_deletion: Some(false),
     };
-    let mut gi = GpuInstance::new("", GpuInstanceSpec { pool: pool.name_any(), provider: provider.into() });
+    let mut gi = GpuInstance::new(
+        "",
+        GpuInstanceSpec {
+            pool: pool.name_any(),
+            provider: provider.into(),
+        },
+    );
     gi.metadata.name = None;
     gi.metadata.generate_name = Some(format!("{}-", pool.name_any()));
     gi.metadata.labels = Some(BTreeMap::from([
         (POOL_LABEL.to_string(), pool.name_any()),
         ("gpupool.dev/provider".to_string(), provider.to_string()),
-        ("app.kubernetes.io/managed-by".to_string(), "gpupool".to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "gpupool".to_string(),
+        ),
     ]));
     gi.metadata.finalizers = Some(vec![INSTANCE_FINALIZER.to_string()]);
     gi.metadata.owner_references = Some(vec![owner]);
@@ -336,8 +432,11 @@ async fn sync_endpoints(pool: &GpuPool, ctx: &Context) {
         workers_max: pool.spec.max_instances.max(0) as u32,
     };
     for entry in &pool.spec.providers {
-        let Some(sls) = &entry.runpod_serverless else { continue };
-        if !sls.manage_endpoint_settings || !ctx.endpoint_sync_due(pool, &entry.name, ENDPOINT_SYNC) {
+        let Some(sls) = &entry.runpod_serverless else {
+            continue;
+        };
+        if !sls.manage_endpoint_settings || !ctx.endpoint_sync_due(pool, &entry.name, ENDPOINT_SYNC)
+        {
             continue;
         }
         let result = async {
@@ -352,7 +451,13 @@ async fn sync_endpoints(pool: &GpuPool, ctx: &Context) {
         .await;
         if let Err(e) = result {
             ctx.endpoint_sync_failed(pool, &entry.name);
-            ctx.event(pool, true, "EndpointSyncFailed", format!("{}: {e}", entry.name)).await;
+            ctx.event(
+                pool,
+                true,
+                "EndpointSyncFailed",
+                format!("{}: {e}", entry.name),
+            )
+            .await;
         }
     }
 }
@@ -371,7 +476,11 @@ fn pool_status(
     let mut by_label: BTreeMap<(String, String), i64> = BTreeMap::new();
     for i in instances {
         counts.total += 1;
-        let phase = if i.metadata.deletion_timestamp.is_some() { InstancePhase::Terminating } else { instance_phase(i) };
+        let phase = if i.metadata.deletion_timestamp.is_some() {
+            InstancePhase::Terminating
+        } else {
+            instance_phase(i)
+        };
         match phase {
             InstancePhase::Pending => counts.pending += 1,
             InstancePhase::Provisioning => counts.provisioning += 1,
@@ -379,31 +488,57 @@ fn pool_status(
             InstancePhase::Terminating => counts.terminating += 1,
             InstancePhase::Failed => counts.failed += 1,
         }
-        if phase == InstancePhase::Ready && i.status.as_ref().is_some_and(|s| s.current_job.is_some()) {
+        if phase == InstancePhase::Ready
+            && i.status.as_ref().is_some_and(|s| s.current_job.is_some())
+        {
             counts.busy += 1;
         }
-        let billing = i.status.as_ref().is_some_and(|s| s.provider_instance_id.is_some());
+        let billing = i
+            .status
+            .as_ref()
+            .is_some_and(|s| s.provider_instance_id.is_some());
         if billing {
             spend += instance_price(i).unwrap_or_default();
         }
-        *by_label.entry((i.spec.provider.clone(), format!("{phase:?}"))).or_default() += 1;
+        *by_label
+            .entry((i.spec.provider.clone(), format!("{phase:?}")))
+            .or_default() += 1;
     }
     for p in &pool.spec.providers {
         for phase in ["Pending", "Provisioning", "Ready", "Terminating", "Failed"] {
-            let v = by_label.get(&(p.name.clone(), phase.to_string())).copied().unwrap_or(0);
+            let v = by_label
+                .get(&(p.name.clone(), phase.to_string()))
+                .copied()
+                .unwrap_or(0);
             ctx.metrics
                 .instances
-                .get_or_create(&InstanceLabels { namespace: ns.clone(), pool: name.clone(), provider: p.name.clone(), phase: phase.into() })
+                .get_or_create(&InstanceLabels {
+                    namespace: ns.clone(),
+                    pool: name.clone(),
+                    provider: p.name.clone(),
+                    phase: phase.into(),
+                })
                 .set(v);
         }
     }
     let pending = jobs
         .iter()
-        .filter(|j| j.metadata.deletion_timestamp.is_none() && matches!(job_phase(j), JobPhase::Pending))
+        .filter(|j| {
+            j.metadata.deletion_timestamp.is_none() && matches!(job_phase(j), JobPhase::Pending)
+        })
         .count();
-    let pool_labels = PoolLabels { namespace: ns.clone(), pool: name.clone() };
-    ctx.metrics.pending_jobs.get_or_create(&pool_labels).set(pending as i64);
-    ctx.metrics.spend_per_hour.get_or_create(&pool_labels).set(spend.try_into().unwrap_or(0.0));
+    let pool_labels = PoolLabels {
+        namespace: ns.clone(),
+        pool: name.clone(),
+    };
+    ctx.metrics
+        .pending_jobs
+        .get_or_create(&pool_labels)
+        .set(pending as i64);
+    ctx.metrics
+        .spend_per_hour
+        .get_or_create(&pool_labels)
+        .set(spend.try_into().unwrap_or(0.0));
 
     let mut next_backoff: Option<Timestamp> = None;
     let providers: Vec<ProviderStatus> = pool
@@ -415,31 +550,67 @@ fn pool_status(
                 next_backoff = Some(next_backoff.map_or(b.until, |n| n.min(b.until)));
                 ProviderStatus {
                     name: p.name.clone(),
-                    state: if b.unavailable { ProviderState::Unavailable } else { ProviderState::BackingOff },
+                    state: if b.unavailable {
+                        ProviderState::Unavailable
+                    } else {
+                        ProviderState::BackingOff
+                    },
                     backoff_until: Some(Time(b.until)),
                     consecutive_failures: b.failures as i32,
                     message: Some(b.message.chars().take(512).collect()),
                 }
             }
-            None => ProviderStatus { name: p.name.clone(), state: ProviderState::Available, backoff_until: None, consecutive_failures: 0, message: None },
+            None => ProviderStatus {
+                name: p.name.clone(),
+                state: ProviderState::Available,
+                backoff_until: None,
+                consecutive_failures: 0,
+                message: None,
+            },
         })
         .collect();
-    let available = providers.iter().filter(|p| p.state == ProviderState::Available).count();
-    let mut conditions = pool.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    let available = providers
+        .iter()
+        .filter(|p| p.state == ProviderState::Available)
+        .count();
+    let mut conditions = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
     let ready = available > 0;
     let message = if ready {
         format!("{available} of {} providers available", providers.len())
     } else {
         "every provider is backing off or misconfigured; jobs wait".to_string()
     };
-    set_condition(&mut conditions, "Ready", ready, if ready { "ProvidersAvailable" } else { "NoProviderAvailable" }, &message, pool.metadata.generation, pool
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.last_transition_time.0))
-        .filter(|_| {
-            pool.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).is_some_and(|c| (c.status == "True") == ready)
-        })
-        .unwrap_or(now));
+    set_condition(
+        &mut conditions,
+        "Ready",
+        ready,
+        if ready {
+            "ProvidersAvailable"
+        } else {
+            "NoProviderAvailable"
+        },
+        &message,
+        pool.metadata.generation,
+        pool.status
+            .as_ref()
+            .and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == "Ready")
+                    .map(|c| c.last_transition_time.0)
+            })
+            .filter(|_| {
+                pool.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                    .is_some_and(|c| (c.status == "True") == ready)
+            })
+            .unwrap_or(now),
+    );
     let status = GpuPoolStatus {
         observed_generation: pool.metadata.generation,
         instances: Some(counts),
@@ -469,5 +640,9 @@ async fn cleanup(pool: Arc<GpuPool>, ctx: &Context) -> Result<Action> {
             }
         }
     }
-    Err(Error::TeardownPending(format!("{} instances of pool {}", instances.len(), pool.name_any())))
+    Err(Error::TeardownPending(format!(
+        "{} instances of pool {}",
+        instances.len(),
+        pool.name_any()
+    )))
 }

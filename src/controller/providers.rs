@@ -70,17 +70,16 @@ impl ProviderFactory for HttpProviders {
         entry: &ProviderSpec,
         key: Credentials,
     ) -> Result<Arc<dyn InstanceProvider>, ProviderError> {
-        let worker = pool.spec.worker.as_ref().ok_or_else(|| {
-            ProviderError::Permanent("the pool has no worker section".into())
-        })?;
+        let worker = pool
+            .spec
+            .worker
+            .as_ref()
+            .ok_or_else(|| ProviderError::Permanent("the pool has no worker section".into()))?;
         let shape = WorkerShape::from_spec(worker)?;
         let inner: Arc<dyn InstanceProvider> = match (&entry.vast, &entry.runpod) {
-            (Some(v), None) => Arc::new(VastClient::new(
-                v,
-                shape,
-                key,
-                self.endpoints.vast.clone(),
-            )?),
+            (Some(v), None) => {
+                Arc::new(VastClient::new(v, shape, key, self.endpoints.vast.clone())?)
+            }
             (None, Some(r)) => Arc::new(RunpodClient::new(
                 r,
                 shape,
@@ -125,12 +124,15 @@ impl ProviderFactory for HttpProviders {
 /// Cache key of a built client: the pool object as of a generation, one entry, one key value.
 type ClientKey = (String, String, i64, String, String);
 
+/// Secret values by (namespace, name, key), with when they were read.
+type SecretCache = HashMap<(String, String, String), (Instant, Credentials)>;
+
 /// Reads Secrets and caches clients built from them.
 pub struct Providers {
     client: Client,
     factory: Box<dyn ProviderFactory>,
     worker_config: WorkerClientConfig,
-    secrets: Mutex<HashMap<(String, String, String), (Instant, Credentials)>>,
+    secrets: Mutex<SecretCache>,
     instances: Mutex<HashMap<ClientKey, Arc<dyn InstanceProvider>>>,
     serverless: Mutex<HashMap<ClientKey, Arc<dyn ServerlessProvider>>>,
     workers: Mutex<HashMap<ClientKey, WorkerClient>>,
@@ -141,7 +143,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Providers {
-    pub fn new(client: Client, factory: Box<dyn ProviderFactory>, worker: WorkerClientConfig) -> Self {
+    pub fn new(
+        client: Client,
+        factory: Box<dyn ProviderFactory>,
+        worker: WorkerClientConfig,
+    ) -> Self {
         Self {
             client,
             factory,
@@ -185,7 +191,10 @@ impl Providers {
                     .map(|s| s.clone().into_bytes())
             })
             .ok_or_else(|| {
-                Error::Config(format!("Secret {namespace}/{} has no key {}", r.name, r.key))
+                Error::Config(format!(
+                    "Secret {namespace}/{} has no key {}",
+                    r.name, r.key
+                ))
             })?;
         let value = String::from_utf8(bytes)
             .map(|s| s.trim().to_string())
@@ -248,7 +257,11 @@ impl Providers {
     }
 
     /// The serverless provider for entry `name` of `pool`.
-    pub async fn serverless(&self, pool: &GpuPool, name: &str) -> Result<Arc<dyn ServerlessProvider>> {
+    pub async fn serverless(
+        &self,
+        pool: &GpuPool,
+        name: &str,
+    ) -> Result<Arc<dyn ServerlessProvider>> {
         let entry = Self::entry(pool, name)?;
         let ns = pool.metadata.namespace.clone().unwrap_or_default();
         let cred_ref = entry
@@ -267,7 +280,12 @@ impl Providers {
     /// The worker client of `pool` (it carries the pool's worker API key, if any).
     pub async fn worker(&self, pool: &GpuPool) -> Result<WorkerClient> {
         let ns = pool.metadata.namespace.clone().unwrap_or_default();
-        let api_key = match pool.spec.worker.as_ref().and_then(|w| w.api_key_secret_ref.as_ref()) {
+        let api_key = match pool
+            .spec
+            .worker
+            .as_ref()
+            .and_then(|w| w.api_key_secret_ref.as_ref())
+        {
             Some(r) => Some(self.secret(&ns, r).await?),
             None => None,
         };

@@ -115,17 +115,27 @@ pub fn schedule(
         .iter()
         .filter(|i| {
             !i.deleting
-                && (matches!(i.phase, InstancePhase::Pending | InstancePhase::Provisioning)
-                    || (i.phase == InstancePhase::Ready && i.busy && i.releasing))
+                && (matches!(
+                    i.phase,
+                    InstancePhase::Pending | InstancePhase::Provisioning
+                ) || (i.phase == InstancePhase::Ready && i.busy && i.releasing))
         })
         .collect();
-    let mut total = instances.iter().filter(|i| i.counts_against_limits()).count();
+    let mut total = instances
+        .iter()
+        .filter(|i| i.counts_against_limits())
+        .count();
     let mut spend: Decimal = instances
         .iter()
         .filter(|i| i.counts_against_limits())
         .map(|i| {
             i.price_per_hour
-                .or_else(|| providers.iter().find(|p| p.name == i.provider)?.max_price_per_hour)
+                .or_else(|| {
+                    providers
+                        .iter()
+                        .find(|p| p.name == i.provider)?
+                        .max_price_per_hour
+                })
                 .unwrap_or_default()
         })
         .sum();
@@ -136,7 +146,8 @@ pub fn schedule(
         if let Some(pin) = &job.provider
             && !known.contains(pin.as_str())
         {
-            plan.waiting.push((job.name.clone(), WaitReason::UnknownProvider(pin.clone())));
+            plan.waiting
+                .push((job.name.clone(), WaitReason::UnknownProvider(pin.clone())));
             continue;
         }
         if let Some(pos) = idle.iter().position(|i| allowed(&i.provider)) {
@@ -154,7 +165,8 @@ pub fn schedule(
         }
         if let Some(pos) = starting.iter().position(|i| allowed(&i.provider)) {
             starting.remove(pos);
-            plan.waiting.push((job.name.clone(), WaitReason::InstanceStarting));
+            plan.waiting
+                .push((job.name.clone(), WaitReason::InstanceStarting));
             continue;
         }
         let mut reason = WaitReason::NoProviderAvailable;
@@ -173,14 +185,18 @@ pub fn schedule(
                 continue;
             }
             let cost = p.max_price_per_hour.unwrap_or_default();
-            if limits.max_hourly_spend.is_some_and(|cap| spend + cost > cap) {
+            if limits
+                .max_hourly_spend
+                .is_some_and(|cap| spend + cost > cap)
+            {
                 reason = WaitReason::MaxHourlySpend;
                 continue;
             }
             plan.create.push(p.name.clone());
             total += 1;
             spend += cost;
-            plan.waiting.push((job.name.clone(), WaitReason::InstanceStarting));
+            plan.waiting
+                .push((job.name.clone(), WaitReason::InstanceStarting));
             placed = true;
             break;
         }
@@ -247,7 +263,10 @@ mod tests {
     }
 
     fn limits(max: usize, spend: Option<&str>) -> Limits {
-        Limits { max_instances: max, max_hourly_spend: spend.map(dec) }
+        Limits {
+            max_instances: max,
+            max_hourly_spend: spend.map(dec),
+        }
     }
 
     #[test]
@@ -260,7 +279,10 @@ mod tests {
         );
         assert_eq!(plan.bind, vec![("old".into(), "i1".into())]);
         assert_eq!(plan.create, vec!["vast".to_string()]);
-        assert_eq!(plan.waiting, vec![("young".into(), WaitReason::InstanceStarting)]);
+        assert_eq!(
+            plan.waiting,
+            vec![("young".into(), WaitReason::InstanceStarting)]
+        );
     }
 
     #[test]
@@ -269,7 +291,11 @@ mod tests {
         deleting.deleting = true;
         let plan = schedule(
             &[job("a", 1, None), job("b", 2, None)],
-            &[inst("busy", "vast", InstancePhase::Ready, true), deleting, inst("free", "vast", InstancePhase::Ready, false)],
+            &[
+                inst("busy", "vast", InstancePhase::Ready, true),
+                deleting,
+                inst("free", "vast", InstancePhase::Ready, false),
+            ],
             &[vast(true)],
             &limits(3, None),
         );
@@ -295,9 +321,17 @@ mod tests {
     fn a_job_waits_for_an_instance_whose_job_just_finished() {
         let mut finishing = inst("f", "vast", InstancePhase::Ready, true);
         finishing.releasing = true;
-        let plan = schedule(&[job("next", 1, None)], &[finishing], &[vast(true)], &limits(10, None));
+        let plan = schedule(
+            &[job("next", 1, None)],
+            &[finishing],
+            &[vast(true)],
+            &limits(10, None),
+        );
         assert!(plan.create.is_empty() && plan.bind.is_empty());
-        assert_eq!(plan.waiting, vec![("next".into(), WaitReason::InstanceStarting)]);
+        assert_eq!(
+            plan.waiting,
+            vec![("next".into(), WaitReason::InstanceStarting)]
+        );
     }
 
     #[test]
@@ -332,15 +366,33 @@ mod tests {
 
     #[test]
     fn providers_in_order_skip_backing_off_ones_and_serverless_takes_jobs_directly() {
-        let plan = schedule(&[job("a", 1, None)], &[], &[serverless(true), vast(true)], &limits(10, None));
+        let plan = schedule(
+            &[job("a", 1, None)],
+            &[],
+            &[serverless(true), vast(true)],
+            &limits(10, None),
+        );
         assert_eq!(plan.serverless, vec![("a".into(), "sls".into())]);
         assert!(plan.create.is_empty());
 
-        let plan = schedule(&[job("a", 1, None)], &[], &[serverless(false), vast(false), runpod()], &limits(10, None));
+        let plan = schedule(
+            &[job("a", 1, None)],
+            &[],
+            &[serverless(false), vast(false), runpod()],
+            &limits(10, None),
+        );
         assert_eq!(plan.create, vec!["rp".to_string()]);
 
-        let plan = schedule(&[job("a", 1, None)], &[], &[serverless(false), vast(false)], &limits(10, None));
-        assert_eq!(plan.waiting, vec![("a".into(), WaitReason::NoProviderAvailable)]);
+        let plan = schedule(
+            &[job("a", 1, None)],
+            &[],
+            &[serverless(false), vast(false)],
+            &limits(10, None),
+        );
+        assert_eq!(
+            plan.waiting,
+            vec![("a".into(), WaitReason::NoProviderAvailable)]
+        );
     }
 
     #[test]
@@ -352,7 +404,10 @@ mod tests {
             &limits(10, None),
         );
         assert_eq!(plan.serverless, vec![("a".into(), "sls".into())]);
-        assert_eq!(plan.waiting, vec![("pinned".into(), WaitReason::InstanceStarting)]);
+        assert_eq!(
+            plan.waiting,
+            vec![("pinned".into(), WaitReason::InstanceStarting)]
+        );
         assert!(plan.create.is_empty());
     }
 
@@ -370,14 +425,21 @@ mod tests {
     #[test]
     fn pins_are_honoured() {
         let plan = schedule(
-            &[job("pinned", 1, Some("rp")), job("free", 2, None), job("lost", 3, Some("nope"))],
+            &[
+                job("pinned", 1, Some("rp")),
+                job("free", 2, None),
+                job("lost", 3, Some("nope")),
+            ],
             &[inst("v", "vast", InstancePhase::Ready, false)],
             &[vast(true), runpod()],
             &limits(10, None),
         );
         assert_eq!(plan.bind, vec![("free".into(), "v".into())]);
         assert_eq!(plan.create, vec!["rp".to_string()]);
-        assert_eq!(plan.waiting.last().unwrap(), &("lost".into(), WaitReason::UnknownProvider("nope".into())));
+        assert_eq!(
+            plan.waiting.last().unwrap(),
+            &("lost".into(), WaitReason::UnknownProvider("nope".into()))
+        );
     }
 
     #[test]

@@ -55,7 +55,11 @@ where
         "status": status,
     });
     Ok(api
-        .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .patch_status(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
         .await?)
 }
 

@@ -49,7 +49,10 @@ pub async fn sweep_once(ctx: &Context, first_seen: &mut HashMap<String, Instant>
     let mut listed: HashSet<(String, String)> = HashSet::new();
     for pool in ctx.stores().pools.state() {
         for entry in &pool.spec.providers {
-            if !matches!(entry.kind(), Some(ProviderKind::Vast | ProviderKind::Runpod)) {
+            if !matches!(
+                entry.kind(),
+                Some(ProviderKind::Vast | ProviderKind::Runpod)
+            ) {
                 continue;
             }
             let provider = match ctx.providers.instance(&pool, &entry.name).await {
@@ -60,7 +63,19 @@ pub async fn sweep_once(ctx: &Context, first_seen: &mut HashMap<String, Instant>
                     continue;
                 }
             };
-            let account = format!("{:?}:{}", entry.kind(), entry.credentials().map(|c| format!("{}/{}/{}", pool.namespace().unwrap_or_default(), c.name, c.key)).unwrap_or_default());
+            let account = format!(
+                "{:?}:{}",
+                entry.kind(),
+                entry
+                    .credentials()
+                    .map(|c| format!(
+                        "{}/{}/{}",
+                        pool.namespace().unwrap_or_default(),
+                        c.name,
+                        c.key
+                    ))
+                    .unwrap_or_default()
+            );
             if !listed.insert((format!("{:?}", entry.kind()), account)) {
                 continue;
             }
@@ -72,7 +87,11 @@ pub async fn sweep_once(ctx: &Context, first_seen: &mut HashMap<String, Instant>
                 }
             };
             for m in machines {
-                let Some(uid) = m.label.as_deref().and_then(|l| instance_uid_from_label(&ctx.config.cluster_id, l)) else {
+                let Some(uid) = m
+                    .label
+                    .as_deref()
+                    .and_then(|l| instance_uid_from_label(&ctx.config.cluster_id, l))
+                else {
                     continue;
                 };
                 if known.contains(uid) {
@@ -94,7 +113,9 @@ pub async fn sweep_once(ctx: &Context, first_seen: &mut HashMap<String, Instant>
                         .await;
                         destroyed.push(m.id.clone());
                     }
-                    Err(e) => warn!(id = %m.id, error = %e, "could not destroy an orphan; next sweep retries"),
+                    Err(e) => {
+                        warn!(id = %m.id, error = %e, "could not destroy an orphan; next sweep retries")
+                    }
                 }
             }
         }

@@ -47,7 +47,11 @@ pub struct InstrumentedInstances {
 
 impl InstrumentedInstances {
     pub fn new(inner: Arc<dyn InstanceProvider>, name: String, metrics: Arc<Metrics>) -> Self {
-        Self { inner, name, metrics }
+        Self {
+            inner,
+            name,
+            metrics,
+        }
     }
 }
 
@@ -60,7 +64,13 @@ impl InstanceProvider for InstrumentedInstances {
         observe(&self.metrics, &self.name, "offers", self.inner.offers()).await
     }
     async fn create(&self, offer: &Offer, req: &CreateRequest) -> ProviderResult<RemoteInstance> {
-        observe(&self.metrics, &self.name, "create", self.inner.create(offer, req)).await
+        observe(
+            &self.metrics,
+            &self.name,
+            "create",
+            self.inner.create(offer, req),
+        )
+        .await
     }
     async fn get(&self, id: &str) -> ProviderResult<RemoteInstance> {
         observe(&self.metrics, &self.name, "get", self.inner.get(id)).await
@@ -69,10 +79,22 @@ impl InstanceProvider for InstrumentedInstances {
         observe(&self.metrics, &self.name, "delete", self.inner.delete(id)).await
     }
     async fn list_labeled(&self, prefix: &str) -> ProviderResult<Vec<RemoteInstance>> {
-        observe(&self.metrics, &self.name, "list", self.inner.list_labeled(prefix)).await
+        observe(
+            &self.metrics,
+            &self.name,
+            "list",
+            self.inner.list_labeled(prefix),
+        )
+        .await
     }
     async fn find_by_label(&self, label: &str) -> ProviderResult<Option<RemoteInstance>> {
-        observe(&self.metrics, &self.name, "find", self.inner.find_by_label(label)).await
+        observe(
+            &self.metrics,
+            &self.name,
+            "find",
+            self.inner.find_by_label(label),
+        )
+        .await
     }
 }
 
@@ -86,20 +108,42 @@ pub struct InstrumentedServerless {
 
 impl InstrumentedServerless {
     pub fn new(inner: Arc<dyn ServerlessProvider>, name: String, metrics: Arc<Metrics>) -> Self {
-        Self { inner, name, metrics }
+        Self {
+            inner,
+            name,
+            metrics,
+        }
     }
 }
 
 #[async_trait]
 impl ServerlessProvider for InstrumentedServerless {
     async fn submit(&self, input: &Value) -> ProviderResult<String> {
-        observe(&self.metrics, &self.name, "submit", self.inner.submit(input)).await
+        observe(
+            &self.metrics,
+            &self.name,
+            "submit",
+            self.inner.submit(input),
+        )
+        .await
     }
     async fn status(&self, job_id: &str) -> ProviderResult<ServerlessJob> {
-        observe(&self.metrics, &self.name, "status", self.inner.status(job_id)).await
+        observe(
+            &self.metrics,
+            &self.name,
+            "status",
+            self.inner.status(job_id),
+        )
+        .await
     }
     async fn cancel(&self, job_id: &str) -> ProviderResult<()> {
-        observe(&self.metrics, &self.name, "cancel", self.inner.cancel(job_id)).await
+        observe(
+            &self.metrics,
+            &self.name,
+            "cancel",
+            self.inner.cancel(job_id),
+        )
+        .await
     }
     async fn health(&self) -> ProviderResult<EndpointHealth> {
         observe(&self.metrics, &self.name, "health", self.inner.health()).await
@@ -108,6 +152,12 @@ impl ServerlessProvider for InstrumentedServerless {
         observe(&self.metrics, &self.name, "settings", self.inner.settings()).await
     }
     async fn update_settings(&self, settings: &EndpointSettings) -> ProviderResult<()> {
-        observe(&self.metrics, &self.name, "update_settings", self.inner.update_settings(settings)).await
+        observe(
+            &self.metrics,
+            &self.name,
+            "update_settings",
+            self.inner.update_settings(settings),
+        )
+        .await
     }
 }

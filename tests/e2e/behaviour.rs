@@ -23,15 +23,25 @@ fn ts(v: &Value) -> Option<Timestamp> {
 }
 
 async fn sim_instances(sim: &gpupool::sim::SimHandle) -> Vec<Value> {
-    admin(sim, "state").await["instances"].as_array().cloned().unwrap_or_default()
+    admin(sim, "state").await["instances"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 async fn alive(sim: &gpupool::sim::SimHandle) -> usize {
-    sim_instances(sim).await.iter().filter(|i| i["alive"] == true).count()
+    sim_instances(sim)
+        .await
+        .iter()
+        .filter(|i| i["alive"] == true)
+        .count()
 }
 
 async fn instance_named(client: &kube::Client, ns: &str, name: &str) -> GpuInstance {
-    Api::<GpuInstance>::namespaced(client.clone(), ns).get(name).await.unwrap()
+    Api::<GpuInstance>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap()
 }
 
 /// A job created within a few hundred milliseconds of an instance's idle deadline either
@@ -57,7 +67,10 @@ async fn deadline_race_never_loses_a_job_nor_uses_a_destroyed_machine() {
             let client = client.clone();
             let (ns, inst) = (ns.name.clone(), inst.clone());
             async move {
-                let gi = Api::<GpuInstance>::namespaced(client, &ns).get_opt(&inst).await.ok()??;
+                let gi = Api::<GpuInstance>::namespaced(client, &ns)
+                    .get_opt(&inst)
+                    .await
+                    .ok()??;
                 let s = gi.status?;
                 if s.current_job.is_some() {
                     return None;
@@ -79,8 +92,16 @@ async fn deadline_race_never_loses_a_job_nor_uses_a_destroyed_machine() {
         create_job(&client, &ns.name, &racer, json!({"operation": "caption"})).await;
         let job = finished_job(&client, &ns.name, &racer, Duration::from_secs(60), &op).await;
         let st = job.status.unwrap();
-        assert_eq!(st.phase, Some(JobPhase::Succeeded), "{racer} (offset {offset_ms} ms): {st:?}");
-        assert_eq!(st.attempts, 1, "{racer} (offset {offset_ms} ms) needed a retry: {:?}", st.error);
+        assert_eq!(
+            st.phase,
+            Some(JobPhase::Succeeded),
+            "{racer} (offset {offset_ms} ms): {st:?}"
+        );
+        assert_eq!(
+            st.attempts, 1,
+            "{racer} (offset {offset_ms} ms) needed a retry: {:?}",
+            st.error
+        );
         if st.instance.as_deref() == Some(inst.as_str()) {
             won += 1;
         }
@@ -111,17 +132,30 @@ async fn operator_killed_right_after_a_create_adopts_the_machine_on_restart() {
     let sim = sim_with(config).await;
     let mut op = Operator::start(&ns.name, &sim, &[]);
     create_pool(&client, &ns.name, "default", vast_pool(30)).await;
-    create_job(&client, &ns.name, "crash-1", json!({"operation": "caption"})).await;
+    create_job(
+        &client,
+        &ns.name,
+        "crash-1",
+        json!({"operation": "caption"}),
+    )
+    .await;
     let started = Instant::now();
     while sim_instances(&sim).await.is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(30), "no create reached the simulator");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no create reached the simulator"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     op.crash_and_restart(&ns.name, 1);
     let job = finished_job(&client, &ns.name, "crash-1", Duration::from_secs(60), &op).await;
     assert_eq!(phase(&job), JobPhase::Succeeded, "{:?}", job.status);
     let machines = sim_instances(&sim).await;
-    assert_eq!(machines.len(), 1, "a second machine was created: {machines:?}");
+    assert_eq!(
+        machines.len(),
+        1,
+        "a second machine was created: {machines:?}"
+    );
     ns.cleanup().await;
 }
 
@@ -132,14 +166,29 @@ async fn a_create_that_errors_but_creates_is_adopted_not_duplicated() {
     let ns = namespace_with_secrets("ghost").await;
     let client = ns.client();
     let sim = sim().await;
-    admin_put(&sim, "faults", json!({"ghost_creates": {"vast.create": {"next": 1}}})).await;
+    admin_put(
+        &sim,
+        "faults",
+        json!({"ghost_creates": {"vast.create": {"next": 1}}}),
+    )
+    .await;
     let op = Operator::start(&ns.name, &sim, &[]);
     create_pool(&client, &ns.name, "default", vast_pool(30)).await;
-    create_job(&client, &ns.name, "ghost-1", json!({"operation": "caption"})).await;
+    create_job(
+        &client,
+        &ns.name,
+        "ghost-1",
+        json!({"operation": "caption"}),
+    )
+    .await;
     let job = finished_job(&client, &ns.name, "ghost-1", Duration::from_secs(60), &op).await;
     assert_eq!(phase(&job), JobPhase::Succeeded, "{:?}", job.status);
     let machines = sim_instances(&sim).await;
-    assert_eq!(machines.len(), 1, "expected the ghost to be adopted: {machines:?}");
+    assert_eq!(
+        machines.len(),
+        1,
+        "expected the ghost to be adopted: {machines:?}"
+    );
     ns.cleanup().await;
 }
 
@@ -156,17 +205,29 @@ async fn the_sweep_destroys_a_machine_whose_instance_vanished() {
     let job = finished_job(&client, &ns.name, "o-1", Duration::from_secs(60), &op).await;
     let inst = job.status.unwrap().instance.unwrap();
     let gis: Api<GpuInstance> = Api::namespaced(client.clone(), &ns.name);
-    gis.patch(&inst, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
-        .await
-        .unwrap();
+    gis.patch(
+        &inst,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
     gis.delete(&inst, &DeleteParams::default()).await.ok();
     let removed = Instant::now();
-    eventually(Duration::from_secs(30), "the sweep to destroy the orphan", Some(&op), || {
-        let sim = &sim;
-        async move { (alive(sim).await == 0).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the sweep to destroy the orphan",
+        Some(&op),
+        || {
+            let sim = &sim;
+            async move { (alive(sim).await == 0).then_some(()) }
+        },
+    )
     .await;
-    eprintln!("orphan destroyed {:.1} s after its GpuInstance vanished", removed.elapsed().as_secs_f64());
+    eprintln!(
+        "orphan destroyed {:.1} s after its GpuInstance vanished",
+        removed.elapsed().as_secs_f64()
+    );
     assert!(op.logs().contains("destroyed an orphan machine"));
     ns.cleanup().await;
 }
@@ -178,7 +239,12 @@ async fn failover_to_the_next_provider_with_visible_back_off() {
     let ns = namespace_with_secrets("failover").await;
     let client = ns.client();
     let sim = sim().await;
-    admin_put(&sim, "faults", json!({"exhausted": ["RTX 3060", "RTX 4090"]})).await;
+    admin_put(
+        &sim,
+        "faults",
+        json!({"exhausted": ["RTX 3060", "RTX 4090"]}),
+    )
+    .await;
     let op = Operator::start(&ns.name, &sim, &["--provider-backoff-seconds=60"]);
     let mut spec = vast_pool(30);
     spec["providers"].as_array_mut().unwrap().push(json!({
@@ -192,14 +258,19 @@ async fn failover_to_the_next_provider_with_visible_back_off() {
     assert_eq!(st.phase, Some(JobPhase::Succeeded), "{st:?}");
     assert_eq!(st.provider.as_deref(), Some("rp"));
     let pools: Api<GpuPool> = Api::namespaced(client.clone(), &ns.name);
-    let status = eventually(Duration::from_secs(10), "back-off in pool status", Some(&op), || {
-        let pools = pools.clone();
-        async move {
-            let s = pools.get("default").await.ok()?.status?;
-            let vast = s.providers.iter().find(|p| p.name == "vast")?.clone();
-            (format!("{:?}", vast.state) == "BackingOff").then_some(vast)
-        }
-    })
+    let status = eventually(
+        Duration::from_secs(10),
+        "back-off in pool status",
+        Some(&op),
+        || {
+            let pools = pools.clone();
+            async move {
+                let s = pools.get("default").await.ok()?.status?;
+                let vast = s.providers.iter().find(|p| p.name == "vast")?.clone();
+                (format!("{:?}", vast.state) == "BackingOff").then_some(vast)
+            }
+        },
+    )
     .await;
     assert!(status.backoff_until.is_some() && status.message.unwrap().contains("capacity"));
     ns.cleanup().await;
@@ -217,35 +288,68 @@ async fn serverless_jobs_run_through_the_endpoint_and_deletion_cancels() {
     }
     let sim = sim_with(config).await;
     let op = Operator::start(&ns.name, &sim, &[]);
-    create_pool(&client, &ns.name, "default", json!({
-        "idleTimeoutSeconds": 30,
-        "providers": [{"name": "sls", "runpodServerless": {"endpointId": "abc123xyz",
-                       "credentialsSecretRef": {"name": "runpod", "key": "apiKey"}}}]
-    }))
+    create_pool(
+        &client,
+        &ns.name,
+        "default",
+        json!({
+            "idleTimeoutSeconds": 30,
+            "providers": [{"name": "sls", "runpodServerless": {"endpointId": "abc123xyz",
+                           "credentialsSecretRef": {"name": "runpod", "key": "apiKey"}}}]
+        }),
+    )
     .await;
-    create_job(&client, &ns.name, "s-1", json!({"operation": "caption", "input": {"videoUrl": "https://x/s.mp4"}})).await;
+    create_job(
+        &client,
+        &ns.name,
+        "s-1",
+        json!({"operation": "caption", "input": {"videoUrl": "https://x/s.mp4"}}),
+    )
+    .await;
     let job = finished_job(&client, &ns.name, "s-1", Duration::from_secs(60), &op).await;
     let st = job.status.unwrap();
     assert_eq!(st.phase, Some(JobPhase::Succeeded), "{st:?}");
     assert!(st.remote_job_id.is_some());
     assert_eq!(st.output.unwrap()["operation"], "caption");
 
-    create_job(&client, &ns.name, "s-long", json!({"operation": "caption", "input": {"simulate": {"seconds": 60}}})).await;
-    let jobs: Api<VideoJob> = Api::namespaced(client.clone(), &ns.name);
-    let remote = eventually(Duration::from_secs(30), "s-long submitted", Some(&op), || {
-        let jobs = jobs.clone();
-        async move { jobs.get("s-long").await.ok()?.status?.remote_job_id }
-    })
+    create_job(
+        &client,
+        &ns.name,
+        "s-long",
+        json!({"operation": "caption", "input": {"simulate": {"seconds": 60}}}),
+    )
     .await;
-    jobs.delete("s-long", &DeleteParams::default()).await.unwrap();
+    let jobs: Api<VideoJob> = Api::namespaced(client.clone(), &ns.name);
+    let remote = eventually(
+        Duration::from_secs(30),
+        "s-long submitted",
+        Some(&op),
+        || {
+            let jobs = jobs.clone();
+            async move { jobs.get("s-long").await.ok()?.status?.remote_job_id }
+        },
+    )
+    .await;
+    jobs.delete("s-long", &DeleteParams::default())
+        .await
+        .unwrap();
     eventually(Duration::from_secs(30), "s-long gone", Some(&op), || {
         let jobs = jobs.clone();
         async move { jobs.get_opt("s-long").await.ok()?.is_none().then_some(()) }
     })
     .await;
     let state = admin(&sim, "state").await;
-    let remote_job = state["jobs"].as_array().unwrap().iter().find(|j| j["id"] == remote.as_str()).cloned();
-    assert_eq!(remote_job.as_ref().map(|j| j["status"].clone()), Some(json!("CANCELLED")), "{state}");
+    let remote_job = state["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == remote.as_str())
+        .cloned();
+    assert_eq!(
+        remote_job.as_ref().map(|j| j["status"].clone()),
+        Some(json!("CANCELLED")),
+        "{state}"
+    );
     ns.cleanup().await;
 }
 
@@ -262,33 +366,77 @@ async fn worker_failures_fail_fast_retry_and_move_on() {
     create_job(&client, &ns.name, "bad-input", json!({"operation": "caption", "input": {"simulate": {"status": 422, "error": "unreadable video"}}})).await;
     let job = finished_job(&client, &ns.name, "bad-input", Duration::from_secs(60), &op).await;
     let st = job.status.unwrap();
-    assert_eq!((st.phase, st.attempts), (Some(JobPhase::Failed), 1), "{st:?}");
+    assert_eq!(
+        (st.phase, st.attempts),
+        (Some(JobPhase::Failed), 1),
+        "{st:?}"
+    );
     assert!(st.error.unwrap().contains("unreadable video"));
 
-    create_job(&client, &ns.name, "flaky", json!({"operation": "caption", "maxRetries": 2, "input": {"simulate": {"status": 503}}})).await;
+    create_job(
+        &client,
+        &ns.name,
+        "flaky",
+        json!({"operation": "caption", "maxRetries": 2, "input": {"simulate": {"status": 503}}}),
+    )
+    .await;
     let job = finished_job(&client, &ns.name, "flaky", Duration::from_secs(60), &op).await;
     let st = job.status.unwrap();
-    assert_eq!((st.phase, st.attempts), (Some(JobPhase::Failed), 3), "{st:?}");
+    assert_eq!(
+        (st.phase, st.attempts),
+        (Some(JobPhase::Failed), 3),
+        "{st:?}"
+    );
     let uid = job.metadata.uid.clone().unwrap();
     let execs = admin(&sim, "executions").await;
-    let attempts: Vec<&String> = execs["jobs"].as_object().unwrap().keys().filter(|k| k.starts_with(&uid)).collect();
-    assert_eq!(attempts.len(), 3, "three attempts, each with its own X-Job-Id: {attempts:?}");
+    let attempts: Vec<&String> = execs["jobs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with(&uid))
+        .collect();
+    assert_eq!(
+        attempts.len(),
+        3,
+        "three attempts, each with its own X-Job-Id: {attempts:?}"
+    );
 
     admin_put(&sim, "faults", json!({"die_mid_job": {"next": 1}})).await;
-    create_job(&client, &ns.name, "dies", json!({"operation": "caption", "maxRetries": 2})).await;
+    create_job(
+        &client,
+        &ns.name,
+        "dies",
+        json!({"operation": "caption", "maxRetries": 2}),
+    )
+    .await;
     let job = finished_job(&client, &ns.name, "dies", Duration::from_secs(60), &op).await;
     let st = job.status.unwrap();
-    assert_eq!((st.phase, st.attempts), (Some(JobPhase::Succeeded), 2), "{st:?}");
+    assert_eq!(
+        (st.phase, st.attempts),
+        (Some(JobPhase::Succeeded), 2),
+        "{st:?}"
+    );
     let machines = sim_instances(&sim).await;
-    assert!(machines.iter().any(|m| !m["died_at"].is_null()), "one machine died: {machines:?}");
+    assert!(
+        machines.iter().any(|m| !m["died_at"].is_null()),
+        "one machine died: {machines:?}"
+    );
     // The dead machine is not left billing.
-    eventually(Duration::from_secs(20), "dead machine destroyed", Some(&op), || {
-        let sim = &sim;
-        async move {
-            let m = sim_instances(sim).await;
-            m.iter().filter(|m| !m["died_at"].is_null()).all(|m| m["alive"] == false).then_some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "dead machine destroyed",
+        Some(&op),
+        || {
+            let sim = &sim;
+            async move {
+                let m = sim_instances(sim).await;
+                m.iter()
+                    .filter(|m| !m["died_at"].is_null())
+                    .all(|m| m["alive"] == false)
+                    .then_some(())
+            }
+        },
+    )
     .await;
     ns.cleanup().await;
 }
@@ -310,8 +458,20 @@ async fn limits_hold_under_a_burst() {
     spend["maxHourlySpend"] = json!("0.30");
     create_pool(&client, &ns.name, "cheap", spend).await;
     for i in 0..6 {
-        create_job(&client, &ns.name, &format!("burst-{i}"), json!({"operation": "caption"})).await;
-        create_job(&client, &ns.name, &format!("cheap-{i}"), json!({"operation": "caption", "pool": "cheap"})).await;
+        create_job(
+            &client,
+            &ns.name,
+            &format!("burst-{i}"),
+            json!({"operation": "caption"}),
+        )
+        .await;
+        create_job(
+            &client,
+            &ns.name,
+            &format!("cheap-{i}"),
+            json!({"operation": "caption", "pool": "cheap"}),
+        )
+        .await;
     }
     let mut peak_default = 0;
     let mut peak_cheap = 0;
@@ -320,21 +480,53 @@ async fn limits_hold_under_a_burst() {
     let start = Instant::now();
     loop {
         let list = gis.list(&ListParams::default()).await.unwrap();
-        peak_default = peak_default.max(list.items.iter().filter(|i| i.spec.pool == "default").count());
+        peak_default = peak_default.max(
+            list.items
+                .iter()
+                .filter(|i| i.spec.pool == "default")
+                .count(),
+        );
         peak_cheap = peak_cheap.max(list.items.iter().filter(|i| i.spec.pool == "cheap").count());
-        let done = jobs.list(&ListParams::default()).await.unwrap().items.iter().filter(|j| phase(j).is_finished()).count();
+        let done = jobs
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|j| phase(j).is_finished())
+            .count();
         if done == 12 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(90), "jobs did not finish; {}", op.logs().lines().rev().take(30).collect::<Vec<_>>().join("\n"));
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "jobs did not finish; {}",
+            op.logs()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for j in jobs.list(&ListParams::default()).await.unwrap() {
-        assert_eq!(phase(&j), JobPhase::Succeeded, "{}: {:?}", j.name_any(), j.status);
+        assert_eq!(
+            phase(&j),
+            JobPhase::Succeeded,
+            "{}: {:?}",
+            j.name_any(),
+            j.status
+        );
     }
-    eprintln!("peak instances: {peak_default} (maxInstances 2), {peak_cheap} (0.30 USD/h at 0.10 each)");
+    eprintln!(
+        "peak instances: {peak_default} (maxInstances 2), {peak_cheap} (0.30 USD/h at 0.10 each)"
+    );
     assert!(peak_default <= 2, "maxInstances exceeded: {peak_default}");
-    assert!(peak_cheap <= 3, "maxHourlySpend exceeded: {peak_cheap} instances");
+    assert!(
+        peak_cheap <= 3,
+        "maxHourlySpend exceeded: {peak_cheap} instances"
+    );
     ns.cleanup().await;
 }
 
@@ -353,7 +545,11 @@ async fn warm_instances_survive_a_restart_with_their_deadlines() {
         let client = client.clone();
         let (ns, inst) = (ns.name.clone(), inst.clone());
         async move {
-            let s = Api::<GpuInstance>::namespaced(client, &ns).get(&inst).await.ok()?.status?;
+            let s = Api::<GpuInstance>::namespaced(client, &ns)
+                .get(&inst)
+                .await
+                .ok()?
+                .status?;
             s.current_job.is_none().then_some(s.idle_deadline?.0)
         }
     })
@@ -361,14 +557,25 @@ async fn warm_instances_survive_a_restart_with_their_deadlines() {
     op.crash_and_restart(&ns.name, 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let gi = instance_named(&client, &ns.name, &inst).await;
-    assert_eq!(gi.status.as_ref().unwrap().phase, Some(InstancePhase::Ready), "survived the restart");
-    assert_eq!(gi.status.unwrap().idle_deadline.unwrap().0, deadline, "deadline unchanged");
+    assert_eq!(
+        gi.status.as_ref().unwrap().phase,
+        Some(InstancePhase::Ready),
+        "survived the restart"
+    );
+    assert_eq!(
+        gi.status.unwrap().idle_deadline.unwrap().0,
+        deadline,
+        "deadline unchanged"
+    );
     final_state(&client, &ns.name, &inst, Duration::from_secs(20)).await;
     let machine = sim_instances(&sim).await.into_iter().next().unwrap();
     let destroyed = ts(&machine["destroyed_at"]).unwrap();
     let late = destroyed.duration_since(deadline).as_secs_f64();
     eprintln!("after restart, idle teardown lateness: {late:.3} s");
-    assert!((0.0..=1.0).contains(&late), "destroyed {late:.3} s from the deadline");
+    assert!(
+        (0.0..=1.0).contains(&late),
+        "destroyed {late:.3} s from the deadline"
+    );
     ns.cleanup().await;
 }
 
@@ -387,19 +594,29 @@ async fn default_idle_timeout_is_300_seconds() {
     create_job(&client, &ns.name, "d-1", json!({"operation": "caption"})).await;
     let job = finished_job(&client, &ns.name, "d-1", Duration::from_secs(60), &op).await;
     let finished = job.status.unwrap().finished_at.unwrap().0;
-    let at_295 = finished.checked_add(jiff::SignedDuration::from_secs(295)).unwrap();
+    let at_295 = finished
+        .checked_add(jiff::SignedDuration::from_secs(295))
+        .unwrap();
     tokio::time::sleep(Timestamp::now().duration_until(at_295).unsigned_abs()).await;
     let machines = sim_instances(&sim).await;
     assert_eq!(machines.len(), 1);
-    assert_eq!(machines[0]["alive"], true, "destroyed before 295 s: {machines:?}");
-    let at_302 = finished.checked_add(jiff::SignedDuration::from_secs(302)).unwrap();
+    assert_eq!(
+        machines[0]["alive"], true,
+        "destroyed before 295 s: {machines:?}"
+    );
+    let at_302 = finished
+        .checked_add(jiff::SignedDuration::from_secs(302))
+        .unwrap();
     tokio::time::sleep(Timestamp::now().duration_until(at_302).unsigned_abs()).await;
     let machine = sim_instances(&sim).await.into_iter().next().unwrap();
     assert_eq!(machine["alive"], false, "still alive at 302 s: {machine}");
     let destroyed = ts(&machine["destroyed_at"]).unwrap();
     let after = destroyed.duration_since(finished).as_secs_f64();
     eprintln!("default idle timeout: destroyed {after:.3} s after the job finished");
-    assert!((300.0..=301.0).contains(&after), "destroyed {after:.3} s after the last job");
+    assert!(
+        (300.0..=301.0).contains(&after),
+        "destroyed {after:.3} s after the last job"
+    );
     ns.cleanup().await;
 }
 
@@ -414,60 +631,134 @@ async fn bad_references_and_failing_teardowns_are_reported_and_survived() {
     let op = Operator::start(&ns.name, &sim, &[]);
     let jobs: Api<VideoJob> = Api::namespaced(client.clone(), &ns.name);
 
-    create_job(&client, &ns.name, "lost", json!({"operation": "caption", "pool": "nope"})).await;
-    let reason = eventually(Duration::from_secs(20), "PoolNotFound condition", Some(&op), || {
-        let jobs = jobs.clone();
-        async move {
-            let s = jobs.get("lost").await.ok()?.status?;
-            s.conditions.iter().find(|c| c.type_ == "Scheduled").map(|c| c.reason.clone())
-        }
-    })
+    create_job(
+        &client,
+        &ns.name,
+        "lost",
+        json!({"operation": "caption", "pool": "nope"}),
+    )
+    .await;
+    let reason = eventually(
+        Duration::from_secs(20),
+        "PoolNotFound condition",
+        Some(&op),
+        || {
+            let jobs = jobs.clone();
+            async move {
+                let s = jobs.get("lost").await.ok()?.status?;
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == "Scheduled")
+                    .map(|c| c.reason.clone())
+            }
+        },
+    )
     .await;
     assert_eq!(reason, "PoolNotFound");
 
     let mut spec = vast_pool(2);
     spec["providers"][0]["vast"]["credentialsSecretRef"]["name"] = json!("missing-secret");
-    spec["providers"].as_array_mut().unwrap().push(json!({"name": "vast-ok", "vast": {"gpuNames": ["RTX 3060"],
+    spec["providers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "vast-ok", "vast": {"gpuNames": ["RTX 3060"],
         "maxPricePerHour": "1.00", "credentialsSecretRef": {"name": "vast", "key": "apiKey"}}}));
     create_pool(&client, &ns.name, "default", spec).await;
     // The provider will refuse the first six destroys (the client retries three times per call) (used at the end of this test).
-    admin_put(&sim, "faults", json!({"errors": {"vast.destroy": {"next": 6, "status": 500}}})).await;
-    create_job(&client, &ns.name, "ttl", json!({"operation": "caption", "ttlSecondsAfterFinished": 1})).await;
+    admin_put(
+        &sim,
+        "faults",
+        json!({"errors": {"vast.destroy": {"next": 6, "status": 500}}}),
+    )
+    .await;
+    create_job(
+        &client,
+        &ns.name,
+        "ttl",
+        json!({"operation": "caption", "ttlSecondsAfterFinished": 1}),
+    )
+    .await;
     let job = finished_job(&client, &ns.name, "ttl", Duration::from_secs(60), &op).await;
-    assert_eq!(phase(&job), JobPhase::Succeeded, "the second provider ran it: {:?}", job.status);
-    assert_eq!(job.status.as_ref().unwrap().provider.as_deref(), Some("vast-ok"));
+    assert_eq!(
+        phase(&job),
+        JobPhase::Succeeded,
+        "the second provider ran it: {:?}",
+        job.status
+    );
+    assert_eq!(
+        job.status.as_ref().unwrap().provider.as_deref(),
+        Some("vast-ok")
+    );
     let pools: Api<GpuPool> = Api::namespaced(client.clone(), &ns.name);
-    let vast = pools.get("default").await.unwrap().status.unwrap().providers.into_iter().find(|p| p.name == "vast").unwrap();
+    let vast = pools
+        .get("default")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .providers
+        .into_iter()
+        .find(|p| p.name == "vast")
+        .unwrap();
     assert_eq!(format!("{:?}", vast.state), "Unavailable");
-    assert!(vast.message.unwrap().contains("Secret"), "the message names the missing Secret");
-    eventually(Duration::from_secs(20), "the TTL to delete the job", Some(&op), || {
-        let jobs = jobs.clone();
-        async move { jobs.get_opt("ttl").await.ok()?.is_none().then_some(()) }
-    })
+    assert!(
+        vast.message.unwrap().contains("Secret"),
+        "the message names the missing Secret"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the TTL to delete the job",
+        Some(&op),
+        || {
+            let jobs = jobs.clone();
+            async move { jobs.get_opt("ttl").await.ok()?.is_none().then_some(()) }
+        },
+    )
     .await;
 
     // The provider refuses the destroy six times: the finalizer holds, the condition says
     // so, then it succeeds and the machine is gone.
     let inst = job.status.unwrap().instance.unwrap();
     let gis: Api<GpuInstance> = Api::namespaced(client.clone(), &ns.name);
-    eventually(Duration::from_secs(30), "TeardownFailing condition", Some(&op), || {
-        let gis = gis.clone();
-        let inst = inst.clone();
-        async move {
-            let s = gis.get_opt(&inst).await.ok()??.status?;
-            s.conditions.iter().any(|c| c.type_ == "TeardownFailing" && c.status == "True").then_some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "TeardownFailing condition",
+        Some(&op),
+        || {
+            let gis = gis.clone();
+            let inst = inst.clone();
+            async move {
+                let s = gis.get_opt(&inst).await.ok()??.status?;
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "TeardownFailing" && c.status == "True")
+                    .then_some(())
+            }
+        },
+    )
     .await;
     final_state(&client, &ns.name, &inst, Duration::from_secs(60)).await;
     assert_eq!(alive(&sim).await, 0, "the machine was destroyed in the end");
-    let events = kube::Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns.name)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
-    let reasons: Vec<String> = events.items.iter().filter_map(|e| e.reason.clone()).collect();
-    for r in ["PoolNotFound", "ProviderUnavailable", "TeardownFailing", "Destroyed"] {
-        assert!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
+    let events =
+        kube::Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns.name)
+            .list(&ListParams::default())
+            .await
+            .unwrap();
+    let reasons: Vec<String> = events
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    for r in [
+        "PoolNotFound",
+        "ProviderUnavailable",
+        "TeardownFailing",
+        "Destroyed",
+    ] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
     }
     ns.cleanup().await;
 }
@@ -491,14 +782,22 @@ async fn dispatch_overhead_on_a_warm_instance_is_measured() {
         create_job(&client, &ns.name, &name, json!({"operation": "caption"})).await;
         let job = finished_job(&client, &ns.name, &name, Duration::from_secs(30), &op).await;
         let st = job.status.unwrap();
-        assert_eq!(st.instance.as_deref(), Some(warm_instance.as_str()), "ran on the warm instance");
+        assert_eq!(
+            st.instance.as_deref(),
+            Some(warm_instance.as_str()),
+            "ran on the warm instance"
+        );
         overheads.push(t0.duration_until(st.started_at.unwrap().0).as_secs_f64() * 1000.0);
         // Wait until the instance is free again so each job finds it warm and idle.
         eventually(Duration::from_secs(10), "instance idle", Some(&op), || {
             let client = client.clone();
             let (ns, inst) = (ns.name.clone(), warm_instance.clone());
             async move {
-                let s = Api::<GpuInstance>::namespaced(client, &ns).get(&inst).await.ok()?.status?;
+                let s = Api::<GpuInstance>::namespaced(client, &ns)
+                    .get(&inst)
+                    .await
+                    .ok()?
+                    .status?;
                 s.current_job.is_none().then_some(())
             }
         })
@@ -512,13 +811,43 @@ async fn dispatch_overhead_on_a_warm_instance_is_measured() {
         p(0.99),
         overheads.last().unwrap()
     );
-    let metrics_line = op.logs().lines().find(|l| l.contains("gpupool listening")).map(str::to_string).unwrap();
-    let addr = metrics_line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-    let metrics = http().get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
-    for name in ["gpupool_instances", "gpupool_jobs_total", "gpupool_job_wait_seconds", "gpupool_idle_teardown_lateness_seconds", "gpupool_provider_calls_total", "gpupool_spend_dollars_per_hour"] {
+    let metrics_line = op
+        .logs()
+        .lines()
+        .find(|l| l.contains("gpupool listening"))
+        .map(str::to_string)
+        .unwrap();
+    let addr = metrics_line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let metrics = http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "gpupool_instances",
+        "gpupool_jobs_total",
+        "gpupool_job_wait_seconds",
+        "gpupool_idle_teardown_lateness_seconds",
+        "gpupool_provider_calls_total",
+        "gpupool_spend_dollars_per_hour",
+    ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
-    let ready = http().get(format!("http://{addr}/readyz")).send().await.unwrap();
+    let ready = http()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert!(ready.status().is_success());
     ns.cleanup().await;
 }

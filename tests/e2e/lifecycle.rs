@@ -25,7 +25,13 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
     let op = Operator::start(&ns.name, &sim, &[]);
     create_pool(&client, &ns.name, "default", vast_pool(4)).await;
 
-    create_job(&client, &ns.name, "cap-1", json!({"operation": "caption", "input": {"videoUrl": "https://x/1.mp4"}})).await;
+    create_job(
+        &client,
+        &ns.name,
+        "cap-1",
+        json!({"operation": "caption", "input": {"videoUrl": "https://x/1.mp4"}}),
+    )
+    .await;
     let job = finished_job(&client, &ns.name, "cap-1", Duration::from_secs(60), &op).await;
     let st = job.status.clone().unwrap();
     assert_eq!(st.phase, Some(JobPhase::Succeeded), "job: {st:?}");
@@ -36,18 +42,46 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
 
     // Warm reuse: a second job inside the window runs on the same machine, no new create.
     let gis: Api<GpuInstance> = Api::namespaced(client.clone(), &ns.name);
-    let first_deadline = gis.get(&instance).await.unwrap().status.unwrap().idle_deadline.unwrap().0;
-    create_job(&client, &ns.name, "cap-2", json!({"operation": "caption", "input": {"videoUrl": "https://x/2.mp4"}})).await;
+    let first_deadline = gis
+        .get(&instance)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .idle_deadline
+        .unwrap()
+        .0;
+    create_job(
+        &client,
+        &ns.name,
+        "cap-2",
+        json!({"operation": "caption", "input": {"videoUrl": "https://x/2.mp4"}}),
+    )
+    .await;
     let job2 = finished_job(&client, &ns.name, "cap-2", Duration::from_secs(30), &op).await;
-    assert_eq!(job2.status.as_ref().unwrap().phase, Some(JobPhase::Succeeded));
-    assert_eq!(job2.status.as_ref().unwrap().instance.as_deref(), Some(instance.as_str()), "reused the warm instance");
+    assert_eq!(
+        job2.status.as_ref().unwrap().phase,
+        Some(JobPhase::Succeeded)
+    );
+    assert_eq!(
+        job2.status.as_ref().unwrap().instance.as_deref(),
+        Some(instance.as_str()),
+        "reused the warm instance"
+    );
     let gi = gis.get(&instance).await.unwrap();
     let gst = gi.status.clone().unwrap();
     assert_eq!(gst.jobs_completed, 2);
     let deadline = gst.idle_deadline.unwrap().0;
-    assert!(deadline > first_deadline, "the deadline moved: {first_deadline} -> {deadline}");
+    assert!(
+        deadline > first_deadline,
+        "the deadline moved: {first_deadline} -> {deadline}"
+    );
     let state = admin(&sim, "state").await;
-    assert_eq!(state["instances"].as_array().unwrap().len(), 1, "one create only: {state}");
+    assert_eq!(
+        state["instances"].as_array().unwrap().len(),
+        1,
+        "one create only: {state}"
+    );
 
     // Teardown at the deadline: not before, within a second after.
     let last = final_state(&client, &ns.name, &instance, Duration::from_secs(30)).await;
@@ -62,10 +96,24 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
 
     // The bill matches the operator's accounting within 1%.
     let billed: f64 = machine["cost"].as_f64().unwrap();
-    let accrued: Decimal = last.status.as_ref().unwrap().accrued_cost.clone().unwrap().parse().unwrap();
+    let accrued: Decimal = last
+        .status
+        .as_ref()
+        .unwrap()
+        .accrued_cost
+        .clone()
+        .unwrap()
+        .parse()
+        .unwrap();
     let accrued: f64 = accrued.try_into().unwrap();
     eprintln!("simulator bill {billed:.6} USD, operator accrued {accrued:.6} USD");
-    assert!((billed - accrued).abs() <= billed * 0.01 + 1e-6, "bill {billed} vs accrued {accrued}");
-    assert_eq!(last.status.unwrap_or_default().phase, Some(InstancePhase::Terminating));
+    assert!(
+        (billed - accrued).abs() <= billed * 0.01 + 1e-6,
+        "bill {billed} vs accrued {accrued}"
+    );
+    assert_eq!(
+        last.status.unwrap_or_default().phase,
+        Some(InstancePhase::Terminating)
+    );
     ns.cleanup().await;
 }

@@ -34,7 +34,10 @@ pub fn tls() {
 
 pub fn http() -> reqwest::Client {
     tls();
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 /// Starts a simulator with fast timings and the test keys.
@@ -87,7 +90,10 @@ impl Operator {
             format!("--vast-url={}", sim.base_url),
             format!("--runpod-api-url={}", sim.base_url),
             format!("--runpod-serverless-url={}", sim.serverless_url()),
-            format!("--runpod-proxy-template={}/proxy/{{podId}}-{{port}}", sim.base_url),
+            format!(
+                "--runpod-proxy-template={}/proxy/{{podId}}-{{port}}",
+                sim.base_url
+            ),
             "--sweep-interval-seconds=2".into(),
             "--orphan-grace-seconds=3".into(),
             "--provider-backoff-seconds=5".into(),
@@ -102,9 +108,10 @@ impl Operator {
     }
 
     fn spawn(ns: &str, args: Vec<String>, generation: u32) -> Self {
-        let dir = PathBuf::from(std::env::var("GPUPOOL_STATE").unwrap_or_else(|_| {
-            format!("{}/.state", env!("CARGO_MANIFEST_DIR"))
-        }))
+        let dir = PathBuf::from(
+            std::env::var("GPUPOOL_STATE")
+                .unwrap_or_else(|_| format!("{}/.state", env!("CARGO_MANIFEST_DIR"))),
+        )
         .join("operator-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{ns}-{generation}.log"));
@@ -146,7 +153,11 @@ impl Drop for Operator {
 pub async fn namespace_with_secrets(prefix: &str) -> TestNamespace {
     let ns = TestNamespace::new(prefix).await;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ns.client(), &ns.name);
-    for (name, value) in [("vast", VAST_KEY), ("runpod", RUNPOD_KEY), ("gpu-worker", WORKER_KEY)] {
+    for (name, value) in [
+        ("vast", VAST_KEY),
+        ("runpod", RUNPOD_KEY),
+        ("gpu-worker", WORKER_KEY),
+    ] {
         let s = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
             "stringData": {"apiKey": value}
@@ -188,7 +199,12 @@ pub async fn create_job(client: &Client, ns: &str, name: &str, spec: Value) -> V
 }
 
 /// Polls until `check` returns Some, or panics after `timeout` with `what` and the operator log tail.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, op: Option<&Operator>, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    op: Option<&Operator>,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -213,7 +229,13 @@ where
 }
 
 /// Waits until job `name` is Succeeded or Failed and returns it.
-pub async fn finished_job(client: &Client, ns: &str, name: &str, timeout: Duration, op: &Operator) -> VideoJob {
+pub async fn finished_job(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    op: &Operator,
+) -> VideoJob {
     let api: Api<VideoJob> = Api::namespaced(client.clone(), ns);
     eventually(timeout, &format!("job {name} to finish"), Some(op), || {
         let api = api.clone();
@@ -227,7 +249,10 @@ pub async fn finished_job(client: &Client, ns: &str, name: &str, timeout: Durati
 }
 
 pub fn phase(job: &VideoJob) -> JobPhase {
-    job.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+    job.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .unwrap_or_default()
 }
 
 /// Watches the GpuInstances of `ns` until `name` is deleted; returns its last state.
@@ -264,6 +289,13 @@ pub async fn patch_status<K>(api: &Api<K>, name: &str, status: Value)
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let patch = json!({"apiVersion": "gpupool.dev/v1alpha1", "kind": K::kind(&()), "status": status});
-    api.patch_status(name, &PatchParams::apply("gpupool-e2e").force(), &Patch::Apply(&patch)).await.unwrap();
+    let patch =
+        json!({"apiVersion": "gpupool.dev/v1alpha1", "kind": K::kind(&()), "status": status});
+    api.patch_status(
+        name,
+        &PatchParams::apply("gpupool-e2e").force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .unwrap();
 }
