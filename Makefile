@@ -20,7 +20,7 @@ fidelity:
 
 ## End-to-end tests against a real kube-apiserver + etcd started (and stopped) for the run.
 e2e: testbins
-	hack/with-control-plane.sh cargo test --locked --features e2e --test e2e
+	hack/with-control-plane.sh cargo test --locked --features e2e --test e2e -- --test-threads=8
 
 ## The demo on a local control plane (or DEMO_CLUSTER=current for the current kube context).
 demo: testbins

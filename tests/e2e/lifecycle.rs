@@ -68,8 +68,21 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
         Some(instance.as_str()),
         "reused the warm instance"
     );
-    let gi = gis.get(&instance).await.unwrap();
-    let gst = gi.status.clone().unwrap();
+    // The job's outcome is written before the instance is freed: wait for the release.
+    let gst = eventually(
+        Duration::from_secs(10),
+        "instance released",
+        Some(&op),
+        || {
+            let gis = gis.clone();
+            let instance = instance.clone();
+            async move {
+                let s = gis.get(&instance).await.ok()?.status?;
+                s.current_job.is_none().then_some(s)
+            }
+        },
+    )
+    .await;
     assert_eq!(gst.jobs_completed, 2);
     let deadline = gst.idle_deadline.unwrap().0;
     assert!(
