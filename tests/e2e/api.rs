@@ -130,6 +130,13 @@ async fn examples_apply_and_show_printer_columns() {
 
 /// `kubectl explain` output with its line wrapping undone, so phrases can be searched.
 fn explain(path: &str) -> String {
+    // A CRD's OpenAPI is published a moment after it is Established: retry for a while.
+    let started = std::time::Instant::now();
+    while !crate::support::kubectl(&["explain", path]).status.success()
+        && started.elapsed() < std::time::Duration::from_secs(60)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
     kubectl_ok(&["explain", path])
         .split_whitespace()
         .collect::<Vec<_>>()

@@ -199,12 +199,15 @@ async fn the_sweep_destroys_a_machine_whose_instance_vanished() {
     let ns = namespace_with_secrets("orphan").await;
     let client = ns.client();
     let sim = sim().await;
-    let op = Operator::start(&ns.name, &sim, &[]);
+    let mut op = Operator::start(&ns.name, &sim, &[]);
     create_pool(&client, &ns.name, "default", vast_pool(600)).await;
     create_job(&client, &ns.name, "o-1", json!({"operation": "caption"})).await;
     let job = finished_job(&client, &ns.name, "o-1", Duration::from_secs(60), &op).await;
     let inst = job.status.unwrap().instance.unwrap();
     let gis: Api<GpuInstance> = Api::namespaced(client.clone(), &ns.name);
+    // With the operator down (it would put its finalizer back), remove the finalizer by hand
+    // and delete the object: the machine is left behind with this cluster's label.
+    op.kill();
     gis.patch(
         &inst,
         &PatchParams::default(),
@@ -213,6 +216,8 @@ async fn the_sweep_destroys_a_machine_whose_instance_vanished() {
     .await
     .unwrap();
     gis.delete(&inst, &DeleteParams::default()).await.ok();
+    assert_eq!(alive(&sim).await, 1, "the machine outlived its GpuInstance");
+    op.crash_and_restart(&ns.name, 1);
     let removed = Instant::now();
     eventually(
         Duration::from_secs(30),
