@@ -89,12 +89,7 @@ impl Operator {
 
     /// As [`Operator::start`], with extra environment variables for the process (for example
     /// `KUBECONFIG` pointing at a ServiceAccount token, to run with the chart's RBAC).
-    pub fn start_with_env(
-        ns: &str,
-        sim: &SimHandle,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Self {
+    pub fn start_with_env(ns: &str, sim: &SimHandle, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut args: Vec<String> = vec![
             format!("--namespace={ns}"),
             format!("--cluster-id={ns}"),
