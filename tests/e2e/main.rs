@@ -3,6 +3,7 @@
 
 mod api;
 mod behaviour;
+mod chart;
 mod lifecycle;
 mod operator;
 mod support;

@@ -78,11 +78,18 @@ pub struct Operator {
     child: Child,
     pub log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Operator {
     /// Starts the operator on namespace `ns` only, with its own cluster id, against `sim`.
     pub fn start(ns: &str, sim: &SimHandle, extra: &[&str]) -> Self {
+        Self::start_with_env(ns, sim, extra, &[])
+    }
+
+    /// As [`Operator::start`], with extra environment variables for the process (for example
+    /// `KUBECONFIG` pointing at a ServiceAccount token, to run with the chart's RBAC).
+    pub fn start_with_env(ns: &str, sim: &SimHandle, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut args: Vec<String> = vec![
             format!("--namespace={ns}"),
             format!("--cluster-id={ns}"),
@@ -100,14 +107,24 @@ impl Operator {
             "--liveness-interval-seconds=5".into(),
             "--provision-poll-ms=200".into(),
         ];
-        // A flag given in `extra` replaces the default above.
+        // A flag given in `extra` replaces the default above; given with an empty value
+        // (`--cluster-id=`) it removes the default, so the operator's own default applies.
         let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
         args.retain(|a| !extra.iter().any(|e| flag(e) == flag(a)));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(ns, args, 0)
+        args.extend(
+            extra
+                .iter()
+                .filter(|e| !e.ends_with('='))
+                .map(|s| s.to_string()),
+        );
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::spawn(ns, args, env, 0)
     }
 
-    fn spawn(ns: &str, args: Vec<String>, generation: u32) -> Self {
+    fn spawn(ns: &str, args: Vec<String>, env: Vec<(String, String)>, generation: u32) -> Self {
         let dir = PathBuf::from(
             std::env::var("GPUPOOL_STATE")
                 .unwrap_or_else(|_| format!("{}/.state", env!("CARGO_MANIFEST_DIR"))),
@@ -119,18 +136,24 @@ impl Operator {
         let child = Command::new(env!("CARGO_BIN_EXE_gpupool"))
             .args(&args)
             .env("RUST_LOG", "info,gpupool=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
             .expect("operator starts");
-        Self { child, log, args }
+        Self {
+            child,
+            log,
+            args,
+            env,
+        }
     }
 
     /// SIGKILLs the operator and starts a new one with the same flags.
     pub fn crash_and_restart(&mut self, ns: &str, generation: u32) {
         self.kill();
-        let args = self.args.clone();
-        *self = Self::spawn(ns, args, generation);
+        let (args, env) = (self.args.clone(), self.env.clone());
+        *self = Self::spawn(ns, args, env, generation);
     }
 
     pub fn kill(&mut self) {
