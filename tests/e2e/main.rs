@@ -5,5 +5,6 @@ mod api;
 mod behaviour;
 mod lifecycle;
 mod operator;
+mod replicas;
 mod support;
 mod validation;

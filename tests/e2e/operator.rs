@@ -83,6 +83,11 @@ pub struct Operator {
 impl Operator {
     /// Starts the operator on namespace `ns` only, with its own cluster id, against `sim`.
     pub fn start(ns: &str, sim: &SimHandle, extra: &[&str]) -> Self {
+        Self::start_as(ns, sim, extra, "")
+    }
+
+    /// Like [`Operator::start`], with a tag that keeps the logs of replicas apart.
+    pub fn start_as(ns: &str, sim: &SimHandle, extra: &[&str], tag: &str) -> Self {
         let mut args: Vec<String> = vec![
             format!("--namespace={ns}"),
             format!("--cluster-id={ns}"),
@@ -104,7 +109,12 @@ impl Operator {
         let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
         args.retain(|a| !extra.iter().any(|e| flag(e) == flag(a)));
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(ns, args, 0)
+        let name = if tag.is_empty() {
+            ns.to_string()
+        } else {
+            format!("{ns}-{tag}")
+        };
+        Self::spawn(&name, args, 0)
     }
 
     fn spawn(ns: &str, args: Vec<String>, generation: u32) -> Self {
