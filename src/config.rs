@@ -77,12 +77,46 @@ pub struct Config {
     #[arg(long, env = "GPUPOOL_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 
-    /// Name of this replica in events (the pod name in a Deployment).
+    /// Name of this replica in events and in the leader Lease (the pod name in a Deployment).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+
+    /// Run the controllers only while holding a coordination.k8s.io Lease, so several
+    /// replicas can run at once (one works, the others stand by).
+    #[arg(long, env = "GPUPOOL_LEADER_ELECT", default_value_t = false)]
+    pub leader_elect: bool,
+
+    /// Namespace of the leader Lease (default: $POD_NAMESPACE, else "default").
+    #[arg(long, env = "GPUPOOL_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Name of the leader Lease.
+    #[arg(long, env = "GPUPOOL_LEASE_NAME", default_value = "gpupool-leader")]
+    pub lease_name: String,
 }
 
 impl Config {
+    /// The leader election settings, when enabled.
+    pub fn leader(&self) -> Option<crate::leader::LeaderConfig> {
+        if !self.leader_elect {
+            return None;
+        }
+        let namespace = self
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let identity = self.pod_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        Some(crate::leader::LeaderConfig::new(
+            namespace,
+            self.lease_name.clone(),
+            identity,
+        ))
+    }
+
     pub fn controller(&self, cluster_id: String) -> ControllerConfig {
         ControllerConfig {
             namespace: self.namespace.clone(),

@@ -63,9 +63,27 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let (addr, server) = gpupool::http::serve(config.http_addr, ctx.clone()).await?;
     info!(%addr, cluster_id, namespace = ?config.namespace, "gpupool listening");
-    tokio::select! {
-        r = server => r?,
-        () = controller::run(ctx) => {}
+    let server = tokio::spawn(server);
+    match config.leader() {
+        None => tokio::select! {
+            r = server => r??,
+            () = controller::run(ctx) => {}
+        },
+        Some(leader) => {
+            let mut elector = gpupool::leader::Elector::new(ctx.client.clone(), leader);
+            // A standby replica is healthy and ready; it only does not reconcile.
+            ctx.set_standby(true);
+            elector.acquire().await;
+            ctx.set_standby(false);
+            tokio::select! {
+                r = server => r??,
+                () = controller::run(ctx) => {}
+                () = elector.keep_renewing() => {
+                    // Exit rather than keep any in-memory state: the next leader starts clean.
+                    return Err("lost the leader Lease; exiting so another replica leads".into());
+                }
+            }
+        }
     }
     Ok(())
 }

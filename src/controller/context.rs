@@ -98,6 +98,7 @@ pub struct Context {
     endpoint_sync: Mutex<HashMap<(String, String, String), std::time::Instant>>,
     failures: Mutex<HashMap<String, u32>>,
     ready: AtomicBool,
+    standby: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -130,6 +131,7 @@ impl Context {
             endpoint_sync: Mutex::default(),
             failures: Mutex::default(),
             ready: AtomicBool::new(false),
+            standby: AtomicBool::new(false),
         }
     }
 
@@ -168,9 +170,14 @@ impl Context {
         self.ready.store(true, Ordering::SeqCst);
     }
 
-    /// True once every cache has its first full list.
+    /// True once every cache has its first full list, or while standing by for leadership.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) || self.standby.load(Ordering::SeqCst)
+    }
+
+    /// Marks this replica as waiting for the leader Lease (ready, not reconciling).
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::SeqCst);
     }
 
     pub fn pool(&self, namespace: &str, name: &str) -> Option<Arc<GpuPool>> {

@@ -6,5 +6,6 @@ mod behaviour;
 mod chart;
 mod lifecycle;
 mod operator;
+mod replicas;
 mod support;
 mod validation;

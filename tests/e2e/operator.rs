@@ -84,12 +84,27 @@ pub struct Operator {
 impl Operator {
     /// Starts the operator on namespace `ns` only, with its own cluster id, against `sim`.
     pub fn start(ns: &str, sim: &SimHandle, extra: &[&str]) -> Self {
-        Self::start_with_env(ns, sim, extra, &[])
+        Self::start_full(ns, sim, extra, &[], "")
     }
 
     /// As [`Operator::start`], with extra environment variables for the process (for example
     /// `KUBECONFIG` pointing at a ServiceAccount token, to run with the chart's RBAC).
     pub fn start_with_env(ns: &str, sim: &SimHandle, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_full(ns, sim, extra, env, "")
+    }
+
+    /// Like [`Operator::start`], with a tag that keeps the logs of replicas apart.
+    pub fn start_as(ns: &str, sim: &SimHandle, extra: &[&str], tag: &str) -> Self {
+        Self::start_full(ns, sim, extra, &[], tag)
+    }
+
+    fn start_full(
+        ns: &str,
+        sim: &SimHandle,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        tag: &str,
+    ) -> Self {
         let mut args: Vec<String> = vec![
             format!("--namespace={ns}"),
             format!("--cluster-id={ns}"),
@@ -121,7 +136,12 @@ impl Operator {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Self::spawn(ns, args, env, 0)
+        let name = if tag.is_empty() {
+            ns.to_string()
+        } else {
+            format!("{ns}-{tag}")
+        };
+        Self::spawn(&name, args, env, 0)
     }
 
     fn spawn(ns: &str, args: Vec<String>, env: Vec<(String, String)>, generation: u32) -> Self {
