@@ -316,6 +316,33 @@ async fn serverless_jobs_run_through_the_endpoint_and_deletion_cancels() {
     assert_eq!(st.phase, Some(JobPhase::Succeeded), "{st:?}");
     assert!(st.remote_job_id.is_some());
     assert_eq!(st.output.unwrap()["operation"], "caption");
+    // The endpoint's idle timeout and worker bounds follow the pool (manageEndpointSettings).
+    let endpoint = eventually(
+        Duration::from_secs(20),
+        "endpoint settings synced",
+        Some(&op),
+        || {
+            let sim = &sim;
+            async move {
+                let state = admin(sim, "state").await;
+                let e = state["endpoints"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["id"] == "abc123xyz")?
+                    .clone();
+                (e["idle_timeout"] == 30).then_some(e)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        (
+            endpoint["workers_min"].clone(),
+            endpoint["workers_max"].clone()
+        ),
+        (json!(0), json!(10)),
+        "{endpoint}"
+    );
 
     create_job(
         &client,
