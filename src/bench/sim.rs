@@ -62,6 +62,8 @@ pub struct Outcome {
     pub cold_starts: usize,
     /// Jobs killed by a restart of the pool manager and run again.
     pub reruns: usize,
+    /// Machines destroyed by a restart while still starting (their jobs start over).
+    pub lost_starts: usize,
     /// Arrival to (final) start, per job, sorted.
     pub waits: Vec<i64>,
     /// Most machines alive at once.
@@ -226,6 +228,7 @@ impl<'a> World<'a> {
         self.out.billed += now - mc.created;
         if !mc.ready {
             self.out.booting += now - mc.created;
+            self.out.lost_starts += 1;
         }
         if let Some(since) = mc.idle_since.take() {
             self.out.idle += now - since;
