@@ -112,7 +112,12 @@ pub fn render(reports: &[TraceReport], p: &Params) -> String {
         let _ = writeln!(
             s,
             "  {:<40} {:>14} {:>12} {:>15} {:>12} {:>12} {:>13}",
-            "policy", "billed s/job", "idle s/job", "cold/100 jobs", "p50 wait s", "p99 wait s",
+            "policy",
+            "billed s/job",
+            "idle s/job",
+            "cold/100 jobs",
+            "p50 wait s",
+            "p99 wait s",
             "$/1000 jobs"
         );
         for row in &r.rows {

@@ -619,7 +619,13 @@ mod tests {
         for t in trace::standard() {
             let g = gpupool(&t, &p, 300);
             let c = pool_manager(&t, &p, 300, 30, 11);
-            assert!(g.billed <= c.billed, "{}: {} > {}", t.name, g.billed, c.billed);
+            assert!(
+                g.billed <= c.billed,
+                "{}: {} > {}",
+                t.name,
+                g.billed,
+                c.billed
+            );
             assert!(
                 g.wait_percentile_s(99.0) <= c.wait_percentile_s(99.0),
                 "{}: p99 {} > {}",

@@ -122,7 +122,12 @@ pub fn standard() -> Vec<Trace> {
         Trace::poisson("poisson 30/h, 7 days", 30.0, 7, 3),
         Trace::poisson("poisson 2/min, 2 days", 120.0, 2, 4),
         Trace::bursty("bursts of 20 every 2-6 h, 7 days", 20, 7, 5),
-        Trace::daily("day-shaped, 1/h at night to 24/h at 14:00, 7 days", 24.0, 7, 6),
+        Trace::daily(
+            "day-shaped, 1/h at night to 24/h at 14:00, 7 days",
+            24.0,
+            7,
+            6,
+        ),
     ]
 }
 
