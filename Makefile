@@ -3,7 +3,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/gpupool-target
 export GPUPOOL_TESTBINS ?= $(HOME)/.cache/gpupool-testbins
 
-.PHONY: test unit fidelity e2e demo crds testbins lint control-plane-up control-plane-down
+.PHONY: test unit fidelity e2e demo crds testbins lint bench control-plane-up control-plane-down
 
 ## Run every test: unit and integration tests, the simulator's fidelity with the official
 ## provider clients, then the end-to-end tests on a fresh local control plane.
@@ -33,6 +33,11 @@ crds:
 ## Build or reuse kube-apiserver, kubectl, etcd and helm (cached by version).
 testbins:
 	hack/testbins.sh >/dev/null
+
+## The policy benchmark: a simulation in simulated time (not timed), one table per arrival
+## trace; docs/benchmarks.md keeps the figures. BENCH_FLAGS="--profile dev" skips the release build.
+bench:
+	cargo bench --locked --bench policy $(BENCH_FLAGS)
 
 lint:
 	cargo fmt --all -- --check

@@ -3,6 +3,7 @@
 //!
 //! The library holds everything; the binaries under `src/bin/` are thin.
 
+pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod controller;

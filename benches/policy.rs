@@ -1,0 +1,12 @@
+//! `cargo bench --bench policy` (or `make bench`): prints one table per arrival trace.
+
+use gpupool::bench::{report, sim::Params, trace};
+
+fn main() {
+    let p = Params::default();
+    let reports: Vec<_> = trace::standard()
+        .iter()
+        .map(|t| report::run_trace(t, &p))
+        .collect();
+    print!("{}", report::render(&reports, &p));
+}
