@@ -25,7 +25,7 @@ use crate::{
 
 use super::{
     Context, Error, Result, idle,
-    status::{apply_status, cost, money, parse_money, seconds_between, set_condition},
+    status::{apply_status, cost, money, offer_price, parse_money, seconds_between, set_condition},
 };
 
 /// One attempt to start: the instance's session token, the attempt number (1-based), and
@@ -162,13 +162,11 @@ async fn finish(
     let jobs: Api<VideoJob> = Api::namespaced(ctx.client.clone(), &ns);
     let instances: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
     let broken = matches!(&outcome, Err(e) if e.instance_looks_broken());
-    let price = parse_money(
-        instance
-            .status
-            .as_ref()
-            .and_then(|s| s.offer.as_ref())
-            .and_then(|o| o.price_per_hour.as_deref()),
-    );
+    let price = instance
+        .status
+        .as_ref()
+        .and_then(offer_price)
+        .unwrap_or_default();
 
     // A failed attempt that will be retried frees (or replaces) its instance first, so the
     // pool never sees the job Pending while the instance still claims it (which it would

@@ -42,7 +42,7 @@ use super::{
     Context, Error, Result, error_requeue,
     idle::{self, IdleDecision, IdleInstance},
     status::{
-        apply_status, cost, money, parse_money, remove_condition, seconds_between, set_condition,
+        apply_status, cost, money, offer_price, remove_condition, seconds_between, set_condition,
     },
 };
 
@@ -470,12 +470,7 @@ async fn record_created(
 }
 
 fn price_of(status: &GpuInstanceStatus) -> Decimal {
-    parse_money(
-        status
-            .offer
-            .as_ref()
-            .and_then(|o| o.price_per_hour.as_deref()),
-    )
+    offer_price(status).unwrap_or_default()
 }
 
 async fn await_ready(

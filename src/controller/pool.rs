@@ -33,7 +33,7 @@ use crate::{
 use super::{
     Context, Error, Result, error_requeue,
     scheduling::{self, InstanceView, Limits, PendingJob, ProviderView, WaitReason},
-    status::{apply_own_status, apply_status, money, set_condition},
+    status::{apply_own_status, apply_status, money, offer_price, set_condition},
 };
 
 /// Finalizer that holds a pool until its instances are gone.
@@ -113,14 +113,7 @@ fn instance_phase(i: &GpuInstance) -> InstancePhase {
 }
 
 fn instance_price(i: &GpuInstance) -> Option<Decimal> {
-    i.status
-        .as_ref()?
-        .offer
-        .as_ref()?
-        .price_per_hour
-        .as_deref()?
-        .parse()
-        .ok()
+    i.status.as_ref().and_then(offer_price)
 }
 
 async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Result<Action> {

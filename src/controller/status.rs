@@ -127,6 +127,17 @@ pub fn parse_money(s: Option<&str>) -> Decimal {
     s.and_then(|s| s.parse().ok()).unwrap_or_default()
 }
 
+/// The price per hour of an instance's offer, once known.
+pub fn offer_price(status: &crate::crd::GpuInstanceStatus) -> Option<Decimal> {
+    status
+        .offer
+        .as_ref()?
+        .price_per_hour
+        .as_deref()?
+        .parse()
+        .ok()
+}
+
 /// Seconds from `from` to `to` (negative when `to` is earlier).
 pub fn seconds_between(from: Timestamp, to: Timestamp) -> f64 {
     to.duration_since(from).as_secs_f64()
