@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::{Api, Client};
+use kube::{Api, Client, client::ClientBuilder};
 use tracing::{error, info};
 
 use gpupool::{
@@ -32,7 +32,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let client = kube_client(metrics.clone()).await?;
     let cluster_id = match &config.cluster_id {
         Some(id) => id.clone(),
         None => Api::<Namespace>::all(client.clone())
@@ -42,7 +43,6 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .uid
             .ok_or("the kube-system namespace has no uid")?,
     };
-    let metrics = Arc::new(Metrics::new());
     let endpoints = config.endpoints();
     let worker_config = endpoints.worker.clone();
     let providers = Providers::new(
@@ -86,4 +86,22 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// The kube client from the in-cluster config or the kubeconfig, counting every request it
+/// sends in `gpupool_kube_requests_total` (the benchmarks report requests per job from it).
+async fn kube_client(metrics: Arc<Metrics>) -> Result<Client, kube::Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        let labels = gpupool::metrics::KubeRequestLabels::of(
+            req.method().as_str(),
+            req.uri().path(),
+            req.uri().query(),
+        );
+        metrics.kube_requests.get_or_create(&labels).inc();
+        req
+    });
+    Ok(ClientBuilder::try_from(config)?.with_layer(&count).build())
 }

@@ -55,6 +55,59 @@ pub struct EventLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeRequestLabels {
+    pub verb: String,
+    pub resource: String,
+}
+
+impl KubeRequestLabels {
+    /// Names a Kubernetes API request the way the API server's audit log does: the verb
+    /// (get, list, watch, create, update, patch, delete, deletecollection) and the resource
+    /// with its subresource (`videojobs/status`), from the method, path and query alone.
+    pub fn of(method: &str, path: &str, query: Option<&str>) -> Self {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // /api/v1/... or /apis/group/version/...; then [namespaces/ns/] resource [/name [/sub]]
+        let rest: &[&str] = match parts.first() {
+            Some(&"api") if parts.len() >= 2 => &parts[2..],
+            Some(&"apis") if parts.len() >= 3 => &parts[3..],
+            _ => &[],
+        };
+        let rest = match rest {
+            ["namespaces", _ns, more @ ..] if !more.is_empty() => more,
+            other => other,
+        };
+        let (resource, named) = match rest {
+            [] => (path.to_string(), false),
+            [r] => (r.to_string(), false),
+            [r, _name] => (r.to_string(), true),
+            [r, _name, sub, ..] => (format!("{r}/{sub}"), true),
+        };
+        let watch =
+            query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+        let verb = match method {
+            "GET" if watch => "watch",
+            "GET" if named => "get",
+            "GET" => "list",
+            "POST" => "create",
+            "PUT" => "update",
+            "PATCH" => "patch",
+            "DELETE" if named => "delete",
+            "DELETE" => "deletecollection",
+            other => {
+                return Self {
+                    verb: other.to_ascii_lowercase(),
+                    resource,
+                };
+            }
+        };
+        Self {
+            verb: verb.into(),
+            resource,
+        }
+    }
+}
+
 fn seconds_histogram(start: f64, factor: f64, count: u16) -> Histogram {
     Histogram::new(exponential_buckets(start, factor, count))
 }
@@ -77,6 +130,7 @@ pub struct Metrics {
     pub teardown_failing: Gauge,
     pub orphans_destroyed: Counter,
     pub events: Family<EventLabels, Counter>,
+    pub kube_requests: Family<KubeRequestLabels, Counter>,
     teardown_failing_set: Mutex<std::collections::HashSet<String>>,
 }
 
@@ -113,6 +167,7 @@ impl Metrics {
             teardown_failing: Gauge::default(),
             orphans_destroyed: Counter::default(),
             events: Family::default(),
+            kube_requests: Family::default(),
             teardown_failing_set: Mutex::default(),
             registry: Registry::default(),
         };
@@ -183,6 +238,11 @@ impl Metrics {
             "Kubernetes events emitted, by reason",
             m.events.clone(),
         );
+        registry.register(
+            "kube_requests",
+            "Requests this process sent to the Kubernetes API server, by verb and resource",
+            m.kube_requests.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -207,5 +267,70 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KubeRequestLabels;
+
+    fn of(method: &str, path: &str, query: Option<&str>) -> (String, String) {
+        let l = KubeRequestLabels::of(method, path, query);
+        (l.verb, l.resource)
+    }
+
+    #[test]
+    fn kube_requests_are_named_like_the_audit_log() {
+        let p = "/apis/gpupool.dev/v1alpha1/namespaces/demo/videojobs";
+        assert_eq!(of("GET", p, None), ("list".into(), "videojobs".into()));
+        assert_eq!(
+            of(
+                "GET",
+                p,
+                Some("resourceVersion=5&watch=true&timeoutSeconds=290")
+            ),
+            ("watch".into(), "videojobs".into())
+        );
+        assert_eq!(of("POST", p, None), ("create".into(), "videojobs".into()));
+        assert_eq!(
+            of(
+                "PATCH",
+                &format!("{p}/job-1/status"),
+                Some("fieldManager=gpupool")
+            ),
+            ("patch".into(), "videojobs/status".into())
+        );
+        assert_eq!(
+            of("DELETE", &format!("{p}/job-1"), None),
+            ("delete".into(), "videojobs".into())
+        );
+        assert_eq!(
+            of("GET", "/api/v1/namespaces/kube-system", None),
+            ("get".into(), "namespaces".into())
+        );
+        assert_eq!(
+            of("GET", "/api/v1/namespaces/demo/secrets/vast", None),
+            ("get".into(), "secrets".into())
+        );
+        assert_eq!(
+            of(
+                "PUT",
+                "/apis/coordination.k8s.io/v1/namespaces/gp/leases/gpupool",
+                None
+            ),
+            ("update".into(), "leases".into())
+        );
+        assert_eq!(
+            of(
+                "GET",
+                "/apis/gpupool.dev/v1alpha1/gpuinstances",
+                Some("watch=1")
+            ),
+            ("watch".into(), "gpuinstances".into())
+        );
+        assert_eq!(
+            of("GET", "/version", None),
+            ("list".into(), "/version".into())
+        );
     }
 }

@@ -97,6 +97,8 @@ pub struct Context {
     backoff: Mutex<HashMap<(String, String, String), ProviderBackoff>>,
     endpoint_sync: Mutex<HashMap<(String, String, String), std::time::Instant>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Session tokens by GpuInstance UID, so a dispatch does not read the Secret each time.
+    tokens: Mutex<HashMap<String, crate::provider::Credentials>>,
     ready: AtomicBool,
     standby: AtomicBool,
 }
@@ -130,6 +132,7 @@ impl Context {
             backoff: Mutex::default(),
             endpoint_sync: Mutex::default(),
             failures: Mutex::default(),
+            tokens: Mutex::default(),
             ready: AtomicBool::new(false),
             standby: AtomicBool::new(false),
         }
@@ -287,7 +290,21 @@ impl Context {
         ));
     }
 
-    /// Publishes an event about `obj`. Failing to publish never fails a reconcile.
+    /// The session token of the instance with this UID, if this process has seen it.
+    pub fn cached_token(&self, instance_uid: &str) -> Option<crate::provider::Credentials> {
+        lock(&self.tokens).get(instance_uid).cloned()
+    }
+
+    pub fn remember_token(&self, instance_uid: &str, token: &crate::provider::Credentials) {
+        lock(&self.tokens).insert(instance_uid.to_string(), token.clone());
+    }
+
+    pub fn forget_token(&self, instance_uid: &str) {
+        lock(&self.tokens).remove(instance_uid);
+    }
+
+    /// Publishes an event about `obj` in the background, as client-go's recorder does: an
+    /// event is never on the path of a job, and failing to publish never fails a reconcile.
     pub async fn event<K>(&self, obj: &K, warning: bool, reason: &str, note: String)
     where
         K: Resource<DynamicType = ()>,
@@ -318,8 +335,12 @@ impl Context {
             action: reason.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
-            debug!(error = %e, reason, "event not published");
-        }
+        let recorder = self.recorder.clone();
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                debug!(error = %e, reason, "event not published");
+            }
+        });
     }
 }

@@ -202,21 +202,41 @@ async fn provider_of(
     ctx.providers.instance(pool, &gi.spec.provider).await
 }
 
-/// The per-instance session token, kept in a Secret owned by the GpuInstance (created once).
-async fn session_token(gi: &GpuInstance, ctx: &Context) -> Result<Credentials> {
+/// The instance's session token if its Secret exists (remembered after the first read).
+pub(super) async fn existing_session_token(
+    gi: &GpuInstance,
+    ctx: &Context,
+) -> Result<Option<Credentials>> {
+    let uid = gi.uid().unwrap_or_default();
+    if let Some(token) = ctx.cached_token(&uid) {
+        return Ok(Some(token));
+    }
     let ns = gi.namespace().unwrap_or_default();
     let name = session_secret_name(gi);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Some(s) = secrets.get_opt(&name).await? {
-        let token = s
-            .data
-            .as_ref()
-            .and_then(|d| d.get(SESSION_TOKEN_KEY))
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::Config(format!("Secret {ns}/{name} has no session token")))?;
-        return Ok(Credentials::new(token));
+    let Some(s) = secrets.get_opt(&name).await? else {
+        return Ok(None);
+    };
+    let token = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(SESSION_TOKEN_KEY))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::Config(format!("Secret {ns}/{name} has no session token")))?;
+    let token = Credentials::new(token);
+    ctx.remember_token(&uid, &token);
+    Ok(Some(token))
+}
+
+/// The per-instance session token, kept in a Secret owned by the GpuInstance (created once).
+async fn session_token(gi: &GpuInstance, ctx: &Context) -> Result<Credentials> {
+    if let Some(token) = existing_session_token(gi, ctx).await? {
+        return Ok(token);
     }
+    let ns = gi.namespace().unwrap_or_default();
+    let name = session_secret_name(gi);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -241,7 +261,11 @@ async fn session_token(gi: &GpuInstance, ctx: &Context) -> Result<Credentials> {
     let mut secret = secret;
     secret.metadata.owner_references = Some(vec![owner]);
     match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(Credentials::new(token)),
+        Ok(_) => {
+            let token = Credentials::new(token);
+            ctx.remember_token(&gi.uid().unwrap_or_default(), &token);
+            Ok(token)
+        }
         // Created by a reconcile that did not finish: read it back next time.
         Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Kube(kube::Error::Api(s))),
         Err(e) => Err(e.into()),
@@ -916,6 +940,7 @@ async fn teardown_failing(
 }
 
 async fn delete_session_secret(gi: &GpuInstance, ctx: &Context) {
+    ctx.forget_token(&gi.uid().unwrap_or_default());
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
     if let Err(e) = secrets

@@ -26,7 +26,7 @@ use crate::{
 
 use super::{
     Context, Error, Result, error_requeue,
-    instance::{SESSION_TOKEN_KEY, session_secret_name},
+    instance::existing_session_token,
     status::{apply_status, seconds_between, set_condition},
 };
 
@@ -188,54 +188,76 @@ async fn run_on_instance(
         )
         .await;
     }
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let token = secrets
-        .get_opt(&session_secret_name(&instance))
+    let token = existing_session_token(&instance, ctx)
         .await?
-        .and_then(|s| s.data?.get(SESSION_TOKEN_KEY).map(|b| b.0.clone()))
-        .and_then(|b| String::from_utf8(b).ok())
         .ok_or_else(|| Error::Config(format!("instance {instance_name} has no session token")))?;
-    let token = crate::provider::Credentials::new(token);
 
-    let (job, attempt, bound_at) = if status.phase == Some(JobPhase::Scheduled) {
-        let bound_at = Instant::now();
-        let now = ctx.now();
-        let mut s = status.clone();
-        s.phase = Some(JobPhase::Running);
-        s.attempts += 1;
-        s.started_at = Some(Time(now));
-        set_condition(
-            &mut s.conditions,
-            "Scheduled",
-            true,
-            "Dispatched",
-            &format!("sent to {instance_name}"),
-            job.metadata.generation,
-            now,
-        );
-        if s.attempts == 1 {
-            let wait = job
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| seconds_between(t.0, now))
-                .unwrap_or(0.0);
-            ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
-        }
-        let attempt = s.attempts;
-        (apply_status(api, &job, &s).await?, attempt, Some(bound_at))
-    } else {
-        // Running without a task here: the operator restarted mid-attempt. Send it again
-        // with the same X-Job-Id so the worker can tell.
-        (job.as_ref().clone(), status.attempts, None)
-    };
+    if status.phase == Some(JobPhase::Scheduled) {
+        return start_attempt(ctx, api, &job, &instance, pool, token).await;
+    }
+    // Running without a task here: the operator restarted mid-attempt. Send it again with
+    // the same X-Job-Id so the worker can tell.
     let attempt = super::dispatch::Attempt {
         token,
-        number: attempt,
-        bound_at,
+        number: status.attempts,
+        bound_at: None,
     };
     ctx.dispatcher
         .start(ctx.clone(), &job, &instance, pool, attempt);
+    Ok(Action::await_change())
+}
+
+/// Records the next attempt of `job` on `instance` (the instance already names the job) as
+/// Running, then starts sending it. The pool reconciler calls this right after its claim, so
+/// a job on a warm instance starts without waiting for its own watch event.
+pub(super) async fn start_attempt(
+    ctx: &Arc<Context>,
+    api: &Api<VideoJob>,
+    job: &VideoJob,
+    instance: &GpuInstance,
+    pool: &crate::crd::GpuPool,
+    token: crate::provider::Credentials,
+) -> Result<Action> {
+    let bound_at = Instant::now();
+    let now = ctx.now();
+    let instance_name = instance.name_any();
+    let mut s = status_of(job);
+    if s.phase != Some(JobPhase::Scheduled) {
+        s.scheduled_at = Some(Time(now));
+    }
+    s.phase = Some(JobPhase::Running);
+    s.instance = Some(instance_name.clone());
+    s.provider = Some(instance.spec.provider.clone());
+    s.remote_job_id = None;
+    s.attempts += 1;
+    s.started_at = Some(Time(now));
+    set_condition(
+        &mut s.conditions,
+        "Scheduled",
+        true,
+        "Dispatched",
+        &format!("sent to {instance_name}"),
+        job.metadata.generation,
+        now,
+    );
+    if s.attempts == 1 {
+        let wait = job
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| seconds_between(t.0, now))
+            .unwrap_or(0.0);
+        ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
+    }
+    let number = s.attempts;
+    let job = apply_status(api, job, &s).await?;
+    let attempt = super::dispatch::Attempt {
+        token,
+        number,
+        bound_at: Some(bound_at),
+    };
+    ctx.dispatcher
+        .start(ctx.clone(), &job, instance, pool, attempt);
     Ok(Action::await_change())
 }
 

@@ -5,8 +5,13 @@
 //! settings in line, and reports the pool's state. Deleting a pool first deletes its
 //! instances (so their machines are destroyed while credentials are still known).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
+use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::{
@@ -32,6 +37,7 @@ use crate::{
 
 use super::{
     Context, Error, Result, error_requeue,
+    instance::existing_session_token,
     scheduling::{self, InstanceView, Limits, PendingJob, ProviderView, WaitReason},
     status::{apply_own_status, apply_status, money, offer_price, set_condition},
 };
@@ -124,6 +130,14 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
     let job_api: Api<VideoJob> = Api::namespaced(ctx.client.clone(), &ns);
     let inst_api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
     let now = ctx.now();
+    let by_name: HashMap<&str, &Arc<VideoJob>> = jobs
+        .iter()
+        .filter_map(|j| Some((j.metadata.name.as_deref()?, j)))
+        .collect();
+    let instance_by_name: HashMap<&str, &Arc<GpuInstance>> = instances
+        .iter()
+        .filter_map(|i| Some((i.metadata.name.as_deref()?, i)))
+        .collect();
 
     // Complete bindings a crash interrupted: an instance claims a job still Pending.
     let mut repaired = Vec::new();
@@ -131,7 +145,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         let Some(job_name) = inst.status.as_ref().and_then(|s| s.current_job.clone()) else {
             continue;
         };
-        if let Some(job) = jobs.iter().find(|j| j.name_any() == job_name)
+        if let Some(job) = by_name.get(job_name.as_str())
             && matches!(job_phase(job), JobPhase::Pending)
             && job.metadata.deletion_timestamp.is_none()
             && inst.metadata.deletion_timestamp.is_none()
@@ -158,7 +172,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
                 .status
                 .as_ref()
                 .and_then(|s| s.current_job.as_ref())
-                .and_then(|j| jobs.iter().find(|job| &job.name_any() == j))
+                .and_then(|j| by_name.get(j.as_str()))
                 .is_some_and(|j| job_phase(j).is_finished()),
             deleting: i.metadata.deletion_timestamp.is_some(),
             price_per_hour: instance_price(i),
@@ -167,9 +181,8 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
     // Idle instances longest idle first, so warm ones are reused before fresh ones idle out.
     let mut views = views;
     views.sort_by_key(|v| {
-        instances
-            .iter()
-            .find(|i| i.name_any() == v.name)
+        instance_by_name
+            .get(v.name.as_str())
             .and_then(|i| i.status.as_ref()?.idle_since.as_ref().map(|t| t.0))
             .unwrap_or(Timestamp::MAX)
     });
@@ -221,32 +234,31 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
     );
 
     let mut requeue = Duration::from_secs(60);
-    for (job_name, inst_name) in &plan.bind {
-        let (Some(job), Some(inst)) = (
-            jobs.iter().find(|j| &j.name_any() == job_name),
-            instances.iter().find(|i| &i.name_any() == inst_name),
-        ) else {
-            continue;
-        };
-        // The claim: only one writer can move the instance from this resourceVersion.
-        let mut s = inst.status.clone().unwrap_or_default();
-        s.current_job = Some(job_name.clone());
-        match apply_status(&inst_api, inst, &s).await {
-            Ok(_) => {}
-            Err(e)
-                if e.is_conflict()
-                    || matches!(&e, Error::Kube(kube::Error::Api(s)) if s.code == 404) =>
-            {
-                debug!(instance = %inst_name, "instance changed before the claim; trying again");
-                requeue = Duration::from_millis(200);
-                continue;
-            }
-            Err(e) => return Err(e),
+    // Bindings are independent (each instance and job is written once), so they go out
+    // together: a pass that places many jobs does not wait for each write in turn.
+    let pairs: Vec<(Arc<VideoJob>, Arc<GpuInstance>)> = plan
+        .bind
+        .iter()
+        .filter_map(|(j, i)| {
+            Some((
+                Arc::clone(by_name.get(j.as_str())?),
+                Arc::clone(instance_by_name.get(i.as_str())?),
+            ))
+        })
+        .collect();
+    let (pool_ref, job_ref, inst_ref) = (pool.as_ref(), &job_api, &inst_api);
+    let binds = futures::stream::iter(pairs)
+        .map(|(job, inst)| async move { bind(ctx, pool_ref, job_ref, inst_ref, &job, &inst).await })
+        .buffer_unordered(BIND_CONCURRENCY)
+        .collect::<Vec<Result<bool>>>()
+        .await;
+    for r in binds {
+        if !r? {
+            requeue = Duration::from_millis(200);
         }
-        bind_job(ctx, &job_api, job, inst_name, &inst.spec.provider).await?;
     }
     for (job_name, provider) in &plan.serverless {
-        if let Some(job) = jobs.iter().find(|j| &j.name_any() == job_name) {
+        if let Some(job) = by_name.get(job_name.as_str()) {
             let mut s = job.status.clone().unwrap_or_default();
             s.phase = Some(JobPhase::Scheduled);
             s.instance = None;
@@ -275,7 +287,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         create_instance(&inst_api, &pool, provider).await?;
     }
     for (job_name, reason) in &plan.waiting {
-        if let Some(job) = jobs.iter().find(|j| &j.name_any() == job_name) {
+        if let Some(job) = by_name.get(job_name.as_str()) {
             let (code, message) = wait_message(reason, &pool);
             let mut s = job.status.clone().unwrap_or_default();
             if set_condition(
@@ -340,6 +352,58 @@ fn wait_message(reason: &WaitReason, pool: &GpuPool) -> (&'static str, String) {
             format!("the pool has no provider named {p}"),
         ),
     }
+}
+
+/// How many bindings one pool pass writes at once.
+const BIND_CONCURRENCY: usize = 16;
+
+/// Gives `inst` to `job` and starts the job on it. Returns false when the instance changed
+/// before the claim (the pass should run again soon).
+async fn bind(
+    ctx: &Arc<Context>,
+    pool: &GpuPool,
+    job_api: &Api<VideoJob>,
+    inst_api: &Api<GpuInstance>,
+    job: &VideoJob,
+    inst: &GpuInstance,
+) -> Result<bool> {
+    let inst_name = inst.name_any();
+    // The claim: only one writer can move the instance from this resourceVersion.
+    let mut s = inst.status.clone().unwrap_or_default();
+    s.current_job = Some(job.name_any());
+    let claimed = match apply_status(inst_api, inst, &s).await {
+        Ok(claimed) => claimed,
+        Err(e)
+            if e.is_conflict()
+                || matches!(&e, Error::Kube(kube::Error::Api(s)) if s.code == 404) =>
+        {
+            debug!(instance = %inst_name, "instance changed before the claim; trying again");
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    // Start the attempt now rather than after the job's watch event comes back: the token
+    // is remembered from the instance's creation (read once after a restart).
+    if let Some(token) = existing_session_token(&claimed, ctx).await? {
+        match super::job::start_attempt(ctx, job_api, job, &claimed, pool, token).await {
+            Ok(_) => {
+                ctx.event(
+                    job,
+                    false,
+                    "Bound",
+                    format!("bound to instance {inst_name}"),
+                )
+                .await;
+                return Ok(true);
+            }
+            // The job changed meanwhile; the instance's claim stays and the next pass repairs it.
+            Err(e) if e.is_conflict() => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    }
+    // No token to be found: bind only; the job reconciler reports why it cannot start.
+    bind_job(ctx, job_api, job, &inst_name, &inst.spec.provider).await?;
+    Ok(true)
 }
 
 async fn bind_job(

@@ -133,7 +133,8 @@ async fn executions(State(sim): State<Arc<Sim>>) -> Response {
         .map(|(k, e)| {
             (
                 k.clone(),
-                json!({"count": e.count, "instances": e.instances}),
+                json!({"count": e.count, "instances": e.instances,
+                       "first_at": e.first_at.map(|t| format!("{t:.6}"))}),
             )
         })
         .collect();

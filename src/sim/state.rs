@@ -254,6 +254,8 @@ pub struct Execution {
     pub count: u64,
     /// The instance (or serverless worker) of each execution, in order.
     pub instances: Vec<String>,
+    /// When the first execution arrived (microseconds: the benchmarks measure dispatch by it).
+    pub first_at: Option<Timestamp>,
 }
 
 /// Everything that changes while the simulator runs.
@@ -349,6 +351,7 @@ impl State {
     pub fn count_execution(&mut self, job_id: &str, instance: &str) {
         let e = self.executions.entry(job_id.to_string()).or_default();
         e.count += 1;
+        e.first_at.get_or_insert_with(Timestamp::now);
         e.instances.push(instance.to_string());
     }
 }

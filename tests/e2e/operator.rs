@@ -98,7 +98,8 @@ impl Operator {
         Self::start_full(ns, sim, extra, &[], tag)
     }
 
-    fn start_full(
+    /// The general form: extra flags, extra environment, and a tag for the log file.
+    pub fn start_full(
         ns: &str,
         sim: &SimHandle,
         extra: &[&str],
@@ -179,6 +180,11 @@ impl Operator {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The process id (for CPU time and peak memory in the benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn logs(&self) -> String {
