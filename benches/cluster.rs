@@ -5,7 +5,7 @@
 //!
 //!   hack/with-control-plane.sh cargo bench --features e2e --bench cluster [-- NAME...]
 //!
-//! NAME is any of `dispatch`, `burst`, `teardown`, `scale` (default: all). `make bench` runs
+//! NAME is any of `dispatch`, `warm`, `burst`, `teardown`, `scale` (default: all). `make bench` runs
 //! them all after the policy benchmark. Scale knobs (for a quicker look): BENCH_JOBS,
 //! BENCH_SCALE_JOBS, BENCH_SCALE_INSTANCES, BENCH_TEARDOWN_INSTANCES.
 
@@ -73,6 +73,7 @@ fn pool_spec(max: usize, min_idle: usize, idle_timeout: i64) -> Value {
 
 /// The operator as a production deployment would run it (info logs, default intervals).
 fn start_operator(ns: &str, sim: &SimHandle, tag: &str) -> Operator {
+    let log = std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
     Operator::start_full(
         ns,
         sim,
@@ -81,7 +82,7 @@ fn start_operator(ns: &str, sim: &SimHandle, tag: &str) -> Operator {
             "--liveness-interval-seconds=30",
             "--provision-poll-ms=500",
         ],
-        &[("RUST_LOG", "info")],
+        &[("RUST_LOG", &log)],
         tag,
     )
 }
@@ -273,11 +274,20 @@ fn job_body(name: &str, seconds: f64) -> VideoJob {
     .unwrap()
 }
 
+/// Rents `n` instances by giving each a job of 3 s at once; with a long idle timeout they
+/// then stay warm. Returns them once all are Ready and free.
+async fn warm_up(client: &Client, ns: &str, n: usize) -> Vec<GpuInstance> {
+    create_jobs(client, ns, "warm", n, 0.0, 3.0).await;
+    wait_all_finished(client, ns, n, Duration::from_secs(900)).await;
+    wait_ready_instances(client, ns, n, Duration::from_secs(300)).await
+}
+
 /// Creates `n` jobs, `rate` per second (0: as fast as 32 concurrent requests go); returns
 /// when each create request was sent, by job name, and each job's UID.
 async fn create_jobs(
     client: &Client,
     ns: &str,
+    prefix: &str,
     n: usize,
     rate: f64,
     seconds: f64,
@@ -293,7 +303,7 @@ async fn create_jobs(
                 let at = start + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(at.into()).await;
             }
-            let name = format!("job-{i:05}");
+            let name = format!("{prefix}-{i:05}");
             let body = job_body(&name, seconds);
             sent.lock().await.insert(name.clone(), Timestamp::now());
             let created = api.create(&PostParams::default(), &body).await.unwrap();
@@ -431,15 +441,19 @@ async fn throughput(name: &str, n: usize, instances: usize, rate: f64, worker_se
     .await;
     let op = start_operator(&ns.name, &sim, name);
     let addr = wait_for_addr(&op).await;
-    let warm = wait_ready_instances(&client, &ns.name, instances, Duration::from_secs(300)).await;
+    let warm = warm_up(&client, &ns.name, instances).await;
     let direct = sorted(direct_calls(&client, &ns.name, &warm[0], 20, worker_seconds).await);
 
     let requests_before = kube_requests(&addr).await;
     let (cpu_before, _) = proc_usage(op.pid());
     let t0 = Instant::now();
-    let (sent, _) = create_jobs(&client, &ns.name, n, rate, worker_seconds).await;
+    let (sent, _) = create_jobs(&client, &ns.name, "job", n, rate, worker_seconds).await;
     let created_in = t0.elapsed().as_secs_f64();
-    let jobs = wait_all_finished(&client, &ns.name, n, Duration::from_secs(1200)).await;
+    let jobs = wait_all_finished(&client, &ns.name, n + instances, Duration::from_secs(1200)).await;
+    let jobs: Vec<VideoJob> = jobs
+        .into_iter()
+        .filter(|j| sent.contains_key(&j.name_any()))
+        .collect();
     let (cpu_after, peak_rss) = proc_usage(op.pid());
     let requests_after = kube_requests(&addr).await;
     let (dispatch, e2e, first, last, duplicates) = job_latencies(&sim, &jobs, &sent).await;
@@ -540,7 +554,7 @@ async fn teardown(n: usize) {
         })
     };
     // Jobs of 10 s arriving over 8 s: all overlap, so none reuses another's machine.
-    create_jobs(&client, &ns.name, n, n as f64 / 8.0, 10.0).await;
+    create_jobs(&client, &ns.name, "job", n, n as f64 / 8.0, 10.0).await;
     wait_all_finished(&client, &ns.name, n, Duration::from_secs(600)).await;
     let start = Instant::now();
     loop {
@@ -626,12 +640,14 @@ async fn scale(n: usize, instances: usize) {
     let mut op = start_operator(&ns.name, &sim, "scale");
     wait_for_addr(&op).await;
     let t = Instant::now();
-    wait_ready_instances(&client, &ns.name, instances, Duration::from_secs(900)).await;
+    warm_up(&client, &ns.name, instances).await;
     let warmup = t.elapsed().as_secs_f64();
     op.kill();
 
+    // The warm-up jobs count among the stored ones.
+    let backlog_jobs = n.saturating_sub(instances);
     let t = Instant::now();
-    create_jobs(&client, &ns.name, n, 0.0, 0.1).await;
+    create_jobs(&client, &ns.name, "job", backlog_jobs, 0.0, 0.1).await;
     let created_in = t.elapsed().as_secs_f64();
 
     // Start-up with the backlog stored, then the backlog itself.
@@ -729,6 +745,10 @@ async fn main() {
     );
     if run("dispatch") {
         throughput("dispatch", env_usize("BENCH_JOBS", 2000), 10, 20.0, 0.5).await;
+    }
+    if run("warm") {
+        // The dispatch overhead itself: a warm instance is free for nearly every job.
+        throughput("warm", env_usize("BENCH_WARM_JOBS", 300), 10, 8.0, 0.5).await;
     }
     if run("burst") {
         throughput("burst", env_usize("BENCH_JOBS", 2000), 40, 0.0, 0.5).await;

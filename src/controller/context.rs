@@ -27,7 +27,7 @@ use crate::{
     metrics::{EventLabels, Metrics},
 };
 
-use super::{dispatch::Dispatcher, providers::Providers};
+use super::{dispatch::Dispatcher, providers::Providers, written::Written};
 
 /// Settings of the controllers, from the operator's flags.
 #[derive(Clone, Debug)]
@@ -92,6 +92,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub providers: Providers,
     pub dispatcher: Dispatcher,
+    /// What this process wrote last, for the scheduler's read-your-writes (`written.rs`).
+    pub written_instances: Written<GpuInstance>,
+    pub written_jobs: Written<VideoJob>,
     recorder: Recorder,
     stores: OnceLock<Stores>,
     backoff: Mutex<HashMap<(String, String, String), ProviderBackoff>>,
@@ -99,6 +102,10 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Session tokens by GpuInstance UID, so a dispatch does not read the Secret each time.
     tokens: Mutex<HashMap<String, crate::provider::Credentials>>,
+    /// When each instance (by UID) was last asked of its provider while Ready.
+    liveness: Mutex<HashMap<String, std::time::Instant>>,
+    /// When each pool's status was last written, by namespace/name.
+    pool_status_written: Mutex<HashMap<String, std::time::Instant>>,
     ready: AtomicBool,
     standby: AtomicBool,
 }
@@ -128,11 +135,15 @@ impl Context {
             metrics,
             providers,
             dispatcher: Dispatcher::default(),
+            written_instances: Written::default(),
+            written_jobs: Written::default(),
             stores: OnceLock::new(),
             backoff: Mutex::default(),
             endpoint_sync: Mutex::default(),
             failures: Mutex::default(),
             tokens: Mutex::default(),
+            liveness: Mutex::default(),
+            pool_status_written: Mutex::default(),
             ready: AtomicBool::new(false),
             standby: AtomicBool::new(false),
         }
@@ -290,6 +301,47 @@ impl Context {
         ));
     }
 
+    /// Whether the Ready instance with this UID is due a liveness check (none in the last
+    /// `liveness_interval`); if so, the check is counted as done now. A reconcile caused by a
+    /// job being bound or freed therefore never waits for the provider.
+    pub fn liveness_due(&self, instance_uid: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut checked = lock(&self.liveness);
+        match checked.get(instance_uid) {
+            Some(at) if now.duration_since(*at) < self.config.liveness_interval => false,
+            _ => {
+                checked.insert(instance_uid.to_string(), now);
+                true
+            }
+        }
+    }
+
+    /// `None` when the pool's status may be written now (and counts it as written), else how
+    /// long until it may: a write of counts alone waits `interval` after the previous write.
+    pub fn pool_status_wait(
+        &self,
+        pool: &GpuPool,
+        counts_only: bool,
+        interval: Duration,
+    ) -> Option<Duration> {
+        use kube::ResourceExt;
+        let key = format!(
+            "{}/{}",
+            pool.namespace().unwrap_or_default(),
+            pool.name_any()
+        );
+        let now = std::time::Instant::now();
+        let mut written = lock(&self.pool_status_written);
+        if counts_only
+            && let Some(at) = written.get(&key)
+            && now.duration_since(*at) < interval
+        {
+            return Some(interval - now.duration_since(*at));
+        }
+        written.insert(key, now);
+        None
+    }
+
     /// The session token of the instance with this UID, if this process has seen it.
     pub fn cached_token(&self, instance_uid: &str) -> Option<crate::provider::Credentials> {
         lock(&self.tokens).get(instance_uid).cloned()
@@ -299,8 +351,10 @@ impl Context {
         lock(&self.tokens).insert(instance_uid.to_string(), token.clone());
     }
 
-    pub fn forget_token(&self, instance_uid: &str) {
+    /// Drops what this process remembers of an instance that is going away.
+    pub fn forget_instance(&self, instance_uid: &str) {
         lock(&self.tokens).remove(instance_uid);
+        lock(&self.liveness).remove(instance_uid);
     }
 
     /// Publishes an event about `obj` in the background, as client-go's recorder does: an

@@ -177,10 +177,16 @@ async fn finish(
         release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
     }
 
-    // 1. The job, retried on conflicts with fresh reads.
+    // 1. The job, written from the copy the attempt started with (nothing else writes a
+    // Running job), retried on conflicts with fresh reads.
+    let mut known = Some(job.clone());
     for _ in 0..10 {
-        let Some(current) = jobs.get_opt(&job.name_any()).await? else {
-            break;
+        let current = match known.take() {
+            Some(j) => j,
+            None => match jobs.get_opt(&job.name_any()).await? {
+                Some(j) => j,
+                None => break,
+            },
         };
         if current.uid() != job.uid() {
             break;
@@ -293,6 +299,7 @@ async fn finish(
                 break;
             }
             Err(e) if e.is_conflict() => continue,
+            Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => break,
             Err(e) => return Err(e),
         }
     }
@@ -314,9 +321,16 @@ pub async fn release(
     pool: &GpuPool,
     broken: bool,
 ) -> Result<()> {
+    // From the copy the attempt started with first (its claim is the last write unless a
+    // liveness check came between), then fresh reads on conflicts.
+    let mut known = Some(instance.clone());
     for _ in 0..10 {
-        let Some(current) = api.get_opt(&instance.name_any()).await? else {
-            return Ok(());
+        let current = match known.take() {
+            Some(i) => i,
+            None => match api.get_opt(&instance.name_any()).await? {
+                Some(i) => i,
+                None => return Ok(()),
+            },
         };
         let mut s = current.status.clone().unwrap_or_default();
         if s.current_job.as_deref() != Some(job) {
@@ -359,6 +373,7 @@ pub async fn release(
         match apply_status(api, &current, &s).await {
             Ok(_) => return Ok(()),
             Err(e) if e.is_conflict() => continue,
+            Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => return Ok(()),
             Err(e) => return Err(e),
         }
     }

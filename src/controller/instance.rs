@@ -721,13 +721,17 @@ async fn ready(
                 apply_status(api, &gi, &s).await?;
             }
             if wait > ctx.config.liveness_interval {
-                check_alive(&gi, pool, ctx, api).await?;
+                if ctx.liveness_due(&gi.uid().unwrap_or_default()) {
+                    check_alive(&gi, pool, ctx, api).await?;
+                }
                 return Ok(Action::requeue(wait.min(ctx.config.liveness_interval)));
             }
             Ok(Action::requeue(wait))
         }
         IdleDecision::KeepWarm => {
-            check_alive(&gi, pool, ctx, api).await?;
+            if ctx.liveness_due(&gi.uid().unwrap_or_default()) {
+                check_alive(&gi, pool, ctx, api).await?;
+            }
             Ok(Action::requeue(ctx.config.liveness_interval))
         }
         IdleDecision::Teardown => {
@@ -940,7 +944,7 @@ async fn teardown_failing(
 }
 
 async fn delete_session_secret(gi: &GpuInstance, ctx: &Context) {
-    ctx.forget_token(&gi.uid().unwrap_or_default());
+    ctx.forget_instance(&gi.uid().unwrap_or_default());
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
     if let Err(e) = secrets

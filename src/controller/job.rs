@@ -94,6 +94,9 @@ async fn apply(job: Arc<VideoJob>, ctx: &Arc<Context>, api: &Api<VideoJob>) -> R
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
     match phase {
+        // A new job of a live pool is the pool's to place: its first scheduling pass starts
+        // it on a warm instance or writes why it waits, so no write is spent here first.
+        None if pool.metadata.deletion_timestamp.is_none() => Ok(Action::await_change()),
         None => {
             let mut s = status.clone();
             s.phase = Some(JobPhase::Pending);
@@ -226,6 +229,7 @@ pub(super) async fn start_attempt(
         s.scheduled_at = Some(Time(now));
     }
     s.phase = Some(JobPhase::Running);
+    s.observed_generation = job.metadata.generation;
     s.instance = Some(instance_name.clone());
     s.provider = Some(instance.spec.provider.clone());
     s.remote_job_id = None;
@@ -250,7 +254,9 @@ pub(super) async fn start_attempt(
         ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
     }
     let number = s.attempts;
+    let replaced = job.resource_version();
     let job = apply_status(api, job, &s).await?;
+    ctx.written_jobs.wrote(replaced, job.clone());
     let attempt = super::dispatch::Attempt {
         token,
         number,

@@ -16,6 +16,7 @@ pub mod providers;
 pub mod scheduling;
 pub mod status;
 pub mod sweep;
+pub mod written;
 
 use std::{sync::Arc, time::Duration};
 

@@ -46,6 +46,8 @@ use super::{
 pub const POOL_FINALIZER: &str = "gpupool.dev/instances";
 /// Label on every GpuInstance naming its pool.
 pub const POOL_LABEL: &str = "gpupool.dev/pool";
+/// How often at most a pool's status is rewritten when only its counts changed.
+const STATUS_COUNTS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often serverless endpoint settings are compared with the pool.
 const ENDPOINT_SYNC: Duration = Duration::from_secs(300);
 
@@ -92,19 +94,19 @@ pub fn error_policy(pool: Arc<GpuPool>, error: &Error, ctx: Arc<Context>) -> Act
     error_requeue(error, &ctx, &key)
 }
 
+/// The pool's jobs and instances as the cache shows them, with this process's own recent
+/// writes that the cache does not show yet (see `written.rs`).
 fn jobs_of(ctx: &Context, ns: &str, pool: &str) -> Vec<Arc<VideoJob>> {
-    ctx.stores()
-        .jobs
-        .state()
+    ctx.written_jobs
+        .overlay(ctx.stores().jobs.state())
         .into_iter()
         .filter(|j| j.namespace().as_deref() == Some(ns) && j.spec.pool == pool)
         .collect()
 }
 
 fn instances_of(ctx: &Context, ns: &str, pool: &str) -> Vec<Arc<GpuInstance>> {
-    ctx.stores()
-        .instances
-        .state()
+    ctx.written_instances
+        .overlay(ctx.stores().instances.state())
         .into_iter()
         .filter(|i| i.namespace().as_deref() == Some(ns) && i.spec.pool == pool)
         .collect()
@@ -158,7 +160,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
     let pending: Vec<&Arc<VideoJob>> = jobs
         .iter()
         .filter(|j| j.metadata.deletion_timestamp.is_none())
-        .filter(|j| matches!(job_phase(j), JobPhase::Pending) && j.status.is_some())
+        .filter(|j| matches!(job_phase(j), JobPhase::Pending))
         .filter(|j| !repaired.contains(&j.name_any()))
         .collect();
     let views: Vec<InstanceView> = instances
@@ -277,45 +279,88 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
                 now,
             );
             match apply_status(&job_api, job.as_ref(), &s).await {
-                Ok(_) => {}
+                Ok(written) => ctx.written_jobs.wrote(job.resource_version(), written),
                 Err(e) if e.is_conflict() => requeue = Duration::from_millis(200),
                 Err(e) => return Err(e),
             }
         }
     }
     for provider in &plan.create {
-        create_instance(&inst_api, &pool, provider).await?;
+        let created = create_instance(&inst_api, &pool, provider).await?;
+        ctx.written_instances.wrote(None, created);
     }
-    for (job_name, reason) in &plan.waiting {
-        if let Some(job) = by_name.get(job_name.as_str()) {
+    // Why each waiting job waits, written only when it changed (and together).
+    let waits: Vec<(Arc<VideoJob>, String, String)> = plan
+        .waiting
+        .iter()
+        .filter_map(|(job_name, reason)| {
+            let job = by_name.get(job_name.as_str())?;
             let (code, message) = wait_message(reason, &pool);
-            let mut s = job.status.clone().unwrap_or_default();
-            if set_condition(
-                &mut s.conditions,
-                "Scheduled",
-                false,
-                code,
-                &message,
-                job.metadata.generation,
-                now,
-            ) {
-                match apply_status(&job_api, job.as_ref(), &s).await {
-                    Ok(job) if code != "InstanceStarting" => {
-                        ctx.event(&job, code == "UnknownProvider", code, message)
-                            .await
+            Some((Arc::clone(job), code.to_string(), message))
+        })
+        .collect();
+    let written = futures::stream::iter(waits)
+        .map(|(job, code, message)| {
+            let job_api = &job_api;
+            async move {
+                let mut s = job.status.clone().unwrap_or_default();
+                let new = s.phase.is_none();
+                s.phase = Some(JobPhase::Pending);
+                s.observed_generation = job.metadata.generation;
+                if !set_condition(
+                    &mut s.conditions,
+                    "Scheduled",
+                    false,
+                    &code,
+                    &message,
+                    job.metadata.generation,
+                    now,
+                ) && !new
+                {
+                    return Ok(true);
+                }
+                match apply_status(job_api, job.as_ref(), &s).await {
+                    Ok(written) => {
+                        ctx.written_jobs
+                            .wrote(job.resource_version(), written.clone());
+                        let job = written;
+                        if code != "InstanceStarting" {
+                            ctx.event(&job, code == "UnknownProvider", &code, message)
+                                .await;
+                        }
+                        Ok(true)
                     }
-                    Ok(_) => {}
-                    Err(e) if e.is_conflict() => requeue = Duration::from_millis(200),
-                    Err(e) => return Err(e),
+                    Err(e) if e.is_conflict() => Ok(false),
+                    Err(e) => Err(e),
                 }
             }
+        })
+        .buffer_unordered(BIND_CONCURRENCY)
+        .collect::<Vec<Result<bool>>>()
+        .await;
+    for r in written {
+        if !r? {
+            requeue = Duration::from_millis(200);
         }
     }
 
     sync_endpoints(&pool, ctx).await;
     let (status, next_backoff) = pool_status(&pool, ctx, &jobs, &instances, now);
     if pool.status.as_ref() != Some(&status) {
-        apply_own_status(api, pool.as_ref(), &status).await?;
+        // Counts move with every job; under load they are written at most once per
+        // STATUS_COUNTS_INTERVAL (a pass is due by then to write the latest). Anything else
+        // (conditions, providers, generation) is written at once.
+        let counts_only = pool.status.as_ref().is_some_and(|old| {
+            old.observed_generation == status.observed_generation
+                && old.providers == status.providers
+                && old.conditions == status.conditions
+        });
+        match ctx.pool_status_wait(&pool, counts_only, STATUS_COUNTS_INTERVAL) {
+            Some(wait) => requeue = requeue.min(wait),
+            None => {
+                apply_own_status(api, pool.as_ref(), &status).await?;
+            }
+        }
     }
     if let Some(at) = next_backoff {
         requeue = requeue.min(now.duration_until(at).unsigned_abs() + Duration::from_millis(50));
@@ -372,7 +417,11 @@ async fn bind(
     let mut s = inst.status.clone().unwrap_or_default();
     s.current_job = Some(job.name_any());
     let claimed = match apply_status(inst_api, inst, &s).await {
-        Ok(claimed) => claimed,
+        Ok(claimed) => {
+            ctx.written_instances
+                .wrote(inst.resource_version(), claimed.clone());
+            claimed
+        }
         Err(e)
             if e.is_conflict()
                 || matches!(&e, Error::Kube(kube::Error::Api(s)) if s.code == 404) =>
@@ -432,7 +481,10 @@ async fn bind_job(
         now,
     );
     match apply_status(api, job, &s).await {
-        Ok(job) => {
+        Ok(written) => {
+            ctx.written_jobs
+                .wrote(job.resource_version(), written.clone());
+            let job = written;
             ctx.event(
                 &job,
                 false,
@@ -448,7 +500,11 @@ async fn bind_job(
     }
 }
 
-async fn create_instance(api: &Api<GpuInstance>, pool: &GpuPool, provider: &str) -> Result<()> {
+async fn create_instance(
+    api: &Api<GpuInstance>,
+    pool: &GpuPool,
+    provider: &str,
+) -> Result<GpuInstance> {
     let owner = OwnerReference {
         api_version: GpuPool::api_version(&()).into_owned(),
         kind: GpuPool::kind(&()).into_owned(),
@@ -478,7 +534,7 @@ async fn create_instance(api: &Api<GpuInstance>, pool: &GpuPool, provider: &str)
     gi.metadata.owner_references = Some(vec![owner]);
     let created = api.create(&PostParams::default(), &gi).await?;
     info!(instance = %created.name_any(), provider, "created GpuInstance for waiting jobs");
-    Ok(())
+    Ok(created)
 }
 
 /// Keeps each managed serverless endpoint's idle timeout and worker bounds equal to the pool's.
