@@ -193,7 +193,7 @@ impl WorkerClient {
             if status.is_success() {
                 return Ok(());
             }
-            let (body, _) = read_prefix(&mut response, self.config.max_error_body_bytes)
+            let body = read_error_body(&mut response, self.config.max_error_body_bytes, &redactor)
                 .await
                 .map_err(|e| transport_error(&e, timeout, &redactor))?;
             Err(status_failure(status, &body, &redactor))
@@ -235,9 +235,10 @@ impl WorkerClient {
                 "worker answered"
             );
             if !status.is_success() {
-                let (body, _) = read_prefix(&mut response, self.config.max_error_body_bytes)
-                    .await
-                    .map_err(|e| transport_error(&e, job.timeout, &redactor))?;
+                let body =
+                    read_error_body(&mut response, self.config.max_error_body_bytes, &redactor)
+                        .await
+                        .map_err(|e| transport_error(&e, job.timeout, &redactor))?;
                 return Err(status_failure(status, &body, &redactor));
             }
             let limit = self.config.max_output_bytes;
@@ -396,15 +397,7 @@ fn error_message(body: &[u8], redactor: &Redactor) -> String {
             })
     });
     match field {
-        Some(text) => {
-            let clean: String = redactor
-                .redact(&text)
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .take(MESSAGE_CHARS)
-                .collect();
-            clean.trim().to_string()
-        }
+        Some(text) => redactor.message(&text, MESSAGE_CHARS),
         None => redactor.excerpt(body),
     }
 }
@@ -415,6 +408,21 @@ fn transport_error(e: &reqwest::Error, timeout: Duration, redactor: &Redactor) -
     } else {
         WorkerError::Connection(redactor.redact(&describe_transport_error(e, timeout)))
     }
+}
+
+/// The first `cap` bytes of an error body. When the cap cuts a secret the worker echoed, the
+/// cut part goes too: redaction could not recognise half a secret.
+async fn read_error_body(
+    response: &mut reqwest::Response,
+    cap: usize,
+    redactor: &Redactor,
+) -> Result<Bytes, reqwest::Error> {
+    let (body, truncated) = read_prefix(response, cap).await?;
+    Ok(if truncated {
+        body.slice(..redactor.uncut_len(&body))
+    } else {
+        body
+    })
 }
 
 /// Reads at most `cap` bytes; `true` when the body was longer (the rest is not read).

@@ -280,10 +280,22 @@ impl Redactor {
         out
     }
 
+    /// A provider's or worker's own message, kept for the user: redacted, on one line, at
+    /// most `max_chars` characters.
+    pub(crate) fn message(&self, text: &str, max_chars: usize) -> String {
+        let clean: String = self
+            .redact(text)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(max_chars)
+            .collect();
+        clean.trim().to_string()
+    }
+
     /// A short, single-line, redacted quote of a body for an error message. Redaction runs
     /// before truncation so that a cut can never leave part of a secret behind.
     pub(crate) fn excerpt(&self, body: &[u8]) -> String {
-        let scanned = &body[..body.len().min(EXCERPT_SCAN_BYTES)];
+        let scanned = &body[..self.scan_end(body)];
         let text = String::from_utf8_lossy(scanned);
         let redacted = self.redact(&text);
         let mut out = String::with_capacity(EXCERPT_CHARS + 3);
@@ -309,6 +321,47 @@ impl Redactor {
             "<empty body>".into()
         } else {
             trimmed
+        }
+    }
+
+    /// The length of `prefix`, a body cut at a limit, without a trailing start of a secret:
+    /// redaction cannot recognise a secret whose end was not read.
+    pub(crate) fn uncut_len(&self, prefix: &[u8]) -> usize {
+        let cut = self
+            .secrets
+            .iter()
+            .filter_map(|secret| {
+                let secret = secret.expose().as_bytes();
+                (1..secret.len())
+                    .rev()
+                    .find(|&k| prefix.ends_with(&secret[..k]))
+            })
+            .max()
+            .unwrap_or(0);
+        prefix.len() - cut
+    }
+
+    /// Where an excerpt stops scanning `body`: at [`EXCERPT_SCAN_BYTES`], or just past a
+    /// secret that straddles that point, so that redaction sees the whole of it. (Blanks
+    /// collapse, so a body of 4000 spaces shows the end of the scanned window.)
+    fn scan_end(&self, body: &[u8]) -> usize {
+        let mut end = body.len().min(EXCERPT_SCAN_BYTES);
+        loop {
+            let before = end;
+            for secret in &self.secrets {
+                let secret = secret.expose().as_bytes();
+                let first = end.saturating_sub(secret.len() - 1);
+                if let Some(at) = body[first..]
+                    .windows(secret.len())
+                    .take(end - first)
+                    .position(|w| w == secret)
+                {
+                    end = end.max(first + at + secret.len());
+                }
+            }
+            if end == before {
+                return end;
+            }
         }
     }
 }
@@ -356,7 +409,8 @@ impl RawResponse {
             ProviderError::Transient(format!(
                 "{op}: unexpected response (HTTP {}): {}; body: {}",
                 self.status.as_u16(),
-                redactor.redact(&e.to_string()),
+                // serde quotes the offending value, which may be megabytes long.
+                redactor.excerpt(e.to_string().as_bytes()),
                 redactor.excerpt(&self.body)
             ))
         })
@@ -388,7 +442,8 @@ pub(crate) fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        // Refuses what no Duration holds (negative, NaN, 1e300) instead of panicking.
+        return Duration::try_from_secs_f64(secs).ok();
     }
     let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
     let delta = at.duration_since(jiff::Timestamp::now());
@@ -569,7 +624,9 @@ impl ApiClient {
                         } => next.max(*after),
                         _ => next,
                     };
-                    (started.elapsed() + wait <= policy.max_total).then_some(wait)
+                    // Checked: a Retry-After of u64::MAX seconds must not overflow.
+                    let ends = started.elapsed().checked_add(wait)?;
+                    (ends <= policy.max_total).then_some(wait)
                 })
                 .notify(|f: &Failure, wait: Duration| {
                     debug!(
@@ -636,6 +693,11 @@ impl ApiClient {
         let retry_after = parse_retry_after(response.headers());
         let body = match read_capped(&mut response, self.config.max_response_bytes).await {
             Ok(body) => body,
+            // An error status means the same whatever its body: a 401 with a huge page is
+            // still a refused key, not a transient failure.
+            Err(ReadError::TooLarge) if !status.is_success() => {
+                Bytes::from_static(b"(body over the size limit, not read)")
+            }
             Err(ReadError::TooLarge) => {
                 return Err(Failure {
                     error: ProviderError::Transient(format!(
@@ -807,6 +869,39 @@ mod tests {
     }
 
     #[test]
+    fn secret_straddling_the_scan_limit_is_not_shown() {
+        let key = Credentials::new("sk-SECRET-123");
+        let r = Redactor::new([&key]);
+        // Blanks collapse, so the excerpt reaches the end of the scanned window.
+        for pad in EXCERPT_SCAN_BYTES - 13..=EXCERPT_SCAN_BYTES {
+            let body = format!("{}sk-SECRET-123 tail", " ".repeat(pad));
+            let e = r.excerpt(body.as_bytes());
+            assert!(!e.contains("sk-"), "{pad}: {e}");
+        }
+        let body = format!("{}sk-SECRET-123", "\n".repeat(EXCERPT_SCAN_BYTES - 5));
+        assert_eq!(r.excerpt(body.as_bytes()), "<redacted>");
+    }
+
+    #[test]
+    fn a_cut_secret_is_dropped_from_a_prefix() {
+        let key = Credentials::new("sk-SECRET-123");
+        let r = Redactor::new([&key]);
+        assert_eq!(r.uncut_len(b"error: sk-SEC"), 7);
+        assert_eq!(r.uncut_len(b"error: s"), 7);
+        assert_eq!(r.uncut_len(b"error: sk-SECRET-123"), 20);
+        assert_eq!(r.uncut_len(b"error: none"), 11);
+    }
+
+    #[test]
+    fn messages_are_redacted_flattened_and_bounded() {
+        let key = Credentials::new("sk-SECRET-123");
+        let r = Redactor::new([&key]);
+        let m = r.message(&format!(" bad\nkey sk-SECRET-123 {}", "é".repeat(5000)), 50);
+        assert!(m.starts_with("bad key <redacted> éé"), "{m}");
+        assert_eq!(m.chars().count(), 49);
+    }
+
+    #[test]
     fn retry_after_seconds_and_dates() {
         let mut h = HeaderMap::new();
         assert_eq!(parse_retry_after(&h), None);
@@ -819,6 +914,13 @@ mod tests {
         assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(parse_retry_after(&h), None);
+        // Past what a Duration holds: no hint rather than a panic.
+        for huge in ["1e300", "99999999999999999999", "-1.5", "NaN", "inf"] {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static(huge));
+            assert_eq!(parse_retry_after(&h), None, "{huge}");
+        }
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("0.25"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_millis(250)));
     }
 
     #[test]

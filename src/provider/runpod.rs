@@ -16,7 +16,10 @@
 //!   nothing was rented);
 //! * the pod `name` is the gpupool label, which is how create is made idempotent by the caller.
 
-use std::fmt;
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
@@ -166,7 +169,8 @@ impl RunpodClient {
 
     fn offer_from(&self, gpu_type_id: &str, dto: &GpuTypeDto) -> Option<Offer> {
         let per_gpu = per_gpu_price(dto, self.cloud)?;
-        let price = money(per_gpu)? * Decimal::from(self.gpu_count);
+        // Checked: a price near Decimal::MAX times the GPU count would overflow (and panic).
+        let price = money(per_gpu)?.checked_mul(Decimal::from(self.gpu_count))?;
         if price > self.max_price {
             debug!(gpu_type_id, %price, "RunPod GPU type over the price cap");
             return None;
@@ -252,17 +256,10 @@ impl RunpodClient {
                         && p.is_ip_public == Some(true)
                 })
                 .and_then(|p| {
-                    let ip = p.ip.as_deref()?.trim();
+                    // An address, not any text: it becomes the worker's URL.
+                    let ip: IpAddr = p.ip.as_deref()?.trim().parse().ok()?;
                     let public = u16::try_from(p.public_port?).ok().filter(|p| *p > 0)?;
-                    if ip.is_empty() {
-                        return None;
-                    }
-                    let host = if ip.contains(':') {
-                        format!("[{ip}]")
-                    } else {
-                        ip.to_string()
-                    };
-                    Some(format!("http://{host}:{public}"))
+                    Some(format!("http://{}", SocketAddr::new(ip, public)))
                 }),
         }
     }
@@ -518,7 +515,7 @@ pub(crate) fn classify_graphql<T: DeserializeOwned>(
     serde_json::from_value(data).map_err(|e| {
         ProviderError::Transient(format!(
             "{op}: unexpected data: {}",
-            redactor.redact(&e.to_string())
+            redactor.excerpt(e.to_string().as_bytes())
         ))
     })
 }
@@ -804,6 +801,18 @@ mod tests {
     }
 
     #[test]
+    fn an_absurd_price_is_no_offer_not_an_overflow() {
+        let c = client(RunpodWorkerAccess::PublicTcp, CloudType::All, "1", 8000);
+        for price in [7.9e28, 4e28, 1e300] {
+            let dto = GpuTypeDto {
+                secure_price: Some(price),
+                ..GpuTypeDto::default()
+            };
+            assert_eq!(c.offer_from("x", &dto), None, "{price}");
+        }
+    }
+
+    #[test]
     fn all_clouds_price_is_the_higher_one() {
         let dto = GpuTypeDto {
             secure_price: Some(0.44),
@@ -895,6 +904,28 @@ mod tests {
         assert_eq!(i.gpu_name.as_deref(), Some("RTX 4090"));
         assert_eq!(i.region.as_deref(), Some("EU-RO-1"));
         assert_eq!(i.num_gpus, Some(2));
+    }
+
+    #[test]
+    fn public_tcp_endpoint_needs_an_address() {
+        let c = client(RunpodWorkerAccess::PublicTcp, CloudType::All, "1", 8000);
+        let with_ip = |ip: &str| {
+            let pod: PodDto = serde_json::from_value(json!({
+                "id": "abc123", "desiredStatus": "RUNNING",
+                "runtime": {"ports": [
+                    {"ip": ip, "isIpPublic": true, "privatePort": 8000, "publicPort": 40123, "type": "tcp"}
+                ]}
+            }))
+            .expect("pod");
+            c.to_remote(&pod).and_then(|i| i.endpoint)
+        };
+        for bad in ["not found", "evil.example/x?", "user@213.173.1.2", ""] {
+            assert_eq!(with_ip(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            with_ip(" 2001:db8::9 ").as_deref(),
+            Some("http://[2001:db8::9]:40123")
+        );
     }
 
     #[test]

@@ -31,6 +31,9 @@ use super::{
 };
 use crate::crd::RunpodServerlessProvider;
 
+/// Longest job error kept from the endpoint, in characters (as for a worker's message).
+const ERROR_CHARS: usize = 1000;
+
 /// Endpoint fields read and written back by an update, as the official clients name them
 /// (runpod-python `saveEndpoint`/`myself { endpoints }`, runpodctl `UpdateEndpointModels`).
 const PRESERVED_FIELDS: &[&str] = &[
@@ -325,13 +328,17 @@ fn classify_status(
             )));
         }
     };
+    // The endpoint's text ends up in the job's status, conditions and events: bounded.
     let error = match dto.error {
         None => None,
-        Some(Value::String(s)) => Some(redactor.redact(&s)),
-        Some(other) => Some(redactor.redact(&other.to_string())),
+        Some(Value::String(s)) => Some(redactor.message(&s, ERROR_CHARS)),
+        Some(other) => Some(redactor.message(&other.to_string(), ERROR_CHARS)),
     };
     Ok(ServerlessJob {
-        id: dto.id.unwrap_or_else(|| job_id.to_string()),
+        id: dto
+            .id
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| job_id.to_string()),
         status,
         output: dto.output,
         error,
@@ -594,6 +601,15 @@ mod tests {
         )
         .expect("failed");
         assert_eq!(failed.error.as_deref(), Some(r#"{"msg":"boom"}"#));
+        // A traceback of megabytes, quoting the key, is kept short and redacted.
+        let key = Credentials::new("rp-SECRET-key");
+        let r = Redactor::new([&key]);
+        let body = json!({"id": "j", "status": "FAILED",
+                          "error": format!("rp-SECRET-key\n{}", "x".repeat(1 << 20))});
+        let failed = classify_status(&raw(200, &body.to_string()), &r, "j").expect("failed");
+        let error = failed.error.expect("error");
+        assert!(error.starts_with("<redacted> xxx"), "{error:.40}");
+        assert_eq!(error.chars().count(), ERROR_CHARS);
         assert_eq!(
             classify_status(&raw(404, ""), &r, "j").map_err(|e| e.label()),
             Err("NotFound")
@@ -601,6 +617,11 @@ mod tests {
         assert_eq!(
             classify_status(&raw(200, r#"{"id":"j"}"#), &r, "j").map_err(|e| e.label()),
             Err("Transient")
+        );
+        // An empty id is no id: the job keeps the one it was asked about.
+        assert_eq!(
+            classify_status(&raw(200, r#"{"id":"","status":"FAILED"}"#), &r, "j").map(|j| j.id),
+            Ok("j".to_string())
         );
     }
 

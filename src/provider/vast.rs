@@ -15,7 +15,10 @@
 //! Wire DTOs stay private; every optional field is decoded leniently so one odd row never
 //! fails a whole list.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+};
 
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
@@ -470,7 +473,16 @@ fn country_code(geolocation: &str) -> Option<String> {
 
 /// The readiness rule of Vast's own tooling: intended and actual status both `running`.
 fn instance_state(dto: &InstanceDto) -> RemoteState {
-    let norm = |s: &Option<String>| s.as_deref().map(|v| v.trim().to_ascii_lowercase());
+    // Statuses are short words; a longer one is cut, as it may be quoted in a message.
+    let norm = |s: &Option<String>| {
+        s.as_deref().map(|v| {
+            v.trim()
+                .chars()
+                .take(64)
+                .collect::<String>()
+                .to_ascii_lowercase()
+        })
+    };
     let actual = norm(&dto.actual_status);
     let intended = norm(&dto.intended_status);
     let cur = norm(&dto.cur_state);
@@ -511,10 +523,8 @@ fn instance_state(dto: &InstanceDto) -> RemoteState {
 
 /// `http://{public_ipaddr}:{HostPort of "{port}/tcp"}`, once Vast has mapped the port.
 fn worker_endpoint(dto: &InstanceDto, port: u16) -> Option<String> {
-    let ip = dto.public_ipaddr.as_deref()?.trim();
-    if ip.is_empty() {
-        return None;
-    }
+    // An address, not any text: it becomes the worker's URL.
+    let ip: IpAddr = dto.public_ipaddr.as_deref()?.trim().parse().ok()?;
     let binding = dto.ports.as_ref()?.get(format!("{port}/tcp"))?.get(0)?;
     let host_port: u16 = match binding.get("HostPort")? {
         Value::String(s) => s.trim().parse().ok()?,
@@ -524,18 +534,18 @@ fn worker_endpoint(dto: &InstanceDto, port: u16) -> Option<String> {
     if host_port == 0 {
         return None;
     }
-    let host = if ip.contains(':') {
-        format!("[{ip}]")
-    } else {
-        ip.to_string()
-    };
-    Some(format!("http://{host}:{host_port}"))
+    Some(format!("http://{}", SocketAddr::new(ip, host_port)))
 }
 
 /// A Vast error body: `{success, error, msg}`, or `{detail}`, or `{message}`, or plain text.
 fn error_parts(raw: &RawResponse, redactor: &Redactor) -> (Option<String>, String) {
     let parsed: Option<ErrorDto> = serde_json::from_slice(&raw.body).ok();
-    let code = parsed.as_ref().and_then(|e| e.error.clone());
+    // Quoted in messages like the text: redacted and short.
+    let code = parsed
+        .as_ref()
+        .and_then(|e| e.error.as_deref())
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| redactor.excerpt(c.as_bytes()));
     let text = parsed
         .and_then(|e| e.msg.or(e.message).or(e.detail))
         .map(|t| redactor.excerpt(t.as_bytes()))
@@ -622,7 +632,7 @@ fn classify_show(raw: &RawResponse, redactor: &Redactor, id: u64) -> ProviderRes
     serde_json::from_value(value).map_err(|e| {
         ProviderError::Transient(format!(
             "{OP}: unexpected instance object: {}",
-            redactor.redact(&e.to_string())
+            redactor.excerpt(e.to_string().as_bytes())
         ))
     })
 }
@@ -642,7 +652,13 @@ fn classify_destroy(raw: &RawResponse, redactor: &Redactor) -> ProviderResult<()
             _ => Ok(()),
         };
     }
-    if raw.status == StatusCode::NOT_FOUND || (raw.status.is_client_error() && gone) {
+    // A refused key or a throttle says nothing about the machine, whatever its text says:
+    // reading it as "gone" would release the instance while it still bills.
+    let refused = matches!(
+        raw.status,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
+    );
+    if raw.status == StatusCode::NOT_FOUND || (raw.status.is_client_error() && gone && !refused) {
         return Ok(());
     }
     Err(vast_error(OP, raw, redactor))
@@ -986,6 +1002,11 @@ mod tests {
             s(Some("destroyed"), "stopped", "stopped"),
             RemoteState::Terminated
         );
+        // A status of megabytes is not quoted whole.
+        match s(Some("running"), &"x".repeat(100_000), "running") {
+            RemoteState::Stopped(msg) => assert!(msg.len() < 300, "{} bytes", msg.len()),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1083,6 +1104,19 @@ mod tests {
             classify_destroy(&raw(503, "busy"), &r).map_err(|e| e.label()),
             Err("Transient")
         );
+        // "Not found" under a refused key or a throttle is not a confirmation.
+        let not_found = r#"{"success":false,"error":"not_found","msg":"Instance not found"}"#;
+        for (code, label) in [
+            (401, "Unauthorized"),
+            (403, "Unauthorized"),
+            (429, "RateLimited"),
+        ] {
+            assert_eq!(
+                classify_destroy(&raw(code, not_found), &r).map_err(|e| e.label()),
+                Err(label),
+                "{code}"
+            );
+        }
     }
 
     #[test]
@@ -1114,6 +1148,21 @@ mod tests {
         );
         let e = vast_error("op", &raw(400, fixture!("search_offers.400.json")), &r);
         assert!(e.to_string().contains("Invalid json body"), "{e}");
+    }
+
+    #[test]
+    fn error_codes_are_redacted_and_short() {
+        let key = Credentials::new("vk-SECRET-key");
+        let r = Redactor::new([&key]);
+        let body = json!({"success": false, "error": format!("vk-SECRET-key{}", "c".repeat(100_000)),
+                          "msg": "bad"});
+        let e = vast_error("op", &raw(400, &body.to_string()), &r);
+        let shown = e.to_string();
+        assert!(
+            !shown.contains("SECRET") && shown.contains("<redacted>"),
+            "{shown:.80}"
+        );
+        assert!(shown.len() < 600, "{} bytes", shown.len());
     }
 
     #[test]
@@ -1179,5 +1228,16 @@ mod tests {
         assert_eq!(worker_endpoint(&dto, 8000), None);
         dto.ports = Some(json!("weird"));
         assert_eq!(worker_endpoint(&dto, 8000), None);
+        // Only an address becomes a URL: no host names, paths or credentials.
+        dto.ports = Some(json!({"8000/tcp": [{"HostPort": 41234}]}));
+        for bad in ["", "evil.example/x?", "user@203.0.113.9", "a b", "<"] {
+            dto.public_ipaddr = Some(bad.into());
+            assert_eq!(worker_endpoint(&dto, 8000), None, "{bad:?}");
+        }
+        dto.public_ipaddr = Some("2001:db8::7".into());
+        assert_eq!(
+            worker_endpoint(&dto, 8000).as_deref(),
+            Some("http://[2001:db8::7]:41234")
+        );
     }
 }
