@@ -527,11 +527,13 @@ async fn exercise_worker(sim: &Sim, endpoint: &str, instance_id: &str, job_uid: 
     }
 
     let executions = sim.admin("/admin/executions").await;
+    let first = &executions["jobs"][format!("{job_uid}-0")];
     assert_eq!(
-        executions["jobs"][format!("{job_uid}-0")],
-        json!({"count": 1, "instances": [instance_id]}),
+        (&first["count"], &first["instances"]),
+        (&json!(1), &json!([instance_id])),
         "{executions}"
     );
+    assert!(first["first_at"].is_string(), "{executions}");
     for attempt in 1..=3 {
         assert!(
             executions["jobs"]

@@ -481,10 +481,10 @@ async fn vast_instance_life_cycle_create_loading_running_job_destroy_port_closed
     .await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
     let ex = s.admin("/admin/executions").await;
-    assert_eq!(
-        ex["jobs"]["job-1/0"],
-        json!({"count": 1, "instances": [id.to_string()]})
-    );
+    let job = &ex["jobs"]["job-1/0"];
+    assert_eq!(job["count"], json!(1));
+    assert_eq!(job["instances"], json!([id.to_string()]));
+    assert!(job["first_at"].is_string(), "{ex}");
     assert!(
         ex["jobs"].get("job-2/0").is_none(),
         "refused calls are not executions"
