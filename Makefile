@@ -3,7 +3,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/gpupool-target
 export GPUPOOL_TESTBINS ?= $(HOME)/.cache/gpupool-testbins
 
-.PHONY: test unit fidelity e2e demo crds testbins lint bench control-plane-up control-plane-down
+.PHONY: test unit fidelity e2e chaos demo crds testbins lint bench bench-policy bench-cluster control-plane-up control-plane-down
 
 ## Run every test: unit and integration tests, the simulator's fidelity with the official
 ## provider clients, then the end-to-end tests on a fresh local control plane.
@@ -22,6 +22,10 @@ fidelity:
 e2e: testbins
 	hack/with-control-plane.sh cargo test --locked --features e2e --test e2e -- --test-threads=8
 
+## The full chaos run (300 jobs, 10 SIGKILLs, provider faults; the short one is in `make test`).
+chaos: testbins
+	hack/with-control-plane.sh env GPUPOOL_CHAOS=full cargo test --locked --features e2e --test e2e chaos -- --nocapture
+
 ## The demo on a local control plane (or DEMO_CLUSTER=current for the current kube context).
 demo: testbins
 	hack/demo.sh
@@ -34,10 +38,17 @@ crds:
 testbins:
 	hack/testbins.sh >/dev/null
 
-## The policy benchmark: a simulation in simulated time (not timed), one table per arrival
-## trace; docs/benchmarks.md keeps the figures. BENCH_FLAGS="--profile dev" skips the release build.
-bench:
+## Every benchmark, one table each (docs/benchmarks.md keeps the figures): the policy
+## simulation (simulated time), then the cluster benchmarks on a fresh local control plane
+## (real operator, simulated providers). BENCH="dispatch warm" picks cluster benchmarks;
+## BENCH_FLAGS="--profile dev" skips the release build.
+bench: bench-policy bench-cluster
+
+bench-policy:
 	cargo bench --locked --bench policy $(BENCH_FLAGS)
+
+bench-cluster: testbins
+	hack/with-control-plane.sh cargo bench --locked --features e2e --bench cluster $(BENCH_FLAGS) -- $(BENCH)
 
 lint:
 	cargo fmt --all -- --check

@@ -3,6 +3,9 @@
 #
 #   hack/control-plane.sh start [DIR]   start it; write DIR/kubeconfig and DIR/env; wait until ready
 #   hack/control-plane.sh stop  [DIR]   stop it by the pids recorded in DIR, remove its data
+#   hack/control-plane.sh restart-apiserver [DIR]
+#                                       SIGKILL kube-apiserver, start it again on the same port
+#                                       and etcd, wait until ready (the fault tests use it)
 #
 # DIR defaults to $GPUPOOL_STATE/control-plane ($GPUPOOL_STATE defaults to ./.state).
 # `source DIR/env` exports KUBECONFIG, GPUPOOL_BIN (kubectl, helm) and the pids.
@@ -48,6 +51,49 @@ make_certs() {
   ) >/dev/null 2>&1
 }
 
+start_apiserver() { # kube-apiserver on the ports recorded in DIR/ports
+  local bin=$1 ep api
+  read -r ep api <"$DIR/ports"
+  "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api" \
+    --tls-cert-file="$DIR/apiserver.crt" --tls-private-key-file="$DIR/apiserver.key" \
+    --client-ca-file="$DIR/ca.crt" --cert-dir="$DIR/certs" \
+    --service-account-issuer="https://127.0.0.1:$api" --service-account-key-file="$DIR/sa.pub" \
+    --service-account-signing-key-file="$DIR/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
+    --authorization-mode=RBAC --disable-admission-plugins=ServiceAccount --allow-privileged=true \
+    --endpoint-reconciler-type=none \
+    >>"$DIR/apiserver.log" 2>&1 &
+  echo $! >"$DIR/apiserver.pid"
+}
+
+wait_ready() { # until /readyz answers and the default namespace can be read
+  local bin=$1 ep api
+  read -r ep api <"$DIR/ports"
+  for _ in $(seq $((READY_TIMEOUT * 2))); do
+    if curl -sf --cacert "$DIR/ca.crt" --cert "$DIR/admin.crt" --key "$DIR/admin.key" \
+      "https://127.0.0.1:$api/readyz" >/dev/null &&
+      "$bin/kubectl" --kubeconfig="$DIR/kubeconfig" get namespace default >/dev/null 2>&1; then
+      return 0
+    fi
+    kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || break
+    sleep 0.5
+  done
+  log "kube-apiserver did not become ready; its log ends with:"
+  tail -40 "$DIR/apiserver.log" >&2
+  return 1
+}
+
+restart_apiserver() {
+  local bin t0
+  t0=$(date +%s.%N)
+  bin=$("$HERE/testbins.sh" | tail -1)
+  kill -9 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || true
+  while kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null; do sleep 0.1; done
+  start_apiserver "$bin"
+  wait_ready "$bin"
+  log "kube-apiserver restarted, ready in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s"
+}
+
 start() {
   local bin t0
   t0=$(date +%s.%N)
@@ -73,16 +119,8 @@ start() {
     sleep 0.5
   done
 
-  "$bin/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api" \
-    --tls-cert-file="$DIR/apiserver.crt" --tls-private-key-file="$DIR/apiserver.key" \
-    --client-ca-file="$DIR/ca.crt" --cert-dir="$DIR/certs" \
-    --service-account-issuer="https://127.0.0.1:$api" --service-account-key-file="$DIR/sa.pub" \
-    --service-account-signing-key-file="$DIR/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
-    --authorization-mode=RBAC --disable-admission-plugins=ServiceAccount --allow-privileged=true \
-    --endpoint-reconciler-type=none \
-    >"$DIR/apiserver.log" 2>&1 &
-  echo $! >"$DIR/apiserver.pid"
+  echo "$ep $api" >"$DIR/ports"
+  start_apiserver "$bin"
 
   local k=$DIR/kubeconfig kubectl=$bin/kubectl
   "$kubectl" config --kubeconfig="$k" set-cluster local --server="https://127.0.0.1:$api" \
@@ -92,19 +130,7 @@ start() {
   "$kubectl" config --kubeconfig="$k" set-context local --cluster=local --user=admin >/dev/null
   "$kubectl" config --kubeconfig="$k" use-context local >/dev/null
 
-  local ready=
-  for _ in $(seq $((READY_TIMEOUT * 2))); do
-    if curl -sf --cacert "$DIR/ca.crt" --cert "$DIR/admin.crt" --key "$DIR/admin.key" \
-      "https://127.0.0.1:$api/readyz" >/dev/null &&
-      "$kubectl" --kubeconfig="$k" get namespace default >/dev/null 2>&1; then
-      ready=1; break
-    fi
-    kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || break
-    sleep 0.5
-  done
-  if [ -z "$ready" ]; then
-    log "kube-apiserver did not become ready; its log ends with:"
-    tail -40 "$DIR/apiserver.log" >&2
+  if ! wait_ready "$bin"; then
     stop
     return 1
   fi
@@ -128,5 +154,6 @@ stop() {
 case "$ACTION" in
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop [DIR]" >&2; exit 2 ;;
+  restart-apiserver) restart_apiserver ;;
+  *) echo "usage: $0 start|stop|restart-apiserver [DIR]" >&2; exit 2 ;;
 esac

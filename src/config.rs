@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "GPUPOOL_PROVISION_POLL_MS", default_value_t = 2000)]
     pub provision_poll_ms: u64,
 
+    /// Requests per second each provider account may receive from this operator (a
+    /// client-side quota below the provider's own limit; bursts of twice as many pass).
+    #[arg(long, env = "GPUPOOL_PROVIDER_QPS", default_value_t = 5)]
+    pub provider_qps: u32,
+
     /// Largest worker output kept in a VideoJob's status, in bytes.
     #[arg(long, env = "GPUPOOL_MAX_OUTPUT_BYTES", default_value_t = 64 * 1024)]
     pub max_output_bytes: usize,
@@ -138,6 +143,15 @@ impl Config {
         e.serverless.base_url = self.runpod_serverless_url.clone();
         e.serverless.graphql_base_url = self.runpod_api_url.clone();
         e.worker.max_output_bytes = self.max_output_bytes;
+        let qps = self.provider_qps.max(1);
+        let limit = crate::provider::http::RateLimit {
+            replenish_every: Duration::from_secs(1) / qps,
+            burst: std::num::NonZeroU32::new(qps.saturating_mul(2))
+                .unwrap_or(std::num::NonZeroU32::MIN),
+        };
+        e.vast.http.rate_limit = Some(limit.clone());
+        e.runpod.http.rate_limit = Some(limit.clone());
+        e.serverless.http.rate_limit = Some(limit);
         e
     }
 }

@@ -104,6 +104,8 @@ pub struct Context {
     tokens: Mutex<HashMap<String, crate::provider::Credentials>>,
     /// When each instance (by UID) was last asked of its provider while Ready.
     liveness: Mutex<HashMap<String, std::time::Instant>>,
+    /// Idle-deadline timers armed, by instance UID.
+    deadlines: Mutex<HashMap<String, Timestamp>>,
     /// When each pool's status was last written, by namespace/name.
     pool_status_written: Mutex<HashMap<String, std::time::Instant>>,
     ready: AtomicBool,
@@ -143,6 +145,7 @@ impl Context {
             failures: Mutex::default(),
             tokens: Mutex::default(),
             liveness: Mutex::default(),
+            deadlines: Mutex::default(),
             pool_status_written: Mutex::default(),
             ready: AtomicBool::new(false),
             standby: AtomicBool::new(false),
@@ -313,6 +316,18 @@ impl Context {
                 checked.insert(instance_uid.to_string(), now);
                 true
             }
+        }
+    }
+
+    /// Records a timer for this instance's idle deadline; false if one is armed for it.
+    pub fn arm_deadline(&self, instance_uid: &str, deadline: Timestamp) -> bool {
+        lock(&self.deadlines).insert(instance_uid.to_string(), deadline) != Some(deadline)
+    }
+
+    pub fn disarm_deadline(&self, instance_uid: &str, deadline: Timestamp) {
+        let mut d = lock(&self.deadlines);
+        if d.get(instance_uid) == Some(&deadline) {
+            d.remove(instance_uid);
         }
     }
 

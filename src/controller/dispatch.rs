@@ -28,6 +28,10 @@ use super::{
     status::{apply_status, cost, money, offer_price, parse_money, seconds_between, set_condition},
 };
 
+/// How long a finished attempt keeps trying to record its outcome while the API server is
+/// unavailable, before leaving it to the reconcilers (which send the job again).
+const OUTCOME_PATIENCE: Duration = Duration::from_secs(300);
+
 /// One attempt to start: the instance's session token, the attempt number (1-based), and
 /// when the job was found bound (for the dispatch-overhead metric; `None` after a restart).
 pub struct Attempt {
@@ -97,8 +101,24 @@ impl Dispatcher {
         let pool = pool.clone();
         tokio::spawn(async move {
             let outcome = send(&ctx, &job, &instance, &pool, &token, attempt, bound_at).await;
-            if let Err(e) = finish(&ctx, &job, &instance, &pool, attempt, outcome).await {
-                warn!(job = %job.name_any(), error = %e, "could not record the job's outcome; the reconcilers will");
+            // The outcome exists only in this task: while the API server is unreachable it is
+            // kept and written again, rather than left for a reconcile that would send the
+            // job a second time.
+            let give_up = Instant::now() + OUTCOME_PATIENCE;
+            let mut wait = Duration::from_millis(250);
+            loop {
+                match finish(&ctx, &job, &instance, &pool, attempt, outcome.clone()).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_unavailable() && Instant::now() + wait < give_up => {
+                        debug!(job = %job.name_any(), error = %e, "the API server is unavailable; keeping the outcome");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        warn!(job = %job.name_any(), error = %e, "could not record the job's outcome; the reconcilers will");
+                        break;
+                    }
+                }
             }
             ctx.dispatcher.lock().remove(&uid);
         });

@@ -109,7 +109,7 @@ fn pool_of(ctx: &Context, gi: &GpuInstance) -> Option<Arc<GpuPool>> {
     ctx.pool(&gi.namespace().unwrap_or_default(), &gi.spec.pool)
 }
 
-async fn apply(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) -> Result<Action> {
+async fn apply(gi: Arc<GpuInstance>, ctx: &Arc<Context>, api: &Api<GpuInstance>) -> Result<Action> {
     let Some(pool) = pool_of(ctx, &gi) else {
         return report_blocked(
             &gi,
@@ -662,7 +662,7 @@ fn pool_idle(ctx: &Context, ns: &str, pool: &str) -> Vec<IdleInstance> {
 async fn ready(
     gi: Arc<GpuInstance>,
     pool: &GpuPool,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     api: &Api<GpuInstance>,
 ) -> Result<Action> {
     let ns = gi.namespace().unwrap_or_default();
@@ -720,6 +720,7 @@ async fn ready(
                 s.idle_deadline = ts(deadline);
                 apply_status(api, &gi, &s).await?;
             }
+            arm_deadline(ctx, &gi, deadline);
             if wait > ctx.config.liveness_interval {
                 if ctx.liveness_due(&gi.uid().unwrap_or_default()) {
                     check_alive(&gi, pool, ctx, api).await?;
@@ -734,42 +735,115 @@ async fn ready(
             }
             Ok(Action::requeue(ctx.config.liveness_interval))
         }
-        IdleDecision::Teardown => {
-            let dp = DeleteParams {
-                preconditions: Some(Preconditions {
-                    resource_version: gi.resource_version(),
-                    uid: gi.uid(),
-                }),
-                ..DeleteParams::default()
-            };
-            match api.delete(&gi.name_any(), &dp).await {
-                Ok(_) => {
-                    let late = seconds_between(deadline, now).max(0.0);
-                    ctx.metrics.idle_teardown_lateness_seconds.observe(late);
-                    info!(
-                        lateness_s = late,
-                        "idle deadline reached; deleting the instance"
-                    );
-                    ctx.event(
-                        &*gi,
-                        false,
-                        "IdleTimeout",
-                        format!(
-                            "idle since {idle_since} ({} s); destroying the machine",
-                            pool.spec.idle_timeout_seconds
-                        ),
-                    )
-                    .await;
-                    Ok(Action::await_change())
-                }
-                // A job claimed it first (or it changed): that write wins.
-                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-                    Ok(Action::requeue(Duration::ZERO))
-                }
-                Err(e) => Err(e.into()),
+        IdleDecision::Teardown => delete_idle(&gi, pool, ctx, api, idle_since, deadline).await,
+    }
+}
+
+/// Deletes an idle instance whose deadline has come. The delete carries the resourceVersion
+/// the decision was made on, so a job's claim that got there first wins (409).
+async fn delete_idle(
+    gi: &GpuInstance,
+    pool: &GpuPool,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+    idle_since: Timestamp,
+    deadline: Timestamp,
+) -> Result<Action> {
+    let now = ctx.now();
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: gi.resource_version(),
+            uid: gi.uid(),
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&gi.name_any(), &dp).await {
+        Ok(_) => {
+            let late = seconds_between(deadline, now).max(0.0);
+            ctx.metrics.idle_teardown_lateness_seconds.observe(late);
+            info!(
+                instance = %gi.name_any(),
+                lateness_s = late,
+                "idle deadline reached; deleting the instance"
+            );
+            ctx.event(
+                gi,
+                false,
+                "IdleTimeout",
+                format!(
+                    "idle since {idle_since} ({} s); destroying the machine",
+                    pool.spec.idle_timeout_seconds
+                ),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        // A job claimed it first (or it changed): that write wins.
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+            Ok(Action::requeue(Duration::ZERO))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Makes sure an idle instance is torn down at its deadline even when its reconcile is busy
+/// then (a provider call waiting for the client-side quota, a provider that hangs): a timer
+/// of its own fires at the deadline and decides from the cache, as the reconcile would.
+/// Whichever of the two deletes first wins; the other gets 404 or 409.
+fn arm_deadline(ctx: &Arc<Context>, gi: &GpuInstance, deadline: Timestamp) {
+    let uid = gi.uid().unwrap_or_default();
+    if !ctx.arm_deadline(&uid, deadline) {
+        return;
+    }
+    let ctx = Arc::clone(ctx);
+    let (ns, name) = (gi.namespace().unwrap_or_default(), gi.name_any());
+    tokio::spawn(async move {
+        let wait = ctx.now().duration_until(deadline).unsigned_abs();
+        if ctx.now() < deadline {
+            tokio::time::sleep(wait).await;
+        }
+        ctx.disarm_deadline(&uid, deadline);
+        let Some(gi) = ctx
+            .instance(&ns, &name)
+            .filter(|i| i.uid().as_deref() == Some(&uid))
+        else {
+            return;
+        };
+        let Some(pool) = pool_of(&ctx, &gi) else {
+            return;
+        };
+        let status = status_of(&gi);
+        if gi.metadata.deletion_timestamp.is_some()
+            || status.phase != Some(InstancePhase::Ready)
+            || status.current_job.is_some()
+        {
+            return;
+        }
+        let idle_since = status
+            .idle_since
+            .as_ref()
+            .or(status.ready_at.as_ref())
+            .map(|t| t.0)
+            .unwrap_or_else(|| ctx.now());
+        let me = IdleInstance {
+            name: name.clone(),
+            idle_since,
+        };
+        let decision = idle::decide(
+            ctx.now(),
+            &me,
+            pool.spec.idle_timeout_seconds,
+            &pool_idle(&ctx, &ns, &gi.spec.pool),
+            pool.spec.min_idle.max(0) as usize,
+        );
+        if decision == IdleDecision::Teardown {
+            let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
+            let deadline = idle::deadline(idle_since, pool.spec.idle_timeout_seconds);
+            if let Err(e) = delete_idle(&gi, &pool, &ctx, &api, idle_since, deadline).await {
+                warn!(instance = %name, error = %e, "idle teardown failed; the reconcile retries");
             }
         }
-    }
+    });
 }
 
 /// Asks the provider whether a Ready machine still runs; a lost one is failed and replaced.

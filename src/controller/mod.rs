@@ -73,6 +73,21 @@ impl Error {
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 409)
     }
+
+    /// The API server could not be reached or answered that it is unavailable: the same
+    /// request may well succeed a moment later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => s.code >= 500 || s.code == 429,
+            Error::Kube(
+                kube::Error::Service(_)
+                | kube::Error::HyperError(_)
+                | kube::Error::HttpError(_)
+                | kube::Error::ReadEvents(_),
+            ) => true,
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -324,7 +324,9 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
                         ctx.written_jobs
                             .wrote(job.resource_version(), written.clone());
                         let job = written;
-                        if code != "InstanceStarting" {
+                        // Waiting for a machine that is starting or busy is normal
+                        // operation: only the reasons that need a person get an event.
+                        if !matches!(code.as_str(), "InstanceStarting" | "MaxInstances") {
                             ctx.event(&job, code == "UnknownProvider", &code, message)
                                 .await;
                         }
@@ -435,16 +437,9 @@ async fn bind(
     // is remembered from the instance's creation (read once after a restart).
     if let Some(token) = existing_session_token(&claimed, ctx).await? {
         match super::job::start_attempt(ctx, job_api, job, &claimed, pool, token).await {
-            Ok(_) => {
-                ctx.event(
-                    job,
-                    false,
-                    "Bound",
-                    format!("bound to instance {inst_name}"),
-                )
-                .await;
-                return Ok(true);
-            }
+            // No event here: the job's condition names the instance, and the outcome's event
+            // follows (one event per job keeps the API server's load per job low).
+            Ok(_) => return Ok(true),
             // The job changed meanwhile; the instance's claim stays and the next pass repairs it.
             Err(e) if e.is_conflict() => return Ok(true),
             Err(e) => return Err(e),

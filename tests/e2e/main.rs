@@ -3,7 +3,9 @@
 
 mod api;
 mod behaviour;
+mod chaos;
 mod chart;
+mod faults;
 mod lifecycle;
 mod operator;
 mod replicas;

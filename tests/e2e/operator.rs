@@ -182,7 +182,13 @@ impl Operator {
         let _ = self.child.wait();
     }
 
+    /// Whether the process has exited (it should only when killed).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The process id (for CPU time and peak memory in the benchmarks).
+    #[allow(dead_code)] // used by benches/cluster.rs, which includes this file
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -201,7 +207,13 @@ impl Drop for Operator {
 /// A namespace with the provider and worker Secrets a pool needs.
 pub async fn namespace_with_secrets(prefix: &str) -> TestNamespace {
     let ns = TestNamespace::new(prefix).await;
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ns.client(), &ns.name);
+    create_secrets(&ns.client(), &ns.name).await;
+    ns
+}
+
+/// The provider and worker Secrets a pool needs, in `ns`.
+pub async fn create_secrets(client: &Client, ns: &str) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
     for (name, value) in [
         ("vast", VAST_KEY),
         ("runpod", RUNPOD_KEY),
@@ -214,7 +226,6 @@ pub async fn namespace_with_secrets(prefix: &str) -> TestNamespace {
         .unwrap();
         secrets.create(&PostParams::default(), &s).await.unwrap();
     }
-    ns
 }
 
 /// A pool spec with one Vast provider (the simulator's default offers include RTX 3060).

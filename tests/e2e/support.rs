@@ -36,7 +36,12 @@ fn kubeconfig_path() -> PathBuf {
 
 /// A client for the local control plane, as the operator would build one from a kubeconfig.
 pub async fn client() -> Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("kubeconfig readable");
+    client_from(&kubeconfig_path()).await
+}
+
+/// A client for the control plane of the kubeconfig at `path`.
+pub async fn client_from(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("kubeconfig readable");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kubeconfig valid");
@@ -45,12 +50,17 @@ pub async fn client() -> Client {
 
 /// Runs real kubectl against the local control plane.
 pub fn kubectl(args: &[&str]) -> Output {
+    kubectl_with(&kubeconfig_path(), args)
+}
+
+/// Runs real kubectl against the control plane of the kubeconfig at `kubeconfig`.
+pub fn kubectl_with(kubeconfig: &Path, args: &[&str]) -> Output {
     let bin = std::env::var("GPUPOOL_BIN")
         .map(|b| Path::new(&b).join("kubectl"))
         .unwrap_or_else(|_| PathBuf::from("kubectl"));
     Command::new(bin)
         .arg("--kubeconfig")
-        .arg(kubeconfig_path())
+        .arg(kubeconfig)
         .args(args)
         .current_dir(repo_root())
         .output()
