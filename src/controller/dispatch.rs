@@ -171,7 +171,7 @@ async fn send(
 
 /// Records the outcome of one attempt on the job, then frees (or replaces) the instance.
 async fn finish(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     job: &VideoJob,
     instance: &GpuInstance,
     pool: &GpuPool,
@@ -334,7 +334,7 @@ async fn finish(
 /// Frees `instance` from `job` (idle from now, deadline set) or, when `broken`, deletes it
 /// so its machine is destroyed and the pool rents another.
 pub async fn release(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     api: &Api<GpuInstance>,
     instance: &GpuInstance,
     job: &str,
@@ -391,7 +391,15 @@ pub async fn release(
             ));
         }
         match apply_status(api, &current, &s).await {
-            Ok(_) => return Ok(()),
+            Ok(freed) => {
+                // The deadline's timer starts here, not when the instance's own reconcile
+                // next runs (which may be waiting on the provider).
+                if let Some(deadline) = freed.status.as_ref().and_then(|s| s.idle_deadline.as_ref())
+                {
+                    super::instance::arm_deadline(ctx, &freed, deadline.0);
+                }
+                return Ok(());
+            }
             Err(e) if e.is_conflict() => continue,
             Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => return Ok(()),
             Err(e) => return Err(e),

@@ -500,7 +500,7 @@ fn price_of(status: &GpuInstanceStatus) -> Decimal {
 async fn await_ready(
     gi: Arc<GpuInstance>,
     pool: &GpuPool,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     api: &Api<GpuInstance>,
 ) -> Result<Action> {
     let now = ctx.now();
@@ -586,6 +586,9 @@ async fn await_ready(
                         now,
                     );
                     let gi = apply_status(api, &gi, &s).await?;
+                    if let Some(deadline) = s.idle_deadline.as_ref() {
+                        arm_deadline(ctx, &gi, deadline.0);
+                    }
                     ctx.event(
                         &gi,
                         false,
@@ -790,7 +793,7 @@ async fn delete_idle(
 /// then (a provider call waiting for the client-side quota, a provider that hangs): a timer
 /// of its own fires at the deadline and decides from the cache, as the reconcile would.
 /// Whichever of the two deletes first wins; the other gets 404 or 409.
-fn arm_deadline(ctx: &Arc<Context>, gi: &GpuInstance, deadline: Timestamp) {
+pub(super) fn arm_deadline(ctx: &Arc<Context>, gi: &GpuInstance, deadline: Timestamp) {
     let uid = gi.uid().unwrap_or_default();
     if !ctx.arm_deadline(&uid, deadline) {
         return;

@@ -103,13 +103,10 @@ fn error_requeue(error: &Error, ctx: &Context, key: &str) -> Action {
 }
 
 /// A stream that yields what a channel receives, as a controller trigger.
-fn channel_stream<K: Send + 'static>(
-    rx: tokio::sync::mpsc::UnboundedReceiver<K>,
-) -> impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send {
-    futures::stream::unfold(
-        rx,
-        |mut rx| async move { rx.recv().await.map(|k| (Ok(k), rx)) },
-    )
+fn channel_stream<K: Send + Sync + 'static>(
+    rx: tokio::sync::mpsc::UnboundedReceiver<Arc<K>>,
+) -> impl futures::Stream<Item = Arc<K>> + Send {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (k, rx)) })
 }
 
 /// One watch per kind feeds one cache, then fans each object out to every controller that
@@ -121,7 +118,7 @@ fn watch_and_fan_out<K>(
     consumers: usize,
 ) -> (
     Store<K>,
-    Vec<tokio::sync::mpsc::UnboundedReceiver<K>>,
+    Vec<tokio::sync::mpsc::UnboundedReceiver<Arc<K>>>,
     impl Future<Output = ()> + Send,
 )
 where
@@ -133,10 +130,11 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store();
+    let (store, writer) = reflector::store::<K>();
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..consumers)
-        .map(|_| tokio::sync::mpsc::unbounded_channel::<K>())
+        .map(|_| tokio::sync::mpsc::unbounded_channel::<Arc<K>>())
         .unzip();
+    let reader = store.clone();
     let kind = K::kind(&()).to_string();
     let driver = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
@@ -148,8 +146,14 @@ where
         .for_each(move |event| {
             match event {
                 Ok(obj) => {
+                    // The consumers get the cache's own Arc (a deleted object a new one), so
+                    // the fan-out holds no copies: at start-up every object waits in these
+                    // channels until the caches are synced.
+                    let shared = reader
+                        .get(&ObjectRef::from_obj(&obj))
+                        .unwrap_or_else(|| Arc::new(obj));
                     for tx in &senders {
-                        let _ = tx.send(obj.clone());
+                        let _ = tx.send(shared.clone());
                     }
                 }
                 Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying"),
@@ -180,29 +184,30 @@ pub async fn run(ctx: Arc<Context>) {
     let (job_store, mut job_rx, job_watch) = watch_and_fan_out(jobs, 3);
     ctx.set_stores(pool_store.clone(), inst_store.clone(), job_store.clone());
 
-    let pool_ctrl = Controller::for_stream(channel_stream(pool_rx.remove(0)), pool_store)
-        .watches_stream(channel_stream(job_rx.remove(0)), |job: VideoJob| {
+    let pool_ctrl = Controller::for_shared_stream(channel_stream(pool_rx.remove(0)), pool_store)
+        .watches_shared_stream(channel_stream(job_rx.remove(0)), |job: Arc<VideoJob>| {
             job.metadata
                 .namespace
                 .clone()
                 .map(|ns| ObjectRef::new(&job.spec.pool).within(&ns))
         })
-        .watches_stream(channel_stream(inst_rx.remove(0)), |gi: GpuInstance| {
+        .watches_shared_stream(channel_stream(inst_rx.remove(0)), |gi: Arc<GpuInstance>| {
             gi.metadata
                 .namespace
                 .clone()
                 .map(|ns| ObjectRef::new(&gi.spec.pool).within(&ns))
         })
         .shutdown_on_signal();
-    let instance_ctrl = Controller::for_stream(channel_stream(inst_rx.remove(0)), inst_store)
-        .watches_stream(channel_stream(job_rx.remove(0)), |job: VideoJob| {
-            let ns = job.metadata.namespace.clone()?;
-            let inst = job.status.as_ref()?.instance.clone()?;
-            Some(ObjectRef::new(&inst).within(&ns))
-        })
+    let instance_ctrl =
+        Controller::for_shared_stream(channel_stream(inst_rx.remove(0)), inst_store)
+            .watches_shared_stream(channel_stream(job_rx.remove(0)), |job: Arc<VideoJob>| {
+                let ns = job.metadata.namespace.clone()?;
+                let inst = job.status.as_ref()?.instance.clone()?;
+                Some(ObjectRef::new(&inst).within(&ns))
+            })
+            .shutdown_on_signal();
+    let job_ctrl = Controller::for_shared_stream(channel_stream(job_rx.remove(0)), job_store)
         .shutdown_on_signal();
-    let job_ctrl =
-        Controller::for_stream(channel_stream(job_rx.remove(0)), job_store).shutdown_on_signal();
 
     // No reconcile may run before every cache is filled: a pool that saw its jobs but not
     // yet its instances would rent machines it already has.
