@@ -116,6 +116,7 @@ fn channel_stream<K: Send + Sync + 'static>(
 fn watch_and_fan_out<K>(
     api: Api<K>,
     consumers: usize,
+    on_event: impl Fn(&K) + Send + 'static,
 ) -> (
     Store<K>,
     Vec<tokio::sync::mpsc::UnboundedReceiver<Arc<K>>>,
@@ -146,6 +147,7 @@ where
         .for_each(move |event| {
             match event {
                 Ok(obj) => {
+                    on_event(&obj);
                     // The consumers get the cache's own Arc (a deleted object a new one), so
                     // the fan-out holds no copies: at start-up every object waits in these
                     // channels until the caches are synced.
@@ -179,9 +181,13 @@ pub async fn run(ctx: Arc<Context>) {
                 Api::all(client.clone()),
             ),
         };
-    let (pool_store, mut pool_rx, pool_watch) = watch_and_fan_out(pools, 1);
-    let (inst_store, mut inst_rx, inst_watch) = watch_and_fan_out(instances, 2);
-    let (job_store, mut job_rx, job_watch) = watch_and_fan_out(jobs, 3);
+    let (pool_store, mut pool_rx, pool_watch) = watch_and_fan_out(pools, 1, |_| {});
+    let seen = ctx.clone();
+    let (inst_store, mut inst_rx, inst_watch) =
+        watch_and_fan_out(instances, 2, move |gi| seen.written_instances.observed(gi));
+    let seen = ctx.clone();
+    let (job_store, mut job_rx, job_watch) =
+        watch_and_fan_out(jobs, 3, move |job| seen.written_jobs.observed(job));
     ctx.set_stores(pool_store.clone(), inst_store.clone(), job_store.clone());
 
     let pool_ctrl = Controller::for_shared_stream(channel_stream(pool_rx.remove(0)), pool_store)

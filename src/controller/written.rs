@@ -55,6 +55,22 @@ impl<K: Resource + Clone> Written<K> {
         );
     }
 
+    /// The watch delivered `object`: the cache now shows it (or a later version), so a
+    /// remembered write it replaces is dropped. A created object that is deleted before any
+    /// scheduling pass looked must not linger as a phantom starting instance.
+    pub fn observed(&self, object: &K) {
+        let mut entries = self.lock();
+        if entries.is_empty() {
+            return;
+        }
+        let key = (object.namespace().unwrap_or_default(), object.name_any());
+        if let Some(e) = entries.get(&key)
+            && (e.replaced.is_none() || e.replaced != object.resource_version())
+        {
+            entries.remove(&key);
+        }
+    }
+
     /// `cached` with this process's newer writes in place of what the cache shows, and
     /// created objects the cache does not show yet added. Entries the cache has caught up
     /// with (or moved past) are dropped.
@@ -135,6 +151,26 @@ mod tests {
         w.wrote(Some("1".into()), cm("a", "2", "ours"));
         let seen = w.overlay(vec![Arc::new(cm("a", "3", "theirs"))]);
         assert_eq!(value(&seen[0]), "theirs");
+    }
+
+    #[test]
+    fn a_creation_the_watch_delivered_is_not_shown_after_its_deletion() {
+        let w = Written::default();
+        w.wrote(None, cm("new", "5", "created"));
+        w.observed(&cm("new", "6", "failed"));
+        assert_eq!(
+            w.overlay(vec![]).len(),
+            0,
+            "deleted before a pass: no phantom"
+        );
+        w.wrote(Some("1".into()), cm("a", "2", "ours"));
+        w.observed(&cm("a", "1", "late event of the old version"));
+        let seen = w.overlay(vec![Arc::new(cm("a", "1", "old"))]);
+        assert_eq!(
+            value(&seen[0]),
+            "ours",
+            "an old version's event keeps our write"
+        );
     }
 
     #[test]
