@@ -821,8 +821,10 @@ async fn main() {
     }
     if run("teardown") {
         // The default quota, then one that does not starve (what the quota costs is visible).
-        teardown(env_usize("BENCH_TEARDOWN_INSTANCES", 200), 5).await;
-        teardown(env_usize("BENCH_TEARDOWN_INSTANCES", 200), 100).await;
+        let quotas = std::env::var("BENCH_TEARDOWN_QPS").unwrap_or_else(|_| "5,100".into());
+        for qps in quotas.split(',').filter_map(|q| q.trim().parse().ok()) {
+            teardown(env_usize("BENCH_TEARDOWN_INSTANCES", 200), qps).await;
+        }
     }
     if run("scale") {
         scale(

@@ -556,6 +556,10 @@ async fn await_ready(
                 .unwrap_or_else(|| "/health".into());
             match worker.health(endpoint, &health_path, &token).await {
                 Ok(()) => {
+                    // Ready from now, not from when this reconcile began: the provider call
+                    // above may have waited long for the client-side quota, and an idle
+                    // deadline counted from before it would already be past.
+                    let now = ctx.now();
                     let mut s = status.clone();
                     s.phase = Some(InstancePhase::Ready);
                     s.endpoint = Some(endpoint.clone());
