@@ -94,22 +94,10 @@ fn start_operator_qps(ns: &str, sim: &SimHandle, tag: &str, qps: u32) -> Operato
     )
 }
 
-fn metrics_addr(op: &Operator) -> Option<String> {
-    let logs = op.logs();
-    let line = logs.lines().find(|l| l.contains("gpupool listening"))?;
-    Some(
-        line.split("addr=")
-            .nth(1)?
-            .split_whitespace()
-            .next()?
-            .to_string(),
-    )
-}
-
 async fn wait_for_addr(op: &Operator) -> String {
     let start = Instant::now();
     loop {
-        if let Some(a) = metrics_addr(op) {
+        if let Some(a) = op.http_addr() {
             return a;
         }
         assert!(

@@ -245,13 +245,7 @@ pub(super) async fn start_attempt(
         now,
     );
     if s.attempts == 1 {
-        let wait = job
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| seconds_between(t.0, now))
-            .unwrap_or(0.0);
-        ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
+        observe_wait(ctx, job, now);
     }
     let number = s.attempts;
     let replaced = job.resource_version();
@@ -265,6 +259,17 @@ pub(super) async fn start_attempt(
     ctx.dispatcher
         .start(ctx.clone(), &job, instance, pool, attempt);
     Ok(Action::await_change())
+}
+
+/// Records how long a job waited, from its creation to its first attempt.
+fn observe_wait(ctx: &Context, job: &VideoJob, now: jiff::Timestamp) {
+    let wait = job
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| seconds_between(t.0, now))
+        .unwrap_or(0.0);
+    ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
 }
 
 /// An attempt was lost with its instance: retry while attempts remain, else fail.
@@ -414,13 +419,7 @@ async fn run_serverless(
             now,
         );
         if s.attempts == 1 {
-            let wait = job
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| seconds_between(t.0, now))
-                .unwrap_or(0.0);
-            ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
+            observe_wait(ctx, &job, now);
         }
         apply_status(api, &job, &s).await?;
         return Ok(Action::requeue(poll_interval(0.0)));

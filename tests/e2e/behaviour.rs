@@ -843,20 +843,7 @@ async fn dispatch_overhead_on_a_warm_instance_is_measured() {
         p(0.99),
         overheads.last().unwrap()
     );
-    let metrics_line = op
-        .logs()
-        .lines()
-        .find(|l| l.contains("gpupool listening"))
-        .map(str::to_string)
-        .unwrap();
-    let addr = metrics_line
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = op.http_addr().expect("the operator logged its address");
     let metrics = http()
         .get(format!("http://{addr}/metrics"))
         .send()

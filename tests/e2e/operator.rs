@@ -193,6 +193,20 @@ impl Operator {
         self.child.id()
     }
 
+    /// The address of the operator's HTTP server (/metrics, /readyz), from its start-up log
+    /// line; `None` until it has logged it.
+    pub fn http_addr(&self) -> Option<String> {
+        let logs = self.logs();
+        let line = logs.lines().find(|l| l.contains("gpupool listening"))?;
+        Some(
+            line.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_string(),
+        )
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
