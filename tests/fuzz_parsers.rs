@@ -485,8 +485,14 @@ fn provider_error_is_clean(
     e: &ProviderError,
 ) -> Result<(), TestCaseError> {
     let shown = e.to_string();
-    no_secret(PROVIDER_SECRETS, answer, &shown)?;
-    no_secret(PROVIDER_SECRETS, answer, &format!("{e:?}"))?;
+    // A create sends the worker's session token and API key too: a provider echoing the
+    // request into its error must not show them either.
+    let secrets = match op {
+        Op::VastCreate | Op::RunpodCreate => &SECRETS[..],
+        _ => PROVIDER_SECRETS,
+    };
+    no_secret(secrets, answer, &shown)?;
+    no_secret(secrets, answer, &format!("{e:?}"))?;
     prop_assert!(
         shown.len() < MAX_PROVIDER_MESSAGE_BYTES,
         "{op:?}: {} bytes of message: {:?}…",
@@ -676,7 +682,11 @@ fn create_request() -> CreateRequest {
     CreateRequest {
         label: LABEL.into(),
         image: "ghcr.io/acme/video-worker:1.2".into(),
-        env: [("GPUPOOL_SESSION_TOKEN".to_string(), TOKEN.to_string())].into(),
+        env: [
+            ("GPUPOOL_SESSION_TOKEN".to_string(), TOKEN.to_string()),
+            ("GPUPOOL_API_KEY".to_string(), WORKER_KEY.to_string()),
+        ]
+        .into(),
         port: 8000,
         disk_gb: 16,
     }

@@ -35,6 +35,7 @@ use crate::{
     provider::{
         CreateRequest, Credentials, ENV_API_KEY, ENV_SESSION_TOKEN, ENV_WORKER_PORT,
         InstanceProvider, ProviderError, RemoteInstance, RemoteState, instance_label,
+        quota::teardown_lane,
     },
 };
 
@@ -63,7 +64,8 @@ pub async fn reconcile(gi: Arc<GpuInstance>, ctx: Arc<Context>) -> Result<Action
     let result = finalizer(&api, INSTANCE_FINALIZER, gi, |event| async {
         match event {
             Finalizer::Apply(gi) => apply(gi, &ctx, &api).await,
-            Finalizer::Cleanup(gi) => cleanup(gi, &ctx, &api).await,
+            // Destroying a machine stops a bill: its provider calls go before any other.
+            Finalizer::Cleanup(gi) => teardown_lane(cleanup(gi, &ctx, &api)).await,
         }
     })
     .await;

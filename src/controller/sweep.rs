@@ -16,7 +16,9 @@ use tracing::{info, warn};
 
 use crate::{
     crd::ProviderKind,
-    provider::{ProviderError, cluster_label_prefix, instance_uid_from_label},
+    provider::{
+        ProviderError, cluster_label_prefix, instance_uid_from_label, quota::teardown_lane,
+    },
 };
 
 use super::Context;
@@ -102,7 +104,7 @@ pub async fn sweep_once(ctx: &Context, first_seen: &mut HashMap<String, Instant>
                 if since.elapsed() < ctx.config.orphan_grace {
                     continue;
                 }
-                match provider.delete(&m.id).await {
+                match teardown_lane(provider.delete(&m.id)).await {
                     Ok(()) | Err(ProviderError::NotFound(_)) => {
                         info!(id = %m.id, provider = %entry.name, "destroyed an orphan machine");
                         ctx.metrics.orphans_destroyed.inc();

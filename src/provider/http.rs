@@ -1,5 +1,6 @@
 //! Shared HTTP plumbing of the provider clients: one `reqwest` client per provider entry with
-//! connect and per-request timeouts, a client-side rate limit (`governor`), bounded retries
+//! connect and per-request timeouts, a client-side quota with a teardown lane
+//! ([`super::quota`]), bounded retries
 //! with exponential back-off and jitter (`backon`), the mapping of HTTP outcomes to
 //! [`ProviderError`], and the redaction that keeps API keys out of every message.
 //!
@@ -23,7 +24,6 @@ use std::{
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::{Bytes, BytesMut};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::{
     Method, StatusCode,
     header::{self, HeaderMap, HeaderValue},
@@ -33,7 +33,10 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 use url::Url;
 
-use super::{Credentials, ProviderError, ProviderResult};
+use super::{
+    Credentials, ProviderError, ProviderResult,
+    quota::{Lane, PriorityQuota},
+};
 
 /// Vast.ai API host; paths are `/api/v0/...` and `/api/v1/instances/`.
 pub const DEFAULT_VAST_BASE_URL: &str = "https://console.vast.ai";
@@ -524,7 +527,7 @@ pub(crate) struct ApiClient {
     http: reqwest::Client,
     key: Credentials,
     config: HttpConfig,
-    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    limiter: Option<Arc<PriorityQuota>>,
     redactor: Redactor,
 }
 
@@ -560,14 +563,13 @@ impl ApiClient {
         let limiter = match &config.rate_limit {
             None => None,
             Some(limit) => {
-                let quota = Quota::with_period(limit.replenish_every)
-                    .ok_or_else(|| {
+                let quota =
+                    PriorityQuota::new(limit.replenish_every, limit.burst).ok_or_else(|| {
                         ProviderError::Permanent(format!(
                             "{vendor}: rate limit period must be greater than zero"
                         ))
-                    })?
-                    .allow_burst(limit.burst);
-                Some(Arc::new(RateLimiter::direct(quota)))
+                    })?;
+                Some(Arc::new(quota))
             }
         };
         let redactor = Redactor::new([&key]);
@@ -587,6 +589,28 @@ impl ApiClient {
     where
         F: Fn(&RawResponse, &Redactor) -> ProviderResult<T>,
     {
+        self.execute_with_secrets(call, &[], classify).await
+    }
+
+    /// [`Self::execute`] for a call whose body carries secrets besides the API key (a create
+    /// passes the worker's session token and API key in its environment): a provider that
+    /// echoes the request into an error must not put them in a message either.
+    pub(crate) async fn execute_with_secrets<T, F>(
+        &self,
+        call: &Call<'_>,
+        secrets: &[Credentials],
+        classify: F,
+    ) -> ProviderResult<T>
+    where
+        F: Fn(&RawResponse, &Redactor) -> ProviderResult<T>,
+    {
+        let with_secrets;
+        let redactor = if secrets.is_empty() {
+            &self.redactor
+        } else {
+            with_secrets = Redactor::new(std::iter::once(&self.key).chain(secrets));
+            &with_secrets
+        };
         let span = debug_span!(
             "provider_call",
             vendor = self.vendor,
@@ -611,7 +635,7 @@ impl ApiClient {
             if policy.jitter {
                 backoff = backoff.with_jitter();
             }
-            let result = (|| self.attempt(call, body.as_ref(), &classify))
+            let result = (|| self.attempt(call, body.as_ref(), redactor, &classify))
                 .retry(backoff)
                 .sleep(tokio::time::sleep)
                 .when(|f: &Failure| f.retryable)
@@ -646,13 +670,14 @@ impl ApiClient {
         &self,
         call: &Call<'_>,
         body: Option<&Bytes>,
+        redactor: &Redactor,
         classify: &F,
     ) -> Result<T, Failure>
     where
         F: Fn(&RawResponse, &Redactor) -> ProviderResult<T>,
     {
         if let Some(limiter) = &self.limiter {
-            limiter.until_ready().await;
+            limiter.acquire(Lane::current()).await;
         }
         let idempotent = call.idempotency == Idempotency::Idempotent;
         let timeout = self.config.request_timeout;
@@ -682,7 +707,7 @@ impl ApiClient {
         let transport_failure = |e: reqwest::Error| {
             // A connection that was never made cannot have had any effect.
             let never_sent = e.is_connect();
-            let msg = self.redactor.redact(&describe_transport_error(&e, timeout));
+            let msg = redactor.redact(&describe_transport_error(&e, timeout));
             Failure {
                 error: ProviderError::Transient(format!("{}: {msg}", call.op)),
                 retryable: idempotent || never_sent,
@@ -724,7 +749,7 @@ impl ApiClient {
             retry_after,
             body,
         };
-        classify(&raw, &self.redactor).map_err(|error| {
+        classify(&raw, redactor).map_err(|error| {
             let retryable = match &error {
                 // A 429 is a refusal: nothing happened, so even a create may be repeated.
                 ProviderError::RateLimited { .. } => true,

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod instrumented;
+pub mod quota;
 pub mod runpod;
 pub mod runpod_serverless;
 pub mod vast;
@@ -125,6 +126,19 @@ pub struct CreateRequest {
     /// Port the worker listens on inside the container.
     pub port: u16,
     pub disk_gb: u32,
+}
+
+impl CreateRequest {
+    /// The values in [`Self::env`] that are secrets (the session token and the worker API
+    /// key): redacted from any error the provider answers to this request.
+    pub fn secrets(&self) -> Vec<Credentials> {
+        [ENV_SESSION_TOKEN, ENV_API_KEY]
+            .iter()
+            .filter_map(|k| self.env.get(*k))
+            .filter(|v| !v.is_empty())
+            .map(|v| Credentials::new(v.clone()))
+            .collect()
+    }
 }
 
 /// Coarse state of a remote machine, mapped from each vendor's fields.

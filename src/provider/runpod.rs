@@ -126,7 +126,16 @@ impl RunpodClient {
         variables: Value,
         idempotency: Idempotency,
     ) -> ProviderResult<T> {
-        graphql(&self.api, &self.graphql, op, query, variables, idempotency).await
+        graphql(
+            &self.api,
+            &self.graphql,
+            op,
+            query,
+            variables,
+            idempotency,
+            &[],
+        )
+        .await
     }
 
     /// The offer for one GPU type, if RunPod lists it in the entry's cloud under the cap.
@@ -293,16 +302,20 @@ impl InstanceProvider for RunpodClient {
             self.data_centers.iter().map(|d| Some(d.as_str())).collect()
         };
         let mut last = None;
+        let secrets = req.secrets();
         for dc in centres {
             let variables = json!({"input": self.deploy_input(&offer.id, req, dc)});
-            let result: ProviderResult<DeployData> = self
-                .query(
-                    "runpod.deploy_pod",
-                    MUTATION,
-                    variables,
-                    Idempotency::NotIdempotent,
-                )
-                .await;
+            // The input carries the worker's secrets: redacted from any error quoting it.
+            let result: ProviderResult<DeployData> = graphql(
+                &self.api,
+                &self.graphql,
+                "runpod.deploy_pod",
+                MUTATION,
+                variables,
+                Idempotency::NotIdempotent,
+                &secrets,
+            )
+            .await;
             match result {
                 Ok(data) => {
                     let Some(pod) = data.pod else {
@@ -471,6 +484,7 @@ pub(crate) async fn graphql<T: DeserializeOwned>(
     query: &str,
     variables: Value,
     idempotency: Idempotency,
+    secrets: &[Credentials],
 ) -> ProviderResult<T> {
     let body = json!({"query": query, "variables": variables});
     let call = Call {
@@ -480,7 +494,7 @@ pub(crate) async fn graphql<T: DeserializeOwned>(
         body: Some(&body),
         idempotency,
     };
-    api.execute(&call, |raw, r| classify_graphql(op, raw, r))
+    api.execute_with_secrets(&call, secrets, |raw, r| classify_graphql(op, raw, r))
         .await
 }
 

@@ -131,6 +131,7 @@ impl RunpodServerlessClient {
             &query,
             json!({}),
             Idempotency::Idempotent,
+            &[],
         )
         .await?;
         let endpoints = data.myself.map(|m| m.endpoints).ok_or_else(|| {
@@ -237,6 +238,7 @@ impl ServerlessProvider for RunpodServerlessClient {
             json!({"input": input}),
             // A full replace with the same values is safe to repeat.
             Idempotency::Idempotent,
+            &[],
         )
         .await?;
         if data.save_endpoint.is_none() {

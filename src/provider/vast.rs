@@ -324,7 +324,10 @@ impl InstanceProvider for VastClient {
             body: Some(&body),
             idempotency: Idempotency::NotIdempotent,
         };
-        let id = self.api.execute(&call, classify_create).await?;
+        let id = self
+            .api
+            .execute_with_secrets(&call, &req.secrets(), classify_create)
+            .await?;
         Ok(RemoteInstance {
             id: id.to_string(),
             label: Some(req.label.clone()),
