@@ -6,6 +6,10 @@
 #   hack/control-plane.sh restart-apiserver [DIR]
 #                                       SIGKILL kube-apiserver, start it again on the same port
 #                                       and etcd, wait until ready (the fault tests use it)
+#   hack/control-plane.sh stop-apiserver [DIR]
+#                                       SIGKILL kube-apiserver only (etcd keeps its data)
+#   hack/control-plane.sh start-apiserver [DIR]
+#                                       start it again on the same port, wait until ready
 #
 # DIR defaults to $GPUPOOL_STATE/control-plane ($GPUPOOL_STATE defaults to ./.state).
 # `source DIR/env` exports KUBECONFIG, GPUPOOL_BIN (kubectl, helm) and the pids.
@@ -83,15 +87,18 @@ wait_ready() { # until /readyz answers and the default namespace can be read
   return 1
 }
 
-restart_apiserver() {
+kill_apiserver() {
+  kill -9 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || true
+  while kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null; do sleep 0.1; done
+}
+
+restart_apiserver() { # $1: the verb for the log line
   local bin t0
   t0=$(date +%s.%N)
   bin=$("$HERE/testbins.sh" | tail -1)
-  kill -9 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || true
-  while kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null; do sleep 0.1; done
   start_apiserver "$bin"
   wait_ready "$bin"
-  log "kube-apiserver restarted, ready in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s"
+  log "kube-apiserver $1, ready in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s"
 }
 
 start() {
@@ -154,6 +161,8 @@ stop() {
 case "$ACTION" in
   start) start ;;
   stop) stop ;;
-  restart-apiserver) restart_apiserver ;;
-  *) echo "usage: $0 start|stop|restart-apiserver [DIR]" >&2; exit 2 ;;
+  restart-apiserver) kill_apiserver; restart_apiserver restarted ;;
+  stop-apiserver) kill_apiserver ;;
+  start-apiserver) restart_apiserver started ;;
+  *) echo "usage: $0 start|stop|restart-apiserver|stop-apiserver|start-apiserver [DIR]" >&2; exit 2 ;;
 esac

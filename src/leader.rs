@@ -150,30 +150,43 @@ impl Elector {
     /// Waits until this replica holds the Lease.
     pub async fn acquire(&mut self) {
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {
+            // A request that hangs (a stalled etcd, a lost route) must not stall the loop:
+            // an attempt that timed out here but went through is seen as ours next time.
+            let attempt =
+                tokio::time::timeout(self.config.lease_duration, self.try_acquire_or_renew());
+            match attempt.await {
+                Ok(Ok(true)) => {
                     info!(identity = %self.config.identity, lease = %self.config.lease_name, "became the leader");
                     return;
                 }
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "leader election: cannot read or write the Lease"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!(error = %e, "leader election: cannot read or write the Lease"),
+                Err(_) => warn!("leader election: no answer from the API server"),
             }
             tokio::time::sleep(self.config.retry_period).await;
         }
     }
 
     /// Renews until a renewal has failed for `renew_deadline`; then returns (step down).
+    ///
+    /// Each attempt is cut off at the deadline: a renewal that hangs (etcd stalled, a
+    /// connection whose packets are dropped) would otherwise keep this replica leading past
+    /// its Lease while another one, which can reach the API server, takes over after
+    /// `lease_duration`.
     pub async fn keep_renewing(&mut self) {
         let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(self.config.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = Instant::now(),
-                Ok(false) => {
+            let deadline = last_ok + self.config.renew_deadline;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_ok = Instant::now(),
+                Ok(Ok(false)) => {
                     warn!("leader election: the Lease was taken over");
                     return;
                 }
-                Err(e) => warn!(error = %e, "leader election: renewal failed"),
+                Ok(Err(e)) => warn!(error = %e, "leader election: renewal failed"),
+                Err(_) => warn!("leader election: renewal got no answer in time"),
             }
             if last_ok.elapsed() >= self.config.renew_deadline {
                 warn!("leader election: could not renew within the deadline");

@@ -1,7 +1,8 @@
-//! Control-plane faults: etcd stalls (SIGSTOP for a few seconds) and kube-apiserver is
-//! SIGKILLed and started again while jobs arrive. The operator must recover by itself (no
-//! restart), finish every job, run none twice and leave no machine behind. The test runs
-//! its own control plane, so the other tests never see the outage.
+//! Control-plane faults: etcd stalls (SIGSTOP) and kube-apiserver is SIGKILLed and started
+//! again while jobs arrive, briefly and for half a minute each. The operator must recover by
+//! itself, finish every job, run none twice (a leader that had to step down may send an
+//! attempt again, with the same `X-Job-Id`) and leave no machine behind. Each test runs its
+//! own control plane, so the other tests never see the outage.
 
 use std::{
     path::PathBuf,
@@ -16,7 +17,10 @@ use kube::{
 };
 use serde_json::json;
 
-use gpupool::crd::{JobPhase, VideoJob};
+use gpupool::{
+    crd::{JobPhase, VideoJob},
+    sim::SimHandle,
+};
 
 use crate::{operator::*, support};
 
@@ -26,12 +30,12 @@ struct OwnControlPlane {
 }
 
 impl OwnControlPlane {
-    fn start() -> Self {
+    fn start(name: &str) -> Self {
         let dir = PathBuf::from(
             std::env::var("GPUPOOL_STATE")
                 .unwrap_or_else(|_| format!("{}/.state", env!("CARGO_MANIFEST_DIR"))),
         )
-        .join(format!("control-plane-faults-{}", std::process::id()));
+        .join(format!("control-plane-{name}-{}", std::process::id()));
         let cp = Self { dir };
         cp.script(&["start"]);
         cp
@@ -77,11 +81,11 @@ impl Drop for OwnControlPlane {
 }
 
 /// Creates a job, retrying while the control plane is down (as a user's kubectl would).
-async fn create_job_patiently(client: &Client, ns: &str, name: &str) {
+async fn create_job_patiently(client: &Client, ns: &str, name: &str, seconds: f64) {
     let api: Api<VideoJob> = Api::namespaced(client.clone(), ns);
     let job: VideoJob = serde_json::from_value(json!({
         "apiVersion": "gpupool.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": name},
-        "spec": {"operation": "caption", "input": {"simulate": {"seconds": 0.3}}}
+        "spec": {"operation": "caption", "input": {"simulate": {"seconds": seconds}}}
     }))
     .unwrap();
     let start = Instant::now();
@@ -100,27 +104,27 @@ async fn create_job_patiently(client: &Client, ns: &str, name: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_operator_recovers_from_an_etcd_stall_and_an_api_server_restart() {
-    let cp = OwnControlPlane::start();
+/// A control plane of the test's own with the CRDs, a namespace with the Secrets and a Vast
+/// pool of at most 6 machines (idle timeout 6 s), and the simulator.
+struct Setup {
+    cp: OwnControlPlane,
+    client: Client,
+    ns: String,
+    kubeconfig: String,
+    sim: SimHandle,
+}
+
+async fn setup(prefix: &str) -> Setup {
+    let cp = OwnControlPlane::start(prefix);
     let kubeconfig = cp.kubeconfig();
-    let out = support::kubectl_with(
-        &kubeconfig,
+    for args in [
         &[
             "apply",
             "--server-side",
             "--field-manager=gpupool-e2e",
             "-f",
             "crds/",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = support::kubectl_with(
-        &kubeconfig,
+        ][..],
         &[
             "wait",
             "--for=condition=Established",
@@ -128,15 +132,17 @@ async fn the_operator_recovers_from_an_etcd_stall_and_an_api_server_restart() {
             "crd/gpupools.gpupool.dev",
             "crd/gpuinstances.gpupool.dev",
             "crd/videojobs.gpupool.dev",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ][..],
+    ] {
+        let out = support::kubectl_with(&kubeconfig, args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let client = support::client_from(&kubeconfig).await;
-    let ns = format!("cpfaults-{}", std::process::id());
+    let ns = format!("{prefix}-{}", std::process::id());
     let namespace: Namespace = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}
     }))
@@ -146,95 +152,294 @@ async fn the_operator_recovers_from_an_etcd_stall_and_an_api_server_restart() {
         .await
         .unwrap();
     create_secrets(&client, &ns).await;
-    create_pool(&client, &ns, "default", vast_pool(6)).await;
+    let mut pool = vast_pool(6);
+    pool["maxInstances"] = json!(6);
+    create_pool(&client, &ns, "default", pool).await;
     let sim = sim().await;
-    let kc = kubeconfig.to_string_lossy().to_string();
-    let mut op = Operator::start_with_env(&ns, &sim, &[], &[("KUBECONFIG", &kc)]);
+    let kubeconfig = kubeconfig.to_string_lossy().to_string();
+    Setup {
+        cp,
+        client,
+        ns,
+        kubeconfig,
+        sim,
+    }
+}
 
-    let jobs = 24;
-    let start = Instant::now();
-    let creator = {
-        let (client, ns) = (client.clone(), ns.clone());
-        tokio::spawn(async move {
-            for i in 0..jobs {
-                tokio::time::sleep_until((start + Duration::from_millis(500 * i)).into()).await;
-                create_job_patiently(&client, &ns, &format!("f-{i:02}")).await;
-            }
-        })
+/// Creates `jobs` jobs, one every 500 ms from `start`, each running `seconds` on its worker.
+fn create_jobs(s: &Setup, jobs: u64, seconds: f64, start: Instant) -> tokio::task::JoinHandle<()> {
+    let (client, ns) = (s.client.clone(), s.ns.clone());
+    tokio::spawn(async move {
+        for i in 0..jobs {
+            tokio::time::sleep_until((start + Duration::from_millis(500 * i)).into()).await;
+            create_job_patiently(&client, &ns, &format!("f-{i:02}"), seconds).await;
+        }
+    })
+}
+
+/// What the end of a run shows: every job finished, how often each was executed, and the
+/// machines (all destroyed once the idle timeout has passed).
+struct Outcome {
+    finished_in: f64,
+    /// Executions of each job's first attempt (`X-Job-Id` `{uid}-0`), by job name.
+    executions: Vec<(String, u64)>,
+    machines: usize,
+}
+
+/// Waits for every job and then for every machine to be destroyed, restarting the operator
+/// (as its Deployment would) whenever it exits, if `supervise`.
+async fn finish(
+    s: &Setup,
+    op: &mut Operator,
+    jobs: u64,
+    start: Instant,
+    supervise: Option<&mut u32>,
+) -> Outcome {
+    let api: Api<VideoJob> = Api::namespaced(s.client.clone(), &s.ns);
+    let mut restarts = supervise;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let all = loop {
+        if let Some(r) = restarts.as_deref_mut() {
+            restart_if_exited(op, &s.ns, r);
+        }
+        if let Ok(list) = api.list(&ListParams::default()).await
+            && list.items.len() == jobs as usize
+            && list.items.iter().all(|j| phase(j).is_finished())
+        {
+            break list.items;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jobs unfinished after 240 s; operator log tail:\n{}",
+            tail(&op.logs())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    // etcd stalls for 5 s from t=3 s; kube-apiserver dies at t=10 s and starts again.
-    tokio::time::sleep_until((start + Duration::from_secs(3)).into()).await;
-    cp.signal_etcd("-STOP");
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    cp.signal_etcd("-CONT");
-    tokio::time::sleep_until((start + Duration::from_secs(10)).into()).await;
-    let restart = Instant::now();
-    cp.script(&["restart-apiserver"]);
-    let restart_took = restart.elapsed().as_secs_f64();
-    creator.await.unwrap();
-
-    let api: Api<VideoJob> = Api::namespaced(client.clone(), &ns);
-    let all = eventually(
-        Duration::from_secs(180),
-        "every job to finish",
-        Some(&op),
-        || {
-            let api = api.clone();
-            async move {
-                let list = api.list(&ListParams::default()).await.ok()?.items;
-                (list.len() == jobs as usize && list.iter().all(|j| phase(j).is_finished()))
-                    .then_some(list)
-            }
-        },
-    )
-    .await;
     let finished_in = start.elapsed().as_secs_f64();
-    assert!(!op.exited(), "the operator exited:\n{}", op.logs());
     let failed: Vec<_> = all
         .iter()
         .filter(|j| phase(j) != JobPhase::Succeeded)
         .map(|j| (j.name_any(), j.status.clone()))
         .collect();
     assert!(failed.is_empty(), "{failed:?}");
-    let executions = admin(&sim, "executions").await;
-    let twice: Vec<String> = all
+    let executions = admin(&s.sim, "executions").await;
+    let executions = all
         .iter()
-        .filter(|j| {
+        .map(|j| {
             let uid = j.uid().unwrap_or_default();
-            executions["jobs"][format!("{uid}-0")]["count"].as_u64() != Some(1)
+            let n = executions["jobs"][format!("{uid}-0")]["count"]
+                .as_u64()
+                .unwrap_or(0);
+            (j.name_any(), n)
         })
-        .map(|j| j.name_any())
         .collect();
-    // Machines: destroyed after the 6 s idle timeout, none left at the provider.
-    eventually(
-        Duration::from_secs(60),
-        "every machine destroyed",
-        Some(&op),
-        || {
-            let sim = &sim;
-            async move {
-                let bill = admin(sim, "bill").await;
-                bill["instances"]
-                    .as_array()?
-                    .iter()
-                    .all(|i| i["alive"] == json!(false))
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-    let machines = admin(&sim, "bill").await["instances"]
-        .as_array()
-        .unwrap()
-        .len();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(r) = restarts.as_deref_mut() {
+            restart_if_exited(op, &s.ns, r);
+        }
+        let bill = admin(&s.sim, "bill").await;
+        if bill["instances"]
+            .as_array()
+            .is_some_and(|all| all.iter().all(|i| i["alive"] == json!(false)))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "machines alive 90 s after the last job: {bill}\noperator log tail:\n{}",
+            tail(&op.logs())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let state = admin(&s.sim, "state").await;
+    let mut labels: std::collections::HashMap<String, usize> = Default::default();
+    for m in state["instances"].as_array().unwrap() {
+        *labels
+            .entry(m["label"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    assert!(
+        labels.values().all(|n| *n == 1),
+        "a GpuInstance got two machines: {labels:?}"
+    );
+    Outcome {
+        finished_in,
+        executions,
+        machines: labels.len(),
+    }
+}
+
+fn tail(logs: &str) -> String {
+    let lines: Vec<&str> = logs.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+fn restart_if_exited(op: &mut Operator, ns: &str, restarts: &mut u32) {
+    if op.exited() {
+        *restarts += 1;
+        op.crash_and_restart(ns, *restarts);
+    }
+}
+
+/// Sleeps until `until`, restarting the operator whenever it exits, if `supervise`.
+async fn wait_until(op: &mut Operator, ns: &str, until: Instant, mut supervise: Option<&mut u32>) {
+    while Instant::now() < until {
+        if let Some(r) = supervise.as_deref_mut() {
+            restart_if_exited(op, ns, r);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_recovers_from_an_etcd_stall_and_an_api_server_restart() {
+    let s = setup("cpfaults").await;
+    let mut op = Operator::start_with_env(&s.ns, &s.sim, &[], &[("KUBECONFIG", &s.kubeconfig)]);
+
+    let jobs = 24;
+    let start = Instant::now();
+    let creator = create_jobs(&s, jobs, 0.3, start);
+    // etcd stalls for 5 s from t=3 s; kube-apiserver dies at t=10 s and starts again.
+    tokio::time::sleep_until((start + Duration::from_secs(3)).into()).await;
+    s.cp.signal_etcd("-STOP");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    s.cp.signal_etcd("-CONT");
+    tokio::time::sleep_until((start + Duration::from_secs(10)).into()).await;
+    let restart = Instant::now();
+    s.cp.script(&["restart-apiserver"]);
+    let restart_took = restart.elapsed().as_secs_f64();
+    creator.await.unwrap();
+
+    let out = finish(&s, &mut op, jobs, start, None).await;
+    assert!(!op.exited(), "the operator exited:\n{}", op.logs());
+    let twice: Vec<_> = out.executions.iter().filter(|(_, n)| *n != 1).collect();
     eprintln!(
-        "control-plane faults: {jobs} jobs finished {finished_in:.1} s after the first (etcd stopped 5 s, \
+        "control-plane faults: {jobs} jobs finished {:.1} s after the first (etcd stopped 5 s, \
          kube-apiserver restart took {restart_took:.1} s); executed other than once: {twice:?}; \
-         {machines} machines rented, none alive"
+         {} machines rented, none alive",
+        out.finished_in, out.machines
     );
     assert!(
         twice.is_empty(),
         "jobs not executed exactly once: {twice:?}"
     );
-    drop(op);
+}
+
+/// Half a minute of etcd stalled, then half a minute with no kube-apiserver at all, while
+/// 2 s jobs run on up to 6 machines and more arrive. Alone (the default), the operator rides
+/// it out and runs every job exactly once. With leader election it must step down within
+/// its renew deadline (it cannot prove it still holds the Lease) and exits; restarted like
+/// a Deployment would, it leads again once the API server answers, and an attempt whose
+/// outcome it could not record is sent again with the same `X-Job-Id`: at most once more
+/// per exit.
+async fn long_outage(leader_elect: bool) {
+    let s = setup(if leader_elect { "longha" } else { "longout" }).await;
+    let flags = [
+        "--leader-elect".to_string(),
+        format!("--leader-election-namespace={}", s.ns),
+        "--pod-name=gpupool-0".to_string(),
+    ];
+    let flags: Vec<&str> = if leader_elect {
+        flags.iter().map(String::as_str).collect()
+    } else {
+        vec![]
+    };
+    let mut op = Operator::start_with_env(&s.ns, &s.sim, &flags, &[("KUBECONFIG", &s.kubeconfig)]);
+    let mut restarts = 0u32;
+    let mut supervise = leader_elect.then_some(&mut restarts);
+
+    let jobs = 16;
+    let start = Instant::now();
+    let creator = create_jobs(&s, jobs, 2.0, start);
+    wait_until(
+        &mut op,
+        &s.ns,
+        start + Duration::from_secs(3),
+        supervise.as_deref_mut(),
+    )
+    .await;
+    s.cp.signal_etcd("-STOP");
+    wait_until(
+        &mut op,
+        &s.ns,
+        start + Duration::from_secs(33),
+        supervise.as_deref_mut(),
+    )
+    .await;
+    s.cp.signal_etcd("-CONT");
+    wait_until(
+        &mut op,
+        &s.ns,
+        start + Duration::from_secs(38),
+        supervise.as_deref_mut(),
+    )
+    .await;
+    s.cp.script(&["stop-apiserver"]);
+    wait_until(
+        &mut op,
+        &s.ns,
+        start + Duration::from_secs(68),
+        supervise.as_deref_mut(),
+    )
+    .await;
+    s.cp.script(&["start-apiserver"]);
+    let back = start.elapsed().as_secs_f64();
+    creator.await.unwrap();
+
+    let out = finish(&s, &mut op, jobs, start, supervise.as_deref_mut()).await;
+    let repeats: u64 = out
+        .executions
+        .iter()
+        .map(|(_, n)| n.saturating_sub(1))
+        .sum();
+    let never: Vec<_> = out.executions.iter().filter(|(_, n)| *n == 0).collect();
+    eprintln!(
+        "long outage ({}): etcd stopped t=3..33 s, no kube-apiserver t=38..68 s (ready again at \
+         {back:.1} s); {jobs} jobs Succeeded {:.1} s after the first; operator exits {restarts}; \
+         attempts sent again {repeats}; {} machines, none alive",
+        if leader_elect {
+            "leader election, restarted on exit"
+        } else {
+            "one operator"
+        },
+        out.finished_in,
+        out.machines
+    );
+    assert!(
+        never.is_empty(),
+        "jobs whose first attempt never ran: {never:?}"
+    );
+    if leader_elect {
+        assert!(
+            restarts >= 1,
+            "the leader never stepped down in a 30 s outage"
+        );
+        let too_many: Vec<_> = out
+            .executions
+            .iter()
+            .filter(|(_, n)| *n > 1 + u64::from(restarts))
+            .collect();
+        assert!(
+            too_many.is_empty(),
+            "sent again more than once per exit: {too_many:?}"
+        );
+    } else {
+        assert!(!op.exited(), "the operator exited:\n{}", op.logs());
+        let twice: Vec<_> = out.executions.iter().filter(|(_, n)| *n != 1).collect();
+        assert!(
+            twice.is_empty(),
+            "jobs not executed exactly once: {twice:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_operator_rides_out_half_a_minute_without_etcd_and_without_kube_apiserver() {
+    long_outage(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_steps_down_in_a_long_outage_and_leads_again_after_it() {
+    long_outage(true).await;
 }
