@@ -387,7 +387,7 @@ async fn long_outage(leader_elect: bool) {
     let back = start.elapsed().as_secs_f64();
     creator.await.unwrap();
 
-    let out = finish(&s, &mut op, jobs, start, supervise.as_deref_mut()).await;
+    let out = finish(&s, &mut op, jobs, start, supervise).await;
     let repeats: u64 = out
         .executions
         .iter()
