@@ -1404,6 +1404,29 @@ fn failures_found_by_the_properties_stay_fixed() {
                 ]})),
             ),
         ),
+        (
+            "a Vast create error echoing the request showed the worker's session token and key",
+            Op::VastCreate,
+            answer_of(
+                400,
+                None,
+                json_body(json!({"success": false, "error": "invalid_args",
+                    "msg": format!("bad env: {{\"GPUPOOL_SESSION_TOKEN\": \"{TOKEN}\", \
+                                    \"GPUPOOL_API_KEY\": \"{WORKER_KEY}\"}}")})),
+            ),
+        ),
+        (
+            "a RunPod deploy error echoing the input showed the worker's session token and key",
+            Op::RunpodCreate,
+            answer_of(
+                200,
+                None,
+                json_body(json!({"errors": [{"message": format!(
+                    "invalid input: env [{{key: GPUPOOL_SESSION_TOKEN, value: {TOKEN}}}, \
+                     {{key: GPUPOOL_API_KEY, value: {WORKER_KEY}}}]"
+                )}]})),
+            ),
+        ),
     ];
     let h = Harness::new();
     let clients = Clients::new(&h.base);

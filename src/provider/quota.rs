@@ -1,12 +1,17 @@
-//! The client-side request quota of one provider client, with a priority lane for teardown.
+//! The client-side request quota of one provider client, with priority lanes for teardown.
 //!
-//! A token bucket: `burst` requests at once, one more token every `replenish_every`. Calls
-//! made inside [`teardown_lane`] (destroying a machine, confirming it is gone, sweeping an
-//! orphan) take the next token before any other call: while one of them waits, no ordinary
-//! call may take a token. Without the lane, a destroy queued behind two hundred provisioning
-//! polls waited tens of seconds at 5 requests/s while the machine kept billing
-//! (docs/benchmarks.md, "teardown"). The total rate never exceeds the quota: the lane only
-//! reorders who goes next.
+//! A token bucket: `burst` requests at once, one more token every `replenish_every`. Each call
+//! waits in a lane, and a token goes to the most urgent lane that has a caller waiting:
+//!
+//! 1. [`Lane::Destroy`]: the call that destroys a machine (every vendor's delete sets it),
+//!    because the machine bills until it is made;
+//! 2. [`Lane::Teardown`]: the rest of a teardown (the confirming read, a label lookup), set
+//!    with [`teardown_lane`] by the finalizer and the orphan sweep;
+//! 3. [`Lane::Normal`]: everything else (offers, creates, provisioning polls, liveness).
+//!
+//! Without lanes, a destroy queued behind two hundred provisioning polls waited minutes at
+//! 5 requests/s while the machine kept billing (docs/benchmarks.md, "teardown"). The total
+//! rate never exceeds the quota: lanes only reorder who goes next.
 //!
 //! The lane is carried by a task-local rather than a parameter so that the provider traits
 //! keep one `get`/`delete` each; it holds for every call awaited inside the future, not for
@@ -24,35 +29,35 @@ use std::{
 
 use tokio::time::Instant;
 
-tokio::task_local! {
-    static TEARDOWN: ();
-}
-
-/// Runs `fut` with every provider call inside it in the teardown lane.
-pub async fn teardown_lane<F: Future>(fut: F) -> F::Output {
-    TEARDOWN.scope((), fut).await
-}
-
-/// Whether the current task is inside [`teardown_lane`].
-pub fn in_teardown_lane() -> bool {
-    TEARDOWN.try_with(|_| ()).is_ok()
-}
-
-/// Which queue a call waits in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which queue a call waits in, the most urgent last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Lane {
-    Normal,
-    Teardown,
+    Normal = 0,
+    Teardown = 1,
+    Destroy = 2,
+}
+
+const LANES: usize = 3;
+
+tokio::task_local! {
+    static LANE: Lane;
+}
+
+/// Runs `fut` with every provider call inside it in the teardown lane (a destroy inside it
+/// still goes in the destroy lane).
+pub async fn teardown_lane<F: Future>(fut: F) -> F::Output {
+    LANE.scope(Lane::Teardown, fut).await
+}
+
+/// Runs `fut`, a call that destroys a machine, in the destroy lane.
+pub async fn destroy_lane<F: Future>(fut: F) -> F::Output {
+    LANE.scope(Lane::Destroy, fut).await
 }
 
 impl Lane {
     /// The lane of the current task.
     pub fn current() -> Self {
-        if in_teardown_lane() {
-            Self::Teardown
-        } else {
-            Self::Normal
-        }
+        LANE.try_with(|l| *l).unwrap_or(Self::Normal)
     }
 }
 
@@ -63,17 +68,17 @@ struct Bucket {
     refilled_at: Instant,
 }
 
-/// A token bucket with two lanes; see the module documentation.
+/// A token bucket with lanes; see the module documentation.
 #[derive(Debug)]
 pub struct PriorityQuota {
     every: Duration,
     burst: f64,
     bucket: Mutex<Bucket>,
-    /// Teardown calls waiting for a token: ordinary calls hold back while it is not zero.
-    teardown_waiting: AtomicUsize,
+    /// Callers waiting in each lane above `Normal`: a call defers to any in a higher lane.
+    waiting: [AtomicUsize; LANES],
 }
 
-/// Decrements the waiting count however the wait ends (a token, or the call dropped).
+/// Decrements a waiting count however the wait ends (a token, or the call dropped).
 struct Waiting<'a>(&'a AtomicUsize);
 
 impl Drop for Waiting<'_> {
@@ -96,27 +101,25 @@ impl PriorityQuota {
                 tokens: burst,
                 refilled_at: Instant::now(),
             }),
-            teardown_waiting: AtomicUsize::new(0),
+            waiting: Default::default(),
         })
     }
 
-    /// Teardown calls waiting now.
-    pub fn teardown_waiting(&self) -> usize {
-        self.teardown_waiting.load(Ordering::SeqCst)
+    /// Callers waiting in `lane` now.
+    pub fn waiting(&self, lane: Lane) -> usize {
+        self.waiting[lane as usize].load(Ordering::SeqCst)
     }
 
     /// Waits for a token in `lane`.
     pub async fn acquire(&self, lane: Lane) {
-        let _waiting = (lane == Lane::Teardown).then(|| {
-            self.teardown_waiting.fetch_add(1, Ordering::SeqCst);
-            Waiting(&self.teardown_waiting)
-        });
+        let counter = &self.waiting[lane as usize];
+        counter.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(counter);
         loop {
-            let wait = match self.try_take(lane) {
+            match self.try_take(lane) {
                 None => return,
-                Some(wait) => wait,
-            };
-            tokio::time::sleep(wait).await;
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
         }
     }
 
@@ -131,17 +134,17 @@ impl PriorityQuota {
         let elapsed = now.saturating_duration_since(b.refilled_at);
         b.tokens = (b.tokens + elapsed.as_secs_f64() / self.every.as_secs_f64()).min(self.burst);
         b.refilled_at = now;
-        // A teardown call counts itself among the waiting; an ordinary one defers to any.
-        let may_take = lane == Lane::Teardown || self.teardown_waiting() == 0;
-        if may_take && b.tokens >= 1.0 {
+        let outranked = self.waiting[lane as usize + 1..]
+            .iter()
+            .any(|w| w.load(Ordering::SeqCst) > 0);
+        if !outranked && b.tokens >= 1.0 {
             b.tokens -= 1.0;
             return None;
         }
+        // A call held back by a higher lane looks again when the next token is due: by then
+        // the more urgent call has usually taken the previous one.
         let missing = (1.0 - b.tokens).max(0.0);
-        let until_token = self.every.mul_f64(missing);
-        // An ordinary call held back by the lane looks again when the next token is due:
-        // by then the teardown call has usually taken the previous one.
-        Some(until_token.max(Duration::from_millis(1)))
+        Some(self.every.mul_f64(missing).max(Duration::from_millis(1)))
     }
 }
 
@@ -178,64 +181,82 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_teardown_call_goes_before_a_queue_of_ordinary_calls() {
-        let q = quota(5, 1);
-        q.acquire(Lane::Normal).await; // the bucket is empty now
-        let start = Instant::now();
-        let mut ordinary = Vec::new();
-        for _ in 0..50 {
-            let q = q.clone();
-            ordinary.push(tokio::spawn(async move {
-                q.acquire(Lane::Normal).await;
-                start.elapsed()
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let q2 = q.clone();
-        let teardown = tokio::spawn(async move {
-            teardown_lane(async {
-                assert_eq!(Lane::current(), Lane::Teardown);
-                q2.acquire(Lane::current()).await;
-            })
-            .await;
+    /// Spawns a caller that waits in the lane `scope` sets and returns when it got a token.
+    fn caller<F, Fut>(
+        q: &Arc<PriorityQuota>,
+        start: Instant,
+        scope: F,
+    ) -> tokio::task::JoinHandle<Duration>
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let q = q.clone();
+        tokio::spawn(async move {
+            scope(Box::pin(async move { q.acquire(Lane::current()).await })).await;
             start.elapsed()
-        });
-        let teardown_at = teardown.await.unwrap();
-        // The next token (due at 200 ms) goes to the teardown call, not to the 50 ahead of it.
-        assert!(teardown_at <= Duration::from_millis(201), "{teardown_at:?}");
-        let mut times = Vec::new();
-        for t in ordinary {
-            times.push(t.await.unwrap());
-        }
-        times.sort();
-        // The ordinary calls still run at the quota, one per 200 ms, after the teardown call.
-        assert!(times[0] >= teardown_at, "{:?} vs {teardown_at:?}", times[0]);
-        let last = *times.last().unwrap();
-        assert!(
-            last >= Duration::from_millis(200 * 51) && last < Duration::from_millis(200 * 52),
-            "{last:?}"
-        );
-        assert_eq!(q.teardown_waiting(), 0);
+        })
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_cancelled_teardown_wait_does_not_block_the_others() {
+    async fn destroys_go_first_then_teardown_reads_then_the_rest() {
+        let q = quota(5, 1);
+        q.acquire(Lane::Normal).await; // the bucket is empty now
+        let start = Instant::now();
+        let ordinary: Vec<_> = (0..50).map(|_| caller(&q, start, |f| f)).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let reads: Vec<_> = (0..3).map(|_| caller(&q, start, teardown_lane)).collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let destroys: Vec<_> = (0..2).map(|_| caller(&q, start, destroy_lane)).collect();
+        let at = |handles: Vec<tokio::task::JoinHandle<Duration>>| async move {
+            let mut times = Vec::new();
+            for h in handles {
+                times.push(h.await.unwrap());
+            }
+            times.sort();
+            times
+        };
+        let destroys = at(destroys).await;
+        let reads = at(reads).await;
+        let ordinary = at(ordinary).await;
+        let ms = |n: u64| Duration::from_millis(n);
+        // One token every 200 ms: the two destroys take the next two, then the three reads,
+        // then the 50 ordinary calls that were waiting before all of them.
+        assert!(
+            destroys[0] <= ms(201) && destroys[1] <= ms(401),
+            "{destroys:?}"
+        );
+        assert!(reads[0] >= destroys[1] && reads[2] <= ms(1001), "{reads:?}");
+        assert!(ordinary[0] >= reads[2], "{:?} vs {reads:?}", ordinary[0]);
+        let last = *ordinary.last().unwrap();
+        assert!(last >= ms(200 * 55) && last < ms(200 * 56), "{last:?}");
+        for lane in [Lane::Normal, Lane::Teardown, Lane::Destroy] {
+            assert_eq!(q.waiting(lane), 0);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_urgent_wait_does_not_block_the_others() {
         let q = quota(5, 1);
         q.acquire(Lane::Normal).await;
         let cancelled =
-            tokio::time::timeout(Duration::from_millis(10), q.acquire(Lane::Teardown)).await;
+            tokio::time::timeout(Duration::from_millis(10), q.acquire(Lane::Destroy)).await;
         assert!(cancelled.is_err());
-        assert_eq!(q.teardown_waiting(), 0);
+        assert_eq!(q.waiting(Lane::Destroy), 0);
         let start = Instant::now();
         q.acquire(Lane::Normal).await;
         assert!(start.elapsed() <= Duration::from_millis(200));
     }
 
     #[tokio::test]
-    async fn the_lane_does_not_leak_out_of_its_scope() {
+    async fn lanes_nest_and_do_not_leak_out_of_their_scope() {
         assert_eq!(Lane::current(), Lane::Normal);
-        teardown_lane(async { assert_eq!(Lane::current(), Lane::Teardown) }).await;
+        teardown_lane(async {
+            assert_eq!(Lane::current(), Lane::Teardown);
+            destroy_lane(async { assert_eq!(Lane::current(), Lane::Destroy) }).await;
+            assert_eq!(Lane::current(), Lane::Teardown);
+        })
+        .await;
         assert_eq!(Lane::current(), Lane::Normal);
     }
 

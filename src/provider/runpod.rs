@@ -37,6 +37,7 @@ use super::{
         HttpConfig, Idempotency, RawResponse, Redactor, WorkerShape, join_segments, lenient, money,
         parse_base_url, parse_price, status_error,
     },
+    quota::destroy_lane,
 };
 use crate::crd::{CloudType, RunpodProvider, pool::RunpodWorkerAccess};
 
@@ -373,15 +374,15 @@ impl InstanceProvider for RunpodClient {
     async fn delete(&self, id: &str) -> ProviderResult<()> {
         const MUTATION: &str =
             "mutation TerminatePod($podId: String!) { podTerminate(input: {podId: $podId}) }";
-        // podTerminate returns a scalar (null): only errors matter.
-        let result: ProviderResult<Value> = self
-            .query(
-                "runpod.terminate_pod",
-                MUTATION,
-                json!({"podId": id}),
-                Idempotency::Idempotent,
-            )
-            .await;
+        // podTerminate returns a scalar (null): only errors matter. The pod bills until this
+        // call is made: it goes before any other.
+        let result: ProviderResult<Value> = destroy_lane(self.query(
+            "runpod.terminate_pod",
+            MUTATION,
+            json!({"podId": id}),
+            Idempotency::Idempotent,
+        ))
+        .await;
         match result {
             Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),

@@ -35,6 +35,7 @@ use super::{
         ApiClient, Call, DEFAULT_VAST_BASE_URL, HttpConfig, Idempotency, RawResponse, Redactor,
         WorkerShape, join_segments, lenient, money, parse_base_url, parse_price, status_error,
     },
+    quota::destroy_lane,
 };
 use crate::crd::VastProvider;
 
@@ -371,7 +372,8 @@ impl InstanceProvider for VastClient {
             // Destroying twice is harmless: the second answer is "not found", which is Ok.
             idempotency: Idempotency::Idempotent,
         };
-        self.api.execute(&call, classify_destroy).await
+        // The machine bills until this call is made: it goes before any other.
+        destroy_lane(self.api.execute(&call, classify_destroy)).await
     }
 
     async fn list_labeled(&self, prefix: &str) -> ProviderResult<Vec<RemoteInstance>> {

@@ -795,6 +795,188 @@ async fn bad_references_and_failing_teardowns_are_reported_and_survived() {
     ns.cleanup().await;
 }
 
+/// The other references only the operator can check: a provider Secret without the key, a
+/// provider key that is empty, a worker API key Secret that does not exist, and a job pinned
+/// to a provider the pool does not have. Each becomes a condition and an event naming what
+/// is wrong; no machine is rented while it cannot be used; the jobs run once it is fixed.
+#[tokio::test]
+async fn missing_keys_and_unknown_providers_are_conditions_not_crashes() {
+    let ns = namespace_with_secrets("refkeys").await;
+    let client = ns.client();
+    let sim = sim().await;
+    let mut op = Operator::start(&ns.name, &sim, &[]);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &ns.name);
+    for (name, data) in [
+        ("no-key", json!({"other": "x"})),
+        ("empty-key", json!({"apiKey": ""})),
+    ] {
+        let s = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+            "stringData": data
+        }))
+        .unwrap();
+        secrets
+            .create(&kube::api::PostParams::default(), &s)
+            .await
+            .unwrap();
+    }
+    // Pool "keys": its only provider's Secret lacks the key. Pool "empty": the key is empty.
+    // Pool "worker": providers fine, the worker API key Secret missing.
+    let mut keys = vast_pool(2);
+    keys["providers"][0]["vast"]["credentialsSecretRef"]["name"] = json!("no-key");
+    create_pool(&client, &ns.name, "keys", keys).await;
+    let mut empty = vast_pool(2);
+    empty["providers"][0]["vast"]["credentialsSecretRef"]["name"] = json!("empty-key");
+    create_pool(&client, &ns.name, "empty", empty).await;
+    let mut worker = vast_pool(2);
+    worker["worker"]["apiKeySecretRef"]["name"] = json!("worker-key-missing");
+    create_pool(&client, &ns.name, "worker", worker).await;
+    create_pool(&client, &ns.name, "default", vast_pool(2)).await;
+
+    for (job, spec) in [
+        ("k", json!({"operation": "caption", "pool": "keys"})),
+        ("e", json!({"operation": "caption", "pool": "empty"})),
+        ("w", json!({"operation": "caption", "pool": "worker"})),
+        (
+            "pin",
+            json!({"operation": "caption", "provider": "runpod-nope"}),
+        ),
+    ] {
+        create_job(&client, &ns.name, job, spec).await;
+    }
+    let jobs: Api<VideoJob> = Api::namespaced(client.clone(), &ns.name);
+    let pools: Api<GpuPool> = Api::namespaced(client.clone(), &ns.name);
+    let condition = |name: &'static str| {
+        let jobs = jobs.clone();
+        async move {
+            let s = jobs.get(name).await.ok()?.status?;
+            let c = s.conditions.iter().find(|c| c.type_ == "Scheduled")?;
+            (c.status == "False").then(|| (c.reason.clone(), c.message.clone()))
+        }
+    };
+    let (reason, message) = eventually(Duration::from_secs(20), "job k waiting", Some(&op), || {
+        condition("k")
+    })
+    .await;
+    assert_eq!(reason, "NoProviderAvailable", "{message}");
+    let (reason, message) = eventually(
+        Duration::from_secs(20),
+        "job pin waiting",
+        Some(&op),
+        || condition("pin"),
+    )
+    .await;
+    assert_eq!(reason, "UnknownProvider");
+    assert!(message.contains("runpod-nope"), "{message}");
+    for (pool, wanted) in [("keys", "has no key apiKey"), ("empty", "is empty")] {
+        let message = eventually(
+            Duration::from_secs(20),
+            "the provider marked unavailable",
+            Some(&op),
+            || {
+                let pools = pools.clone();
+                async move {
+                    let p = pools
+                        .get(pool)
+                        .await
+                        .ok()?
+                        .status?
+                        .providers
+                        .into_iter()
+                        .next()?;
+                    (format!("{:?}", p.state) == "Unavailable").then_some(p.message?)
+                }
+            },
+        )
+        .await;
+        assert!(message.contains(wanted), "{pool}: {message}");
+    }
+    // The worker key: the instance cannot be created without it; the operator says so on
+    // the instance and rents nothing.
+    let gis: Api<GpuInstance> = Api::namespaced(client.clone(), &ns.name);
+    let message = eventually(
+        Duration::from_secs(30),
+        "the missing worker key reported",
+        Some(&op),
+        || {
+            let gis = gis.clone();
+            async move {
+                gis.list(&ListParams::default())
+                    .await
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .filter(|g| g.spec.pool == "worker")
+                    .find_map(|g| {
+                        let m = g.status?.message?;
+                        m.contains("worker-key-missing").then_some(m)
+                    })
+            }
+        },
+    )
+    .await;
+    assert!(message.contains("not found"), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sim_instances(&sim).await.len(), 0, "a machine was rented");
+    assert!(!op.exited(), "the operator crashed");
+    let instances_now = gis.list(&ListParams::default()).await.unwrap().items.len();
+    assert!(
+        instances_now <= 2,
+        "instances churned while the key was missing: {instances_now}"
+    );
+
+    // Fixed: every waiting job runs (the pinned job is deleted: it can never run).
+    for name in ["no-key", "empty-key"] {
+        secrets
+            .patch(
+                name,
+                &PatchParams::apply("gpupool-e2e").force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                    "stringData": {"apiKey": VAST_KEY}
+                })),
+            )
+            .await
+            .unwrap();
+    }
+    let s = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "worker-key-missing"},
+        "stringData": {"apiKey": WORKER_KEY}
+    }))
+    .unwrap();
+    secrets
+        .create(&kube::api::PostParams::default(), &s)
+        .await
+        .unwrap();
+    for name in ["k", "e", "w"] {
+        let job = finished_job(&client, &ns.name, name, Duration::from_secs(90), &op).await;
+        assert_eq!(phase(&job), JobPhase::Succeeded, "{name}: {:?}", job.status);
+    }
+    let pin = jobs.get("pin").await.unwrap();
+    assert_eq!(phase(&pin), JobPhase::Pending);
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let reasons: Vec<String> = events
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    for r in [
+        "NoProviderAvailable",
+        "UnknownProvider",
+        "ProviderUnavailable",
+    ] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
+    }
+    ns.cleanup().await;
+}
+
 /// Dispatch overhead on a warm instance: from the job's creation to the moment the attempt is
 /// sent, over 20 jobs one after another. Printed, not asserted (a benchmark, not a timed test).
 #[tokio::test]
