@@ -257,6 +257,41 @@ impl Context {
         entry.unavailable = unavailable;
     }
 
+    /// Marks provider `provider` of pool `ns/pool` unusable as configured (a Secret or key
+    /// missing): skipped for one base back-off period, then checked again. Unlike a failure
+    /// at the provider the period does not grow, so a fixed Secret is picked up within one
+    /// period. True when the message is new (worth an event).
+    pub fn provider_misconfigured(
+        &self,
+        ns: &str,
+        pool: &str,
+        provider: &str,
+        message: String,
+    ) -> bool {
+        let now = self.now();
+        let until = now
+            .saturating_add(
+                jiff::SignedDuration::try_from(self.config.provider_backoff)
+                    .unwrap_or(jiff::SignedDuration::from_secs(30)),
+            )
+            .unwrap_or(now);
+        let mut b = lock(&self.backoff);
+        let entry = b
+            .entry((ns.into(), pool.into(), provider.into()))
+            .or_insert(ProviderBackoff {
+                until: now,
+                failures: 0,
+                message: String::new(),
+                unavailable: true,
+            });
+        let new = entry.message != message || !entry.unavailable;
+        entry.failures += 1;
+        entry.until = until;
+        entry.message = message;
+        entry.unavailable = true;
+        new
+    }
+
     /// Forgets a provider's failures after it worked.
     pub fn provider_succeeded(&self, ns: &str, pool: &str, provider: &str) {
         lock(&self.backoff).remove(&(ns.into(), pool.into(), provider.into()));

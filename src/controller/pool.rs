@@ -163,6 +163,9 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         .filter(|j| matches!(job_phase(j), JobPhase::Pending))
         .filter(|j| !repaired.contains(&j.name_any()))
         .collect();
+    if !pending.is_empty() {
+        check_references(&pool, ctx).await;
+    }
     let views: Vec<InstanceView> = instances
         .iter()
         .map(|i| InstanceView {
@@ -368,6 +371,59 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         requeue = requeue.min(now.duration_until(at).unsigned_abs() + Duration::from_millis(50));
     }
     Ok(Action::requeue(requeue))
+}
+
+/// Checks, before anything is rented, what every provider entry needs from the namespace:
+/// its credentials Secret and key and, for the entries that rent machines, the worker API
+/// key. An entry that lacks one is marked unavailable (pool status, a Warning event) so the
+/// scheduler does not create an instance that could only fail; it is checked again after
+/// one back-off period. Secret reads are cached; a read that fails for another reason (the
+/// API server unreachable) marks nothing.
+async fn check_references(pool: &GpuPool, ctx: &Context) {
+    let ns = pool.namespace().unwrap_or_default();
+    let name = pool.name_any();
+    let mut worker_key: Option<Option<String>> = None;
+    for p in &pool.spec.providers {
+        if ctx.provider_backoff(&ns, &name, &p.name).is_some() {
+            continue;
+        }
+        let mut problem = match p.credentials() {
+            Some(r) => match ctx.providers.secret(&ns, r).await {
+                Err(Error::Config(m)) => Some(m),
+                _ => None,
+            },
+            None => Some(format!("provider {} has no credentials", p.name)),
+        };
+        let rents_machines = p.kind() != Some(crate::crd::ProviderKind::RunpodServerless);
+        if problem.is_none() && rents_machines {
+            if worker_key.is_none() {
+                let r = pool
+                    .spec
+                    .worker
+                    .as_ref()
+                    .and_then(|w| w.api_key_secret_ref.as_ref());
+                worker_key = Some(match r {
+                    Some(r) => match ctx.providers.secret(&ns, r).await {
+                        Err(Error::Config(m)) => Some(format!("the worker API key: {m}")),
+                        _ => None,
+                    },
+                    None => None,
+                });
+            }
+            problem = worker_key.clone().flatten();
+        }
+        if let Some(message) = problem
+            && ctx.provider_misconfigured(&ns, &name, &p.name, message.clone())
+        {
+            ctx.event(
+                pool,
+                true,
+                "ProviderUnavailable",
+                format!("provider {}: {message}", p.name),
+            )
+            .await;
+        }
+    }
 }
 
 fn wait_message(reason: &WaitReason, pool: &GpuPool) -> (&'static str, String) {
