@@ -137,25 +137,45 @@ where
         .unzip();
     let reader = store.clone();
     let kind = K::kind(&()).to_string();
-    let driver = watcher(api, watcher::Config::default().any_semantic())
+    // The initial list is paginated (500 a page; kube-apiserver serves it from its watch
+    // cache): with `any_semantic` the whole list came in one response, so 10,000 jobs were
+    // decoded at once next to the cache being filled.
+    let driver = watcher(api, watcher::Config::default())
         .default_backoff()
         // managedFields are never read from the cache (status writes are server-side applies
         // built from scratch); dropping them keeps a cache of 10,000 jobs much smaller.
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
-        .touched_objects()
         .for_each(move |event| {
+            let send = |obj: Arc<K>| {
+                for tx in &senders {
+                    let _ = tx.send(obj.clone());
+                }
+            };
             match event {
-                Ok(obj) => {
+                // The consumers get the cache's own Arc, so the fan-out holds no copies.
+                Ok(watcher::Event::Apply(obj)) => {
                     on_event(&obj);
-                    // The consumers get the cache's own Arc (a deleted object a new one), so
-                    // the fan-out holds no copies: at start-up every object waits in these
-                    // channels until the caches are synced.
-                    let shared = reader
-                        .get(&ObjectRef::from_obj(&obj))
-                        .unwrap_or_else(|| Arc::new(obj));
-                    for tx in &senders {
-                        let _ = tx.send(shared.clone());
+                    send(
+                        reader
+                            .get(&ObjectRef::from_obj(&obj))
+                            .unwrap_or_else(|| Arc::new(obj)),
+                    );
+                }
+                Ok(watcher::Event::Delete(obj)) => {
+                    on_event(&obj);
+                    send(Arc::new(obj));
+                }
+                // A (re)list: the cache buffers its own copy of each object and swaps them in
+                // at InitDone; this copy goes now. Forwarding it instead (as before) kept a
+                // second copy of every object queued until the controllers started.
+                Ok(watcher::Event::InitApply(obj)) => on_event(&obj),
+                Ok(watcher::Event::Init) => {}
+                // The cache holds the whole list now: every object goes to the consumers, as
+                // the cache's own Arc.
+                Ok(watcher::Event::InitDone) => {
+                    for obj in reader.state() {
+                        send(obj);
                     }
                 }
                 Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying"),
