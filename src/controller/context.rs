@@ -108,6 +108,8 @@ pub struct Context {
     deadlines: Mutex<HashMap<String, Timestamp>>,
     /// When each pool's status was last written, by namespace/name.
     pool_status_written: Mutex<HashMap<String, std::time::Instant>>,
+    /// Instances (by UID) whose final cost was counted in `spend_total`, and when.
+    spend_counted: Mutex<HashMap<String, std::time::Instant>>,
     ready: AtomicBool,
     standby: AtomicBool,
 }
@@ -147,6 +149,7 @@ impl Context {
             liveness: Mutex::default(),
             deadlines: Mutex::default(),
             pool_status_written: Mutex::default(),
+            spend_counted: Mutex::default(),
             ready: AtomicBool::new(false),
             standby: AtomicBool::new(false),
         }
@@ -402,6 +405,19 @@ impl Context {
     }
 
     /// Drops what this process remembers of an instance that is going away.
+    /// True the first time it is asked for `instance_uid` (within 10 minutes): the finalizer
+    /// can run twice for one instance (a reconcile queued by its own status write runs
+    /// before the finalizer's removal reaches the cache), and the final cost and the
+    /// Destroyed event must be counted once.
+    pub fn first_final_accounting(&self, instance_uid: &str) -> bool {
+        const KEEP: Duration = Duration::from_secs(600);
+        let mut counted = lock(&self.spend_counted);
+        counted.retain(|_, at| at.elapsed() < KEEP);
+        counted
+            .insert(instance_uid.to_string(), std::time::Instant::now())
+            .is_none()
+    }
+
     pub fn forget_instance(&self, instance_uid: &str) {
         lock(&self.tokens).remove(instance_uid);
         lock(&self.liveness).remove(instance_uid);

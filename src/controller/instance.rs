@@ -962,8 +962,11 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
     }
 
     let final_cost = started.map(|s| cost(price_of(&status), seconds_between(s, destroyed_at)));
+    let first = ctx.first_final_accounting(&gi.uid().unwrap_or_default());
     let mut s = status_of(&gi);
-    if let Some(c) = final_cost {
+    // A second run (see `first_final_accounting`) keeps the cost the first one wrote: its
+    // own clock reading is later than the destroy.
+    if let (Some(c), true) = (final_cost, first) {
         s.accrued_cost = Some(money(c));
         let labels = crate::metrics::PoolLabels {
             namespace: ns.clone(),
@@ -984,7 +987,7 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
     let _ = apply_status(api, &gi, &s).await;
     delete_session_secret(&gi, ctx).await;
     ctx.metrics.set_teardown_failing(&key, false);
-    if !ids.is_empty() {
+    if !ids.is_empty() && first {
         ctx.event(
             &*gi,
             false,

@@ -128,5 +128,24 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
         last.status.unwrap_or_default().phase,
         Some(InstancePhase::Terminating)
     );
+    // So does the spend metric, counted once although the finalizer may run twice.
+    let addr = op.http_addr().expect("the operator's address");
+    let metrics = http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let spent: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("gpupool_spend_dollars_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (billed - spent).abs() <= billed * 0.01 + 1e-6,
+        "bill {billed} vs gpupool_spend_dollars_total {spent}"
+    );
     ns.cleanup().await;
 }
