@@ -39,7 +39,9 @@ use gpupool::{
     sim::{SimConfig, SimHandle},
     worker::{Dispatch, WorkerClient, WorkerClientConfig},
 };
-use operator::{Operator, WORKER_KEY, admin, create_pool, http, namespace_with_secrets, sim_with};
+use operator::{
+    Operator, WORKER_KEY, admin, create_pool, http, metrics_at, namespace_with_secrets, sim_with,
+};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -111,14 +113,7 @@ async fn wait_for_addr(op: &Operator) -> String {
 
 /// `gpupool_kube_requests_total` by verb (summed over resources).
 async fn kube_requests(addr: &str) -> BTreeMap<String, f64> {
-    let text = http()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_at(addr).await;
     let mut by_verb = BTreeMap::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("gpupool_kube_requests_total{") else {

@@ -230,7 +230,8 @@ impl Context {
         lock(&self.failures).remove(key);
     }
 
-    /// Skips provider `provider` of pool `ns/pool` for a while.
+    /// Skips provider `provider` of pool `ns/pool` for a while: the configured back-off,
+    /// doubling per failure in a row up to 8 times it.
     pub fn back_off_provider(
         &self,
         ns: &str,
@@ -239,25 +240,7 @@ impl Context {
         message: String,
         unavailable: bool,
     ) {
-        let now = self.now();
-        let mut b = lock(&self.backoff);
-        let entry = b
-            .entry((ns.into(), pool.into(), provider.into()))
-            .or_insert(ProviderBackoff {
-                until: now,
-                failures: 0,
-                message: String::new(),
-                unavailable,
-            });
-        entry.failures += 1;
-        // Doubles per failure in a row, from the configured back-off up to 8 times it.
-        let factor = 1u32 << (entry.failures - 1).min(3);
-        let secs = self.config.provider_backoff.as_secs_f64() * f64::from(factor);
-        entry.until = now
-            .saturating_add(jiff::SignedDuration::from_secs_f64(secs))
-            .unwrap_or(now);
-        entry.message = message;
-        entry.unavailable = unavailable;
+        self.record_backoff(ns, pool, provider, message, unavailable, true);
     }
 
     /// Marks provider `provider` of pool `ns/pool` unusable as configured (a Secret or key
@@ -271,13 +254,20 @@ impl Context {
         provider: &str,
         message: String,
     ) -> bool {
+        self.record_backoff(ns, pool, provider, message, true, false)
+    }
+
+    /// Records one more failure of a provider; true when its message or state changed.
+    fn record_backoff(
+        &self,
+        ns: &str,
+        pool: &str,
+        provider: &str,
+        message: String,
+        unavailable: bool,
+        grow: bool,
+    ) -> bool {
         let now = self.now();
-        let until = now
-            .saturating_add(
-                jiff::SignedDuration::try_from(self.config.provider_backoff)
-                    .unwrap_or(jiff::SignedDuration::from_secs(30)),
-            )
-            .unwrap_or(now);
         let mut b = lock(&self.backoff);
         let entry = b
             .entry((ns.into(), pool.into(), provider.into()))
@@ -285,14 +275,22 @@ impl Context {
                 until: now,
                 failures: 0,
                 message: String::new(),
-                unavailable: true,
+                unavailable,
             });
-        let new = entry.message != message || !entry.unavailable;
+        let changed = entry.message != message || entry.unavailable != unavailable;
         entry.failures += 1;
-        entry.until = until;
+        let factor = if grow {
+            1u32 << (entry.failures - 1).min(3)
+        } else {
+            1
+        };
+        let secs = self.config.provider_backoff.as_secs_f64() * f64::from(factor);
+        entry.until = now
+            .saturating_add(jiff::SignedDuration::from_secs_f64(secs))
+            .unwrap_or(now);
         entry.message = message;
-        entry.unavailable = true;
-        new
+        entry.unavailable = unavailable;
+        changed
     }
 
     /// Forgets a provider's failures after it worked.
@@ -404,7 +402,6 @@ impl Context {
         lock(&self.tokens).insert(instance_uid.to_string(), token.clone());
     }
 
-    /// Drops what this process remembers of an instance that is going away.
     /// True the first time it is asked for `instance_uid` (within 10 minutes): the finalizer
     /// can run twice for one instance (a reconcile queued by its own status write runs
     /// before the finalizer's removal reaches the cache), and the final cost and the
@@ -418,6 +415,7 @@ impl Context {
             .is_none()
     }
 
+    /// Drops what this process remembers of an instance that is going away.
     pub fn forget_instance(&self, instance_uid: &str) {
         lock(&self.tokens).remove(instance_uid);
         lock(&self.liveness).remove(instance_uid);

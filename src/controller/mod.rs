@@ -190,11 +190,7 @@ where
 /// own, outside this bound. Instance reconciles stay unbounded: one that waits for the
 /// provider quota (a provisioning poll) would hold a slot that a teardown needs, and a
 /// bound of 64 made destroys wait up to 97 s behind 200 starting machines at 5 requests/s.
-const RECONCILE_CONCURRENCY: u16 = 64;
-
-fn bounded() -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY)
-}
+const JOB_RECONCILE_CONCURRENCY: u16 = 64;
 
 /// Runs the three controllers and the orphan sweep until shutdown.
 pub async fn run(ctx: Arc<Context>) {
@@ -244,7 +240,9 @@ pub async fn run(ctx: Arc<Context>) {
             })
             .shutdown_on_signal();
     let job_ctrl = Controller::for_shared_stream(channel_stream(job_rx.remove(0)), job_store)
-        .with_config(bounded())
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(JOB_RECONCILE_CONCURRENCY),
+        )
         .shutdown_on_signal();
 
     // No reconcile may run before every cache is filled: a pool that saw its jobs but not

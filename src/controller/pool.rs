@@ -382,36 +382,27 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
 async fn check_references(pool: &GpuPool, ctx: &Context) {
     let ns = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
-    let mut worker_key: Option<Option<String>> = None;
+    let worker_key = match pool
+        .spec
+        .worker
+        .as_ref()
+        .and_then(|w| w.api_key_secret_ref.as_ref())
+    {
+        Some(r) => missing(ctx, &ns, r)
+            .await
+            .map(|m| format!("the worker API key: {m}")),
+        None => None,
+    };
     for p in &pool.spec.providers {
         if ctx.provider_backoff(&ns, &name, &p.name).is_some() {
             continue;
         }
-        let mut problem = match p.credentials() {
-            Some(r) => match ctx.providers.secret(&ns, r).await {
-                Err(Error::Config(m)) => Some(m),
-                _ => None,
-            },
+        let problem = match p.credentials() {
+            Some(r) => missing(ctx, &ns, r).await,
             None => Some(format!("provider {} has no credentials", p.name)),
         };
         let rents_machines = p.kind() != Some(crate::crd::ProviderKind::RunpodServerless);
-        if problem.is_none() && rents_machines {
-            if worker_key.is_none() {
-                let r = pool
-                    .spec
-                    .worker
-                    .as_ref()
-                    .and_then(|w| w.api_key_secret_ref.as_ref());
-                worker_key = Some(match r {
-                    Some(r) => match ctx.providers.secret(&ns, r).await {
-                        Err(Error::Config(m)) => Some(format!("the worker API key: {m}")),
-                        _ => None,
-                    },
-                    None => None,
-                });
-            }
-            problem = worker_key.clone().flatten();
-        }
+        let problem = problem.or_else(|| worker_key.clone().filter(|_| rents_machines));
         if let Some(message) = problem
             && ctx.provider_misconfigured(&ns, &name, &p.name, message.clone())
         {
@@ -423,6 +414,14 @@ async fn check_references(pool: &GpuPool, ctx: &Context) {
             )
             .await;
         }
+    }
+}
+
+/// What a Secret reference lacks, if anything (other errors are not the user's to fix).
+async fn missing(ctx: &Context, ns: &str, r: &crate::crd::SecretKeyRef) -> Option<String> {
+    match ctx.providers.secret(ns, r).await {
+        Err(Error::Config(m)) => Some(m),
+        _ => None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Shared HTTP plumbing of the provider clients: one `reqwest` client per provider entry with
-//! connect and per-request timeouts, a client-side quota with a teardown lane
-//! ([`super::quota`]), bounded retries
-//! with exponential back-off and jitter (`backon`), the mapping of HTTP outcomes to
+//! connect and per-request timeouts, a client-side quota with priority lanes for teardown
+//! ([`super::quota`]), bounded retries with exponential back-off and jitter (`backon`), the
+//! mapping of HTTP outcomes to
 //! [`ProviderError`], and the redaction that keeps API keys out of every message.
 //!
 //! What it must not do:

@@ -181,19 +181,21 @@ mod tests {
         );
     }
 
-    /// Spawns a caller that waits in the lane `scope` sets and returns when it got a token.
-    fn caller<F, Fut>(
+    /// Spawns a caller that waits in `lane`, set the way callers set it (the task-local
+    /// scope), and returns when it got a token.
+    fn caller(
         q: &Arc<PriorityQuota>,
         start: Instant,
-        scope: F,
-    ) -> tokio::task::JoinHandle<Duration>
-    where
-        F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send,
-    {
+        lane: Lane,
+    ) -> tokio::task::JoinHandle<Duration> {
         let q = q.clone();
         tokio::spawn(async move {
-            scope(Box::pin(async move { q.acquire(Lane::current()).await })).await;
+            let wait = async { q.acquire(Lane::current()).await };
+            match lane {
+                Lane::Normal => wait.await,
+                Lane::Teardown => teardown_lane(wait).await,
+                Lane::Destroy => destroy_lane(wait).await,
+            }
             start.elapsed()
         })
     }
@@ -203,11 +205,11 @@ mod tests {
         let q = quota(5, 1);
         q.acquire(Lane::Normal).await; // the bucket is empty now
         let start = Instant::now();
-        let ordinary: Vec<_> = (0..50).map(|_| caller(&q, start, |f| f)).collect();
+        let ordinary: Vec<_> = (0..50).map(|_| caller(&q, start, Lane::Normal)).collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let reads: Vec<_> = (0..3).map(|_| caller(&q, start, teardown_lane)).collect();
+        let reads: Vec<_> = (0..3).map(|_| caller(&q, start, Lane::Teardown)).collect();
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let destroys: Vec<_> = (0..2).map(|_| caller(&q, start, destroy_lane)).collect();
+        let destroys: Vec<_> = (0..2).map(|_| caller(&q, start, Lane::Destroy)).collect();
         let at = |handles: Vec<tokio::task::JoinHandle<Duration>>| async move {
             let mut times = Vec::new();
             for h in handles {

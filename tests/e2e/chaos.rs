@@ -143,11 +143,7 @@ async fn chaos(replicas: usize) {
             if replicas == 1 {
                 vec![]
             } else {
-                vec![
-                    "--leader-elect".to_string(),
-                    format!("--leader-election-namespace={}", ns.name),
-                    format!("--pod-name=replica-{r}"),
-                ]
+                leader_flags(&ns.name, &format!("replica-{r}"))
             }
         })
         .collect();

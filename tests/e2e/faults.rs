@@ -197,24 +197,22 @@ async fn finish(
 ) -> Outcome {
     let api: Api<VideoJob> = Api::namespaced(s.client.clone(), &s.ns);
     let mut restarts = supervise;
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let all = loop {
-        if let Some(r) = restarts.as_deref_mut() {
-            restart_if_exited(op, &s.ns, r);
-        }
-        if let Ok(list) = api.list(&ListParams::default()).await
-            && list.items.len() == jobs as usize
-            && list.items.iter().all(|j| phase(j).is_finished())
-        {
-            break list.items;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "jobs unfinished after 240 s; operator log tail:\n{}",
-            tail(&op.logs())
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let all = poll_supervised(
+        op,
+        &s.ns,
+        restarts.as_deref_mut(),
+        Duration::from_secs(240),
+        "every job to finish",
+        || {
+            let api = api.clone();
+            async move {
+                let list = api.list(&ListParams::default()).await.ok()?.items;
+                (list.len() == jobs as usize && list.iter().all(|j| phase(j).is_finished()))
+                    .then_some(list)
+            }
+        },
+    )
+    .await;
     let finished_in = start.elapsed().as_secs_f64();
     let failed: Vec<_> = all
         .iter()
@@ -233,46 +231,59 @@ async fn finish(
             (j.name_any(), n)
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(r) = restarts.as_deref_mut() {
-            restart_if_exited(op, &s.ns, r);
-        }
-        let bill = admin(&s.sim, "bill").await;
-        if bill["instances"]
-            .as_array()
-            .is_some_and(|all| all.iter().all(|i| i["alive"] == json!(false)))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "machines alive 90 s after the last job: {bill}\noperator log tail:\n{}",
-            tail(&op.logs())
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let state = admin(&s.sim, "state").await;
-    let mut labels: std::collections::HashMap<String, usize> = Default::default();
-    for m in state["instances"].as_array().unwrap() {
-        *labels
-            .entry(m["label"].as_str().unwrap_or_default().to_string())
-            .or_default() += 1;
-    }
-    assert!(
-        labels.values().all(|n| *n == 1),
-        "a GpuInstance got two machines: {labels:?}"
-    );
+    poll_supervised(
+        op,
+        &s.ns,
+        restarts,
+        Duration::from_secs(90),
+        "every machine destroyed after the last job",
+        || async {
+            let bill = admin(&s.sim, "bill").await;
+            bill["instances"]
+                .as_array()?
+                .iter()
+                .all(|i| i["alive"] == json!(false))
+                .then_some(())
+        },
+    )
+    .await;
+    let machines = assert_one_machine_per_instance(&s.sim).await;
     Outcome {
         finished_in,
         executions,
-        machines: labels.len(),
+        machines,
     }
 }
 
-fn tail(logs: &str) -> String {
-    let lines: Vec<&str> = logs.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
+/// Polls `check` until it gives a value, restarting the operator (as its Deployment would)
+/// whenever it exits, if `supervise`; fails with the log tail after `timeout`.
+async fn poll_supervised<T, F, Fut>(
+    op: &mut Operator,
+    ns: &str,
+    mut supervise: Option<&mut u32>,
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(r) = supervise.as_deref_mut() {
+            restart_if_exited(op, ns, r);
+        }
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; operator log tail:\n{}",
+            op.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn restart_if_exited(op: &mut Operator, ns: &str, restarts: &mut u32) {
@@ -335,16 +346,12 @@ async fn the_operator_recovers_from_an_etcd_stall_and_an_api_server_restart() {
 /// per exit.
 async fn long_outage(leader_elect: bool) {
     let s = setup(if leader_elect { "longha" } else { "longout" }).await;
-    let flags = [
-        "--leader-elect".to_string(),
-        format!("--leader-election-namespace={}", s.ns),
-        "--pod-name=gpupool-0".to_string(),
-    ];
-    let flags: Vec<&str> = if leader_elect {
-        flags.iter().map(String::as_str).collect()
+    let flags = if leader_elect {
+        leader_flags(&s.ns, "gpupool-0")
     } else {
         vec![]
     };
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut op = Operator::start_with_env(&s.ns, &s.sim, &flags, &[("KUBECONFIG", &s.kubeconfig)]);
     let mut restarts = 0u32;
     let mut supervise = leader_elect.then_some(&mut restarts);

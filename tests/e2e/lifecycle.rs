@@ -130,14 +130,7 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
     );
     // So does the spend metric, counted once although the finalizer may run twice.
     let addr = op.http_addr().expect("the operator's address");
-    let metrics = http()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_at(&addr).await;
     let spent: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("gpupool_spend_dollars_total"))

@@ -210,6 +210,13 @@ impl Operator {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The last 60 lines of the log, for a failure message.
+    pub fn log_tail(&self) -> String {
+        let logs = self.logs();
+        let lines: Vec<&str> = logs.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
 }
 
 impl Drop for Operator {
@@ -289,13 +296,7 @@ where
             return v;
         }
         if start.elapsed() > timeout {
-            let tail = op
-                .map(|o| {
-                    let l = o.logs();
-                    let lines: Vec<&str> = l.lines().collect();
-                    lines[lines.len().saturating_sub(60)..].join("\n")
-                })
-                .unwrap_or_default();
+            let tail = op.map(Operator::log_tail).unwrap_or_default();
             panic!("timed out after {timeout:?} waiting for {what}\noperator log tail:\n{tail}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -372,4 +373,58 @@ where
     )
     .await
     .unwrap();
+}
+
+/// The operator's `/metrics` text, from the address it logged.
+pub async fn metrics_at(addr: &str) -> String {
+    http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Asserts that namespace `ns` holds at least one event with each of `reasons`.
+pub async fn assert_event_reasons(client: &Client, ns: &str, reasons: &[&str]) {
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), ns)
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap();
+    let seen: Vec<String> = events
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    for r in reasons {
+        assert!(seen.iter().any(|x| x == r), "no {r} event in {seen:?}");
+    }
+}
+
+/// The flags of replica `name` under leader election, its Lease in namespace `ns`.
+pub fn leader_flags(ns: &str, name: &str) -> Vec<String> {
+    vec![
+        "--leader-elect".to_string(),
+        format!("--leader-election-namespace={ns}"),
+        format!("--pod-name={name}"),
+    ]
+}
+
+/// Asserts that the simulator rented at most one machine per label (per GpuInstance: a
+/// second create for one instance would be a leak); returns how many machines it rented.
+pub async fn assert_one_machine_per_instance(sim: &SimHandle) -> usize {
+    let state = admin(sim, "state").await;
+    let mut labels: std::collections::HashMap<String, usize> = Default::default();
+    for m in state["instances"].as_array().unwrap() {
+        *labels
+            .entry(m["label"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    assert!(
+        labels.values().all(|n| *n == 1),
+        "a GpuInstance got two machines: {labels:?}"
+    );
+    labels.len()
 }

@@ -3,7 +3,6 @@
 //! leader is cut off from the API server it stops before the other takes over.
 
 use std::{
-    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -37,15 +36,8 @@ async fn two_replicas_run_every_job_once_and_fail_over_when_the_leader_dies() {
     let ns = namespace_with_secrets("replicas").await;
     let client = ns.client();
     let sim = sim().await;
-    let flags = |name: &str| {
-        vec![
-            "--leader-elect".to_string(),
-            format!("--leader-election-namespace={}", ns.name),
-            format!("--pod-name={name}"),
-        ]
-    };
-    let fa = flags("replica-a");
-    let fb = flags("replica-b");
+    let fa = leader_flags(&ns.name, "replica-a");
+    let fb = leader_flags(&ns.name, "replica-b");
     let mut a = Operator::start_as(
         &ns.name,
         &sim,
@@ -146,17 +138,7 @@ async fn two_replicas_run_every_job_once_and_fail_over_when_the_leader_dies() {
         assert_eq!(runs, 1, "job {:?} ran {runs} times", j.metadata.name);
     }
     // No machine was created twice for the same GpuInstance.
-    let state = admin(&sim, "state").await;
-    let mut labels: HashMap<String, usize> = HashMap::new();
-    for m in state["instances"].as_array().unwrap() {
-        *labels
-            .entry(m["label"].as_str().unwrap_or_default().to_string())
-            .or_default() += 1;
-    }
-    assert!(
-        labels.values().all(|n| *n == 1),
-        "duplicate creates: {labels:?}"
-    );
+    assert_one_machine_per_instance(&sim).await;
     ns.cleanup().await;
 }
 
@@ -252,15 +234,8 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_leads() {
     )
     .unwrap();
     let relayed_path = relayed.to_string_lossy().to_string();
-    let flags = |name: &str| {
-        vec![
-            "--leader-elect".to_string(),
-            format!("--leader-election-namespace={}", ns.name),
-            format!("--pod-name={name}"),
-        ]
-    };
-    let fa = flags("replica-a");
-    let fb = flags("replica-b");
+    let fa = leader_flags(&ns.name, "replica-a");
+    let fb = leader_flags(&ns.name, "replica-b");
     let mut a = Operator::start_full(
         &ns.name,
         &sim,
