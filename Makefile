@@ -3,7 +3,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/gpupool-target
 export GPUPOOL_TESTBINS ?= $(HOME)/.cache/gpupool-testbins
 
-.PHONY: test unit fidelity e2e chaos demo crds testbins lint bench bench-policy bench-cluster control-plane-up control-plane-down
+.PHONY: test unit fidelity e2e chaos demo crds testbins testtools lint bench bench-policy bench-cluster control-plane-up control-plane-down
 
 ## Run every test: unit and integration tests, the simulator's fidelity with the official
 ## provider clients, then the end-to-end tests on a fresh local control plane.
@@ -19,7 +19,7 @@ fidelity:
 	hack/fidelity.sh
 
 ## End-to-end tests against a real kube-apiserver + etcd started (and stopped) for the run.
-e2e: testbins
+e2e: testbins testtools
 	hack/with-control-plane.sh cargo test --locked --features e2e --test e2e -- --test-threads=8
 
 ## The full chaos run (300 jobs, 10 SIGKILLs, provider faults; the short one is in `make test`).
@@ -37,6 +37,11 @@ crds:
 ## Build or reuse kube-apiserver, kubectl, etcd and helm (cached by version).
 testbins:
 	hack/testbins.sh >/dev/null
+
+## And what only the tests need: promtool, actionlint, the Argo CD health runner, the
+## Argo CD, Flux and Prometheus Operator CRDs (cached by version).
+testtools:
+	hack/testbins.sh --test-tools >/dev/null
 
 ## Every benchmark, one table each (docs/benchmarks.md keeps the figures): the policy
 ## simulation (simulated time), then the cluster benchmarks on a fresh local control plane

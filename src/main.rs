@@ -65,10 +65,14 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     info!(%addr, cluster_id, namespace = ?config.namespace, "gpupool listening");
     let server = tokio::spawn(server);
     match config.leader() {
-        None => tokio::select! {
-            r = server => r??,
-            () = controller::run(ctx) => {}
-        },
+        None => {
+            // Without leader election this process is the only one that reconciles.
+            ctx.set_standby(false);
+            tokio::select! {
+                r = server => r??,
+                () = controller::run(ctx) => {}
+            }
+        }
         Some(leader) => {
             let mut elector = gpupool::leader::Elector::new(ctx.client.clone(), leader);
             // A standby replica is healthy and ready; it only does not reconcile.

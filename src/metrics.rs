@@ -3,7 +3,10 @@
 //! Gauges describing the pool (instances by phase, spend) are set by the pool reconciler from
 //! its caches; counters and histograms are updated where the event happens.
 
-use std::sync::Mutex;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -28,6 +31,36 @@ pub struct InstanceLabels {
 pub struct PoolLabels {
     pub namespace: String,
     pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobPhaseLabels {
+    pub namespace: String,
+    pub pool: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdleInstanceLabels {
+    pub namespace: String,
+    pub pool: String,
+    /// The GpuInstance's name (not `instance`, which Prometheus gives the scraped target).
+    pub gpuinstance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderEntryLabels {
+    pub namespace: String,
+    pub pool: String,
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderStateLabels {
+    pub namespace: String,
+    pub pool: String,
+    pub provider: String,
+    pub state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,9 +145,23 @@ fn seconds_histogram(start: f64, factor: f64, count: u16) -> Histogram {
     Histogram::new(exponential_buckets(start, factor, count))
 }
 
+/// Registers `metric` as `gpupool_<name>` and remembers the name.
+fn register(
+    registry: &mut Registry,
+    names: &mut Vec<String>,
+    name: &str,
+    help: &str,
+    metric: impl prometheus_client::registry::Metric,
+) {
+    registry.register(name, help, metric);
+    names.push(format!("gpupool_{name}"));
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
+    /// Every metric's name as exported (prefixed, without the `_total`/`_bucket` suffixes).
+    names: Vec<String>,
     pub instances: Family<InstanceLabels, Gauge>,
     pub spend_per_hour: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub spend_total: Family<PoolLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
@@ -131,8 +178,23 @@ pub struct Metrics {
     pub orphans_destroyed: Counter,
     pub events: Family<EventLabels, Counter>,
     pub kube_requests: Family<KubeRequestLabels, Counter>,
+    pub leader: Gauge,
+    pub max_hourly_spend: Family<PoolLabels, FloatGauge>,
+    pub jobs_by_phase: Family<JobPhaseLabels, Gauge>,
+    pub idle_instances: Family<PoolLabels, Gauge>,
+    idle_deadlines: Family<IdleInstanceLabels, FloatGauge>,
+    pub provider_state: Family<ProviderStateLabels, Gauge>,
+    provider_backoff_until: Family<ProviderEntryLabels, FloatGauge>,
     teardown_failing_set: Mutex<std::collections::HashSet<String>>,
+    /// The idle instances each pool last reported, so that a busy or destroyed instance's
+    /// deadline series is removed rather than left behind.
+    idle_deadline_set: Mutex<HashMap<(String, String), HashSet<String>>>,
 }
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The states a pool's provider entry can be in, as `gpupool_provider_state` reports them.
+pub const PROVIDER_STATES: [&str; 3] = ["Available", "BackingOff", "Unavailable"];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,6 +211,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("gpupool");
+        let mut names = Vec::new();
         let m = Self {
             instances: Family::default(),
             spend_per_hour: Family::default(),
@@ -168,82 +231,254 @@ impl Metrics {
             orphans_destroyed: Counter::default(),
             events: Family::default(),
             kube_requests: Family::default(),
+            leader: Gauge::default(),
+            max_hourly_spend: Family::default(),
+            jobs_by_phase: Family::default(),
+            idle_instances: Family::default(),
+            idle_deadlines: Family::default(),
+            provider_state: Family::default(),
+            provider_backoff_until: Family::default(),
             teardown_failing_set: Mutex::default(),
+            idle_deadline_set: Mutex::default(),
             registry: Registry::default(),
+            names: Vec::new(),
         };
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "instances",
             "GpuInstances by pool, provider and phase",
             m.instances.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "spend_dollars_per_hour",
             "USD per hour over a pool's billing instances",
             m.spend_per_hour.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "spend_dollars",
             "USD billed for destroyed instances, as accounted by the operator",
             m.spend_total.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pending_jobs",
             "VideoJobs waiting for an instance",
             m.pending_jobs.clone(),
         );
-        registry.register("jobs", "Finished VideoJobs by outcome", m.jobs.clone());
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
+            "jobs",
+            "Finished VideoJobs by outcome",
+            m.jobs.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
             "job_wait_seconds",
             "From VideoJob creation to dispatch",
             m.job_wait_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "job_run_seconds",
             "From dispatch to the worker's answer",
             m.job_run_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "dispatch_overhead_seconds",
             "Operator time from a job's binding to the worker request on a warm instance",
             m.dispatch_overhead_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "idle_teardown_lateness_seconds",
             "Time from an instance's idle deadline to its deletion",
             m.idle_teardown_lateness_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "provider_calls",
             "Provider API calls by provider entry, operation and outcome",
             m.provider_calls.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "provider_call_seconds",
             "Provider API call latency",
             m.provider_call_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "reconcile_errors",
             "Failed reconciles by kind and error class",
             m.reconcile_errors.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "teardown_failing",
             "Instances whose teardown keeps failing (they may still bill)",
             m.teardown_failing.clone(),
         );
-        registry.register("orphans_destroyed", "Provider machines with this cluster's label and no GpuInstance, destroyed by the sweep", m.orphans_destroyed.clone());
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
+            "orphans_destroyed",
+            "Provider machines with this cluster's label and no GpuInstance, destroyed by the sweep",
+            m.orphans_destroyed.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
             "events",
             "Kubernetes events emitted, by reason",
             m.events.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "kube_requests",
             "Requests this process sent to the Kubernetes API server, by verb and resource",
             m.kube_requests.clone(),
         );
-        Self { registry, ..m }
+        register(
+            &mut registry,
+            &mut names,
+            "leader",
+            "1 while this replica reconciles (holds the Lease, or runs without leader election), 0 on standby",
+            m.leader.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "max_hourly_spend_dollars",
+            "A pool's spec.maxHourlySpend in USD per hour (absent when unlimited)",
+            m.max_hourly_spend.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "jobs_by_phase",
+            "A pool's VideoJobs by phase, finished ones until their TTL removes them",
+            m.jobs_by_phase.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "idle_instances",
+            "Ready GpuInstances with no job: billing while they wait for their idle deadline",
+            m.idle_instances.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "instance_idle_deadline_timestamp_seconds",
+            "When an idle GpuInstance is due for teardown (Unix seconds); present only while it is idle",
+            m.idle_deadlines.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "provider_state",
+            "1 for the state each provider entry of a pool is in (Available, BackingOff, Unavailable), 0 for the others",
+            m.provider_state.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "provider_backoff_until_timestamp_seconds",
+            "When a backing-off or unavailable provider entry is tried again (Unix seconds)",
+            m.provider_backoff_until.clone(),
+        );
+        Self {
+            registry,
+            names,
+            ..m
+        }
+    }
+
+    /// The name of every metric (as `# TYPE` gives it: a counter without `_total`, a
+    /// histogram without `_bucket`), whether or not it has a series yet.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Records the idle instances of a pool with their deadlines (Unix seconds), removing the
+    /// series of those that are no longer idle.
+    pub fn set_idle_deadlines(&self, namespace: &str, pool: &str, idle: &[(String, f64)]) {
+        let mut sets = self
+            .idle_deadline_set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (namespace.to_string(), pool.to_string());
+        let labels = |instance: &str| IdleInstanceLabels {
+            namespace: namespace.to_string(),
+            pool: pool.to_string(),
+            gpuinstance: instance.to_string(),
+        };
+        let now: HashSet<String> = idle.iter().map(|(i, _)| i.clone()).collect();
+        if let Some(before) = sets.get(&key) {
+            for gone in before.difference(&now) {
+                self.idle_deadlines.remove(&labels(gone));
+            }
+        }
+        for (instance, deadline) in idle {
+            self.idle_deadlines
+                .get_or_create(&labels(instance))
+                .set(*deadline);
+        }
+        self.idle_instances
+            .get_or_create(&PoolLabels {
+                namespace: namespace.to_string(),
+                pool: pool.to_string(),
+            })
+            .set(idle.len() as i64);
+        if now.is_empty() {
+            sets.remove(&key);
+        } else {
+            sets.insert(key, now);
+        }
+    }
+
+    /// Records the state of one provider entry of a pool and, when it backs off, until when.
+    pub fn set_provider_state(
+        &self,
+        entry: &ProviderEntryLabels,
+        state: &str,
+        backoff_until: Option<f64>,
+    ) {
+        for s in PROVIDER_STATES {
+            self.provider_state
+                .get_or_create(&ProviderStateLabels {
+                    namespace: entry.namespace.clone(),
+                    pool: entry.pool.clone(),
+                    provider: entry.provider.clone(),
+                    state: s.into(),
+                })
+                .set(i64::from(s == state));
+        }
+        match backoff_until {
+            Some(t) => {
+                self.provider_backoff_until.get_or_create(entry).set(t);
+            }
+            None => {
+                self.provider_backoff_until.remove(entry);
+            }
+        }
     }
 
     /// Records whether the teardown of `instance` is failing now.

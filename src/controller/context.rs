@@ -198,6 +198,7 @@ impl Context {
     /// Marks this replica as waiting for the leader Lease (ready, not reconciling).
     pub fn set_standby(&self, standby: bool) {
         self.standby.store(standby, Ordering::SeqCst);
+        self.metrics.leader.set(i64::from(!standby));
     }
 
     pub fn pool(&self, namespace: &str, name: &str) -> Option<Arc<GpuPool>> {

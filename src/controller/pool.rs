@@ -31,7 +31,7 @@ use crate::{
         JobPhase, VideoJob,
         pool::{InstanceCounts, ProviderState, ProviderStatus},
     },
-    metrics::{InstanceLabels, PoolLabels},
+    metrics::{InstanceLabels, JobPhaseLabels, PoolLabels, ProviderEntryLabels},
     provider::EndpointSettings,
 };
 
@@ -637,6 +637,7 @@ fn pool_status(
     let mut counts = InstanceCounts::default();
     let mut spend = Decimal::ZERO;
     let mut by_label: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut idle: Vec<(String, f64)> = Vec::new();
     for i in instances {
         counts.total += 1;
         let phase = if i.metadata.deletion_timestamp.is_some() {
@@ -651,10 +652,16 @@ fn pool_status(
             InstancePhase::Terminating => counts.terminating += 1,
             InstancePhase::Failed => counts.failed += 1,
         }
-        if phase == InstancePhase::Ready
-            && i.status.as_ref().is_some_and(|s| s.current_job.is_some())
-        {
-            counts.busy += 1;
+        if phase == InstancePhase::Ready {
+            match i.status.as_ref() {
+                Some(s) if s.current_job.is_some() => counts.busy += 1,
+                Some(s) => {
+                    if let Some(deadline) = &s.idle_deadline {
+                        idle.push((i.name_any(), deadline.0.as_millisecond() as f64 / 1000.0));
+                    }
+                }
+                None => {}
+            }
         }
         let billing = i
             .status
@@ -684,16 +691,45 @@ fn pool_status(
                 .set(v);
         }
     }
-    let pending = jobs
+    ctx.metrics.set_idle_deadlines(&ns, &name, &idle);
+    let mut by_phase: BTreeMap<String, i64> = BTreeMap::new();
+    for j in jobs
         .iter()
-        .filter(|j| {
-            j.metadata.deletion_timestamp.is_none() && matches!(job_phase(j), JobPhase::Pending)
-        })
-        .count();
+        .filter(|j| j.metadata.deletion_timestamp.is_none())
+    {
+        *by_phase.entry(format!("{:?}", job_phase(j))).or_default() += 1;
+    }
+    let pending = by_phase.get("Pending").copied().unwrap_or(0) as usize;
+    for phase in ["Pending", "Scheduled", "Running", "Succeeded", "Failed"] {
+        ctx.metrics
+            .jobs_by_phase
+            .get_or_create(&JobPhaseLabels {
+                namespace: ns.clone(),
+                pool: name.clone(),
+                phase: phase.into(),
+            })
+            .set(by_phase.get(phase).copied().unwrap_or(0));
+    }
     let pool_labels = PoolLabels {
         namespace: ns.clone(),
         pool: name.clone(),
     };
+    match pool
+        .spec
+        .max_hourly_spend
+        .as_deref()
+        .and_then(|s| s.parse::<Decimal>().ok())
+    {
+        Some(limit) => {
+            ctx.metrics
+                .max_hourly_spend
+                .get_or_create(&pool_labels)
+                .set(limit.try_into().unwrap_or(0.0));
+        }
+        None => {
+            ctx.metrics.max_hourly_spend.remove(&pool_labels);
+        }
+    }
     ctx.metrics
         .pending_jobs
         .get_or_create(&pool_labels)
@@ -732,6 +768,26 @@ fn pool_status(
             },
         })
         .collect();
+    for p in &providers {
+        let state = match p.state {
+            ProviderState::Available => "Available",
+            ProviderState::BackingOff => "BackingOff",
+            ProviderState::Unavailable => "Unavailable",
+        };
+        let until = p
+            .backoff_until
+            .as_ref()
+            .map(|t| t.0.as_millisecond() as f64 / 1000.0);
+        ctx.metrics.set_provider_state(
+            &ProviderEntryLabels {
+                namespace: ns.clone(),
+                pool: name.clone(),
+                provider: p.name.clone(),
+            },
+            state,
+            until,
+        );
+    }
     let available = providers
         .iter()
         .filter(|p| p.state == ProviderState::Available)

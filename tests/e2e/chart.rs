@@ -8,7 +8,6 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::Once,
     time::Duration,
 };
 
@@ -22,19 +21,19 @@ use gpupool::crd::{InstancePhase, JobPhase};
 
 use crate::{
     operator::*,
-    support::{TestNamespace, kubectl, kubectl_ok, repo_root},
+    support::{TestNamespace, install_third_party_crds, kubectl, kubectl_ok, repo_root},
 };
 
 const CHART: &str = "charts/gpupool";
 
-fn bin(name: &str) -> PathBuf {
+pub(crate) fn bin(name: &str) -> PathBuf {
     std::env::var("GPUPOOL_BIN")
         .map(|b| Path::new(&b).join(name))
         .unwrap_or_else(|_| PathBuf::from(name))
 }
 
 /// Runs `program` in the repository root, feeding it `stdin` if given.
-fn run(program: PathBuf, args: &[&str], stdin: Option<&str>) -> Output {
+pub(crate) fn run(program: PathBuf, args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(&program);
     cmd.args(args).current_dir(repo_root());
     let Some(input) = stdin else {
@@ -55,7 +54,7 @@ fn run(program: PathBuf, args: &[&str], stdin: Option<&str>) -> Output {
     out
 }
 
-fn ok(what: &str, out: Output) -> String {
+pub(crate) fn ok(what: &str, out: Output) -> String {
     assert!(
         out.status.success(),
         "{what} failed:\n{}\n{}",
@@ -66,16 +65,16 @@ fn ok(what: &str, out: Output) -> String {
 }
 
 /// Real helm, with the control plane's KUBECONFIG from the environment.
-fn helm(args: &[&str]) -> Output {
+pub(crate) fn helm(args: &[&str]) -> Output {
     run(bin("helm"), args, None)
 }
 
-fn helm_ok(args: &[&str]) -> String {
+pub(crate) fn helm_ok(args: &[&str]) -> String {
     ok(&format!("helm {}", args.join(" ")), helm(args))
 }
 
 /// The server's version, so `helm template` checks the chart's kubeVersion against it.
-fn server_version() -> String {
+pub(crate) fn server_version() -> String {
     let v: Value = serde_json::from_str(&kubectl_ok(&["version", "-o", "json"])).unwrap();
     v["serverVersion"]["gitVersion"]
         .as_str()
@@ -84,7 +83,7 @@ fn server_version() -> String {
 }
 
 /// `helm template` of the chart as release `release` in `ns` with `--set` values.
-fn render(release: &str, ns: &str, sets: &[&str]) -> Output {
+pub(crate) fn render(release: &str, ns: &str, sets: &[&str]) -> Output {
     let kv = server_version();
     let mut args = vec![
         "template",
@@ -102,7 +101,7 @@ fn render(release: &str, ns: &str, sets: &[&str]) -> Output {
 }
 
 /// The kinds and names of the documents of a multi-document YAML stream.
-fn objects(yaml: &str) -> Vec<(String, String, String)> {
+pub(crate) fn objects(yaml: &str) -> Vec<(String, String, String)> {
     serde_yaml::Deserializer::from_str(yaml)
         .filter_map(|d| {
             let v = serde_json::to_value(serde_yaml::Value::deserialize(d).ok()?).ok()?;
@@ -117,56 +116,38 @@ fn objects(yaml: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn has(objs: &[(String, String, String)], kind: &str, ns: &str, name: &str) -> bool {
+pub(crate) fn has(objs: &[(String, String, String)], kind: &str, ns: &str, name: &str) -> bool {
     objs.iter()
         .any(|(k, n, m)| k == kind && n == ns && m == name)
 }
 
-/// A server-side dry run of `yaml`: the API server validates and admits every object.
-fn dry_run(yaml: &str) {
-    ok(
-        "kubectl apply --dry-run=server",
-        run(
-            bin("kubectl"),
-            &[
-                "--kubeconfig",
-                &std::env::var("KUBECONFIG").unwrap(),
-                "apply",
-                "--server-side",
-                "--field-manager=gpupool-chart-e2e",
-                "--dry-run=server",
-                "-f",
-                "-",
-            ],
-            Some(yaml),
-        ),
-    );
-}
-
-static SERVICE_MONITOR_CRD: Once = Once::new();
-
-/// The bare server has no Prometheus Operator: install a stand-in ServiceMonitor CRD once.
-fn install_service_monitor_crd() {
-    SERVICE_MONITOR_CRD.call_once(|| {
-        kubectl_ok(&[
+/// A server-side dry run of `yaml`: the API server validates (strictly: unknown fields are
+/// errors) and admits every object, or says why not.
+pub(crate) fn dry_run_output(yaml: &str) -> Output {
+    run(
+        bin("kubectl"),
+        &[
+            "--kubeconfig",
+            &std::env::var("KUBECONFIG").unwrap(),
             "apply",
             "--server-side",
-            "--field-manager=gpupool-e2e",
+            "--field-manager=gpupool-chart-e2e",
+            "--dry-run=server",
             "-f",
-            "tests/fixtures/servicemonitor-crd.yaml",
-        ]);
-        kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/servicemonitors.monitoring.coreos.com",
-        ]);
-    });
+            "-",
+        ],
+        Some(yaml),
+    )
+}
+
+/// A server-side dry run that must succeed.
+pub(crate) fn dry_run(yaml: &str) {
+    ok("kubectl apply --dry-run=server", dry_run_output(yaml));
 }
 
 #[tokio::test]
 async fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
-    install_service_monitor_crd();
+    install_third_party_crds();
     let ns = TestNamespace::new("chart-render").await;
     let watched = TestNamespace::new("chart-render-w").await;
     helm_ok(&["lint", "--strict", CHART]);
@@ -189,9 +170,11 @@ async fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
         assert!(has(&objs, kind, n, name), "{kind} {n}/{name} in {objs:?}");
     }
     assert!(
-        !objs
-            .iter()
-            .any(|(k, _, _)| k == "ServiceMonitor" || k == "NetworkPolicy")
+        !objs.iter().any(|(k, _, n)| k == "ServiceMonitor"
+            || k == "NetworkPolicy"
+            || k == "PrometheusRule"
+            || n.ends_with("-dashboard")),
+        "monitoring and the NetworkPolicy are off by default: {objs:?}"
     );
     dry_run(&yaml);
 
@@ -205,6 +188,8 @@ async fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
             &[
                 &watch,
                 "serviceMonitor.enabled=true",
+                "prometheusRule.enabled=true",
+                "grafanaDashboard.enabled=true",
                 "networkPolicy.enabled=true",
             ],
         ),
@@ -218,6 +203,11 @@ async fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
     );
     assert!(has(&objs, "ServiceMonitor", &ns.name, &full), "{objs:?}");
     assert!(has(&objs, "NetworkPolicy", &ns.name, &full), "{objs:?}");
+    assert!(has(&objs, "PrometheusRule", &ns.name, &full), "{objs:?}");
+    assert!(
+        has(&objs, "ConfigMap", &ns.name, &format!("{full}-dashboard")),
+        "{objs:?}"
+    );
     assert!(yaml.contains(&format!(
         "name: GPUPOOL_NAMESPACE\n              value: \"{}\"",
         watched.name
@@ -401,19 +391,6 @@ async fn committed_rendered_manifests_match_the_chart_and_apply() {
         String::from_utf8_lossy(&out.stderr)
     );
     dry_run(&built);
-}
-
-#[test]
-fn argocd_health_checks_give_the_documented_status() {
-    let out = run(repo_root().join("hack/test-argocd-health.sh"), &[], None);
-    assert_ne!(
-        out.status.code(),
-        Some(3),
-        "no Lua interpreter: install one (apt-get install lua5.4; .ci/run does) to test the Argo CD health checks"
-    );
-    let text = ok("hack/test-argocd-health.sh", out);
-    eprintln!("{text}");
-    assert!(text.contains(", 0 failures"), "{text}");
 }
 
 /// Installs the chart as release `r<ns>` in `release_ns`, watching only `watched`, and returns

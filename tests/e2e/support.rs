@@ -79,6 +79,62 @@ pub fn kubectl_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A fresh directory under the state directory (`.state`), for files a test hands to a tool.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(
+        std::env::var("GPUPOOL_STATE")
+            .unwrap_or_else(|_| format!("{}/.state", env!("CARGO_MANIFEST_DIR"))),
+    )
+    .join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tool that `hack/testbins.sh --test-tools` (`make testtools`, part of `make test`) builds
+/// and links into the control plane's bin directory: promtool, actionlint, argocd-health, crds.
+pub fn test_tool(name: &str) -> PathBuf {
+    let dir =
+        std::env::var("GPUPOOL_BIN").expect("GPUPOOL_BIN is set by hack/with-control-plane.sh");
+    let path = Path::new(&dir).join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `make testtools` (hack/testbins.sh --test-tools), which `make test` does",
+        path.display()
+    );
+    path
+}
+
+static THIRD_PARTY_CRDS: Once = Once::new();
+
+/// Installs the real Argo CD, Flux and Prometheus Operator CRDs that `make testtools` took from
+/// their Go modules (server-side apply: some are too large for the client-side annotation),
+/// once per test binary, and waits until they are Established.
+pub fn install_third_party_crds() {
+    THIRD_PARTY_CRDS.call_once(|| {
+        // kubectl reads a symlink as a file, so give it the directory itself.
+        let dir = std::fs::canonicalize(test_tool("crds")).unwrap();
+        let dir = dir.to_str().unwrap();
+        kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=gpupool-e2e",
+            "-f",
+            dir,
+        ]);
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/applications.argoproj.io",
+            "crd/appprojects.argoproj.io",
+            "crd/gitrepositories.source.toolkit.fluxcd.io",
+            "crd/helmreleases.helm.toolkit.fluxcd.io",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+        ]);
+    });
+}
+
 static CRDS: Once = Once::new();
 
 /// Installs the committed CRDs (server-side apply, as `helm`/GitOps would) and waits until
