@@ -507,7 +507,93 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
-    use super::KubeRequestLabels;
+    use super::{KubeRequestLabels, Metrics, ProviderEntryLabels};
+
+    fn lines_with(m: &Metrics, name: &str) -> Vec<String> {
+        m.render()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn idle_deadlines_follow_the_idle_set_and_leave_no_stale_series() {
+        let m = Metrics::new();
+        let d = "gpupool_instance_idle_deadline_timestamp_seconds{";
+        m.set_idle_deadlines("media", "p", &[("a".into(), 100.0), ("b".into(), 200.5)]);
+        m.set_idle_deadlines("media", "q", &[("c".into(), 300.0)]);
+        assert_eq!(lines_with(&m, d).len(), 3, "{}", m.render());
+        assert!(
+            m.render()
+                .contains(r#"gpupool_idle_instances{namespace="media",pool="p"} 2"#),
+            "{}",
+            m.render()
+        );
+        // a took a job, b is gone, d became idle: only d is left in p; q untouched.
+        m.set_idle_deadlines("media", "p", &[("d".into(), 400.0)]);
+        let left = lines_with(&m, d);
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            left.iter()
+                .any(|l| l.contains(r#"gpuinstance="d""#) && l.ends_with(" 400.0"))
+        );
+        assert!(left.iter().any(|l| l.contains(r#"gpuinstance="c""#)));
+        m.set_idle_deadlines("media", "p", &[]);
+        m.set_idle_deadlines("media", "q", &[]);
+        assert!(lines_with(&m, d).is_empty());
+        assert!(
+            m.render()
+                .contains(r#"gpupool_idle_instances{namespace="media",pool="q"} 0"#)
+        );
+    }
+
+    #[test]
+    fn provider_state_is_one_hot_and_backoff_only_while_backing_off() {
+        let m = Metrics::new();
+        let entry = ProviderEntryLabels {
+            namespace: "media".into(),
+            pool: "p".into(),
+            provider: "vast".into(),
+        };
+        m.set_provider_state(&entry, "BackingOff", Some(1234.5));
+        let states = lines_with(&m, "gpupool_provider_state{");
+        assert_eq!(states.len(), 3, "{states:?}");
+        for l in &states {
+            let on = l.contains(r#"state="BackingOff""#);
+            assert!(l.ends_with(if on { " 1" } else { " 0" }), "{l}");
+        }
+        let until = lines_with(&m, "gpupool_provider_backoff_until_timestamp_seconds{");
+        assert!(
+            until.len() == 1 && until[0].ends_with(" 1234.5"),
+            "{until:?}"
+        );
+        m.set_provider_state(&entry, "Available", None);
+        assert!(lines_with(&m, "gpupool_provider_backoff_until_timestamp_seconds{").is_empty());
+        assert!(
+            lines_with(&m, "gpupool_provider_state{")
+                .iter()
+                .all(|l| l.contains(r#"state="Available""#) == l.ends_with(" 1"))
+        );
+    }
+
+    #[test]
+    fn every_registered_metric_is_named() {
+        let m = Metrics::new();
+        for name in [
+            "gpupool_leader",
+            "gpupool_jobs",
+            "gpupool_instance_idle_deadline_timestamp_seconds",
+            "gpupool_provider_state",
+            "gpupool_max_hourly_spend_dollars",
+        ] {
+            assert!(m.names().iter().any(|n| n == name), "{name}");
+        }
+        let mut names = m.names().to_vec();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), m.names().len(), "a name registered twice");
+    }
 
     fn of(method: &str, path: &str, query: Option<&str>) -> (String, String) {
         let l = KubeRequestLabels::of(method, path, query);

@@ -96,6 +96,54 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
         "one create only: {state}"
     );
 
+    // While it is idle, the metrics the alerts and the dashboard read show it and its deadline.
+    let addr = op.http_addr().expect("the operator's address");
+    let pool = [("namespace", ns.name.as_str()), ("pool", "default")];
+    let idle_at = eventually(
+        Duration::from_secs(10),
+        "the idle deadline in /metrics",
+        Some(&op),
+        || {
+            let addr = addr.clone();
+            let labels = [pool[0], pool[1], ("gpuinstance", instance.as_str())];
+            async move {
+                let m = metrics_at(&addr).await;
+                let at = sample(
+                    &m,
+                    "gpupool_instance_idle_deadline_timestamp_seconds",
+                    &labels,
+                )?;
+                (sample(
+                    &m,
+                    "gpupool_jobs_by_phase",
+                    &[pool[0], pool[1], ("phase", "Succeeded")],
+                ) == Some(2.0))
+                .then_some((at, m))
+            }
+        },
+    )
+    .await;
+    let (at, m) = idle_at;
+    assert!(
+        (at - deadline.as_millisecond() as f64 / 1000.0).abs() < 0.002,
+        "deadline {deadline} vs metric {at}"
+    );
+    assert_eq!(sample(&m, "gpupool_idle_instances", &pool), Some(1.0));
+    assert_eq!(sample(&m, "gpupool_leader", &[]), Some(1.0));
+    let vast = [pool[0], pool[1], ("provider", "vast")];
+    for (state, want) in [
+        ("Available", 1.0),
+        ("BackingOff", 0.0),
+        ("Unavailable", 0.0),
+    ] {
+        let labels = [vast[0], vast[1], vast[2], ("state", state)];
+        assert_eq!(
+            sample(&m, "gpupool_provider_state", &labels),
+            Some(want),
+            "{state}"
+        );
+    }
+
     // Teardown at the deadline: not before, within a second after.
     let last = final_state(&client, &ns.name, &instance, Duration::from_secs(30)).await;
     let state = admin(&sim, "state").await;
@@ -129,7 +177,6 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
         Some(InstancePhase::Terminating)
     );
     // So does the spend metric, counted once although the finalizer may run twice.
-    let addr = op.http_addr().expect("the operator's address");
     let metrics = metrics_at(&addr).await;
     let spent: f64 = metrics
         .lines()
@@ -140,5 +187,21 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
         (billed - spent).abs() <= billed * 0.01 + 1e-6,
         "bill {billed} vs gpupool_spend_dollars_total {spent}"
     );
+    // Gone, it is no longer idle: its deadline series is removed, not left to look overdue.
+    eventually(
+        Duration::from_secs(10),
+        "the idle deadline removed from /metrics",
+        Some(&op),
+        || {
+            let addr = addr.clone();
+            async move {
+                let m = metrics_at(&addr).await;
+                (!m.contains("gpupool_instance_idle_deadline_timestamp_seconds{")
+                    && sample(&m, "gpupool_idle_instances", &pool) == Some(0.0))
+                .then_some(())
+            }
+        },
+    )
+    .await;
     ns.cleanup().await;
 }

@@ -387,6 +387,22 @@ pub async fn metrics_at(addr: &str) -> String {
         .unwrap()
 }
 
+/// The value of the sample `name{labels}` in a `/metrics` text, if there is one: every label
+/// given must match (others may be present).
+pub fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(k, v)| set.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
 /// Asserts that namespace `ns` holds at least one event with each of `reasons`.
 pub async fn assert_event_reasons(client: &Client, ns: &str, reasons: &[&str]) {
     let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), ns)
