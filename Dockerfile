@@ -7,8 +7,10 @@ FROM docker.io/library/rust:1.89-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-COPY tests ./tests
-RUN cargo build --release --locked --bin gpupool
+# The workspace's other members (simulator, benchmarks, tests) must be present for Cargo to
+# load the workspace; only the operator is built.
+COPY crates ./crates
+RUN cargo build --release --locked -p gpupool --bin gpupool
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/gpupool /usr/local/bin/gpupool

@@ -10,8 +10,9 @@ export GPUPOOL_TESTBINS ?= $(HOME)/.cache/gpupool-testbins
 test: unit fidelity e2e
 
 ## Unit tests, the CRD drift check, the provider clients against the simulator; no cluster.
+## Every crate of the workspace (a plain `cargo test` in the root tests the operator's only).
 unit:
-	cargo test --locked
+	cargo test --locked --workspace
 
 ## The official vastai CLI and runpod SDK (pinned, installed in a cached venv) against the
 ## simulator, and the simulator's JSON against the providers' published OpenAPI documents.
@@ -20,11 +21,13 @@ fidelity:
 
 ## End-to-end tests against a real kube-apiserver + etcd started (and stopped) for the run.
 e2e: testbins testtools
-	hack/with-control-plane.sh cargo test --locked --features e2e --test e2e -- --test-threads=8
+	cargo build --locked -p gpupool --bin gpupool
+	hack/with-control-plane.sh cargo test --locked -p gpupool-e2e --features e2e --test e2e -- --test-threads=8
 
 ## The full chaos run (300 jobs, 10 SIGKILLs, provider faults; the short one is in `make test`).
 chaos: testbins
-	hack/with-control-plane.sh env GPUPOOL_CHAOS=full cargo test --locked --features e2e --test e2e chaos -- --nocapture
+	cargo build --locked -p gpupool --bin gpupool
+	hack/with-control-plane.sh env GPUPOOL_CHAOS=full cargo test --locked -p gpupool-e2e --features e2e --test e2e chaos -- --nocapture
 
 ## The demo on a local control plane (or DEMO_CLUSTER=current for the current kube context).
 demo: testbins
@@ -50,14 +53,17 @@ testtools:
 bench: bench-policy bench-cluster
 
 bench-policy:
-	cargo bench --locked --bench policy $(BENCH_FLAGS)
+	cargo bench --locked -p gpupool-bench --bench policy $(BENCH_FLAGS)
 
+# The operator binary in the profile the benchmark is built in (release unless BENCH_FLAGS
+# names another).
 bench-cluster: testbins
-	hack/with-control-plane.sh cargo bench --locked --features e2e --bench cluster $(BENCH_FLAGS) -- $(BENCH)
+	cargo build --locked -p gpupool --bin gpupool $(or $(BENCH_FLAGS),--release)
+	hack/with-control-plane.sh cargo bench --locked -p gpupool-e2e --features e2e --bench cluster $(BENCH_FLAGS) -- $(BENCH)
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --locked --all-targets --features e2e -- -D warnings
+	cargo clippy --locked --workspace --all-targets --features gpupool-e2e/e2e -- -D warnings
 
 ## A control plane that stays up for manual work: `source .state/control-plane/env`.
 control-plane-up: testbins

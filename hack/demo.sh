@@ -30,7 +30,7 @@ trap cleanup EXIT
 mkdir -p "$STATE"
 
 say "Building gpupool and the provider simulator"
-cargo build --locked --bin gpupool --bin gpupool-sim 2>&1 | tail -1
+cargo build --locked -p gpupool --bin gpupool -p gpupool-sim --bin gpupool-sim 2>&1 | tail -1
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug
 
 case "$MODE" in

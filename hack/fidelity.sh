@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 echo "fidelity: building gpupool-sim" >&2
-cargo build --locked --bin gpupool-sim >&2
+cargo build --locked -p gpupool-sim --bin gpupool-sim >&2
 export GPUPOOL_SIM_BIN=$CARGO_TARGET_DIR/debug/gpupool-sim
 
 VENV=$(hack/pyclients.sh | tail -n 1)

@@ -3,7 +3,6 @@
 //!
 //! The library holds everything; the binaries under `src/bin/` are thin.
 
-pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod controller;
@@ -12,6 +11,5 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod provider;
-pub mod sim;
 pub mod telemetry;
 pub mod worker;

@@ -4,7 +4,7 @@
 //! its caches; counters and histograms are updated where the event happens.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Mutex,
 };
 
@@ -192,6 +192,26 @@ pub struct Metrics {
 }
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// What a pool's reconcile knows of it, for the pool's gauges.
+pub struct PoolGauges<'a> {
+    pub namespace: &'a str,
+    pub pool: &'a str,
+    /// Each provider entry, in the pool's order: its name, state (one of [`PROVIDER_STATES`])
+    /// and, while it is not available, when it is tried again (Unix seconds).
+    pub entries: Vec<(String, &'static str, Option<f64>)>,
+    /// GpuInstances by (provider entry, phase).
+    pub instances: &'a BTreeMap<(String, String), i64>,
+    /// VideoJobs by phase.
+    pub jobs: &'a BTreeMap<String, i64>,
+    /// The idle instances and their deadlines (Unix seconds).
+    pub idle: &'a [(String, f64)],
+    pub spend_per_hour: f64,
+    pub max_hourly_spend: Option<f64>,
+}
+
+const INSTANCE_PHASES: [&str; 5] = ["Pending", "Provisioning", "Ready", "Terminating", "Failed"];
+const JOB_PHASES: [&str; 5] = ["Pending", "Scheduled", "Running", "Succeeded", "Failed"];
 
 /// The states a pool's provider entry can be in, as `gpupool_provider_state` reports them.
 pub const PROVIDER_STATES: [&str; 3] = ["Available", "BackingOff", "Unavailable"];
@@ -415,6 +435,62 @@ impl Metrics {
     /// histogram without `_bucket`), whether or not it has a series yet.
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Sets every gauge of one pool: instances by entry and phase, jobs by phase, pending
+    /// jobs, spend and its limit, idle deadlines, provider entry states.
+    pub fn publish_pool(&self, g: &PoolGauges<'_>) {
+        let pool = PoolLabels {
+            namespace: g.namespace.to_string(),
+            pool: g.pool.to_string(),
+        };
+        for (entry, state, until) in &g.entries {
+            for phase in INSTANCE_PHASES {
+                let n = g
+                    .instances
+                    .get(&(entry.clone(), phase.to_string()))
+                    .copied()
+                    .unwrap_or(0);
+                self.instances
+                    .get_or_create(&InstanceLabels {
+                        namespace: pool.namespace.clone(),
+                        pool: pool.pool.clone(),
+                        provider: entry.clone(),
+                        phase: phase.into(),
+                    })
+                    .set(n);
+            }
+            let labels = ProviderEntryLabels {
+                namespace: pool.namespace.clone(),
+                pool: pool.pool.clone(),
+                provider: entry.clone(),
+            };
+            self.set_provider_state(&labels, state, *until);
+        }
+        for phase in JOB_PHASES {
+            self.jobs_by_phase
+                .get_or_create(&JobPhaseLabels {
+                    namespace: pool.namespace.clone(),
+                    pool: pool.pool.clone(),
+                    phase: phase.into(),
+                })
+                .set(g.jobs.get(phase).copied().unwrap_or(0));
+        }
+        self.pending_jobs
+            .get_or_create(&pool)
+            .set(g.jobs.get("Pending").copied().unwrap_or(0));
+        self.spend_per_hour
+            .get_or_create(&pool)
+            .set(g.spend_per_hour);
+        match g.max_hourly_spend {
+            Some(limit) => {
+                self.max_hourly_spend.get_or_create(&pool).set(limit);
+            }
+            None => {
+                self.max_hourly_spend.remove(&pool);
+            }
+        }
+        self.set_idle_deadlines(g.namespace, g.pool, g.idle);
     }
 
     /// Records the idle instances of a pool with their deadlines (Unix seconds), removing the

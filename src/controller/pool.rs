@@ -31,7 +31,7 @@ use crate::{
         JobPhase, VideoJob,
         pool::{InstanceCounts, ProviderState, ProviderStatus},
     },
-    metrics::{InstanceLabels, JobPhaseLabels, PoolLabels, ProviderEntryLabels},
+    metrics::PoolGauges,
     provider::EndpointSettings,
 };
 
@@ -118,6 +118,10 @@ fn job_phase(j: &VideoJob) -> JobPhase {
 
 fn instance_phase(i: &GpuInstance) -> InstancePhase {
     i.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+}
+
+fn unix_seconds(t: Timestamp) -> f64 {
+    t.as_millisecond() as f64 / 1000.0
 }
 
 fn instance_price(i: &GpuInstance) -> Option<Decimal> {
@@ -657,7 +661,7 @@ fn pool_status(
                 Some(s) if s.current_job.is_some() => counts.busy += 1,
                 Some(s) => {
                     if let Some(deadline) = &s.idle_deadline {
-                        idle.push((i.name_any(), deadline.0.as_millisecond() as f64 / 1000.0));
+                        idle.push((i.name_any(), unix_seconds(deadline.0)));
                     }
                 }
                 None => {}
@@ -674,24 +678,6 @@ fn pool_status(
             .entry((i.spec.provider.clone(), format!("{phase:?}")))
             .or_default() += 1;
     }
-    for p in &pool.spec.providers {
-        for phase in ["Pending", "Provisioning", "Ready", "Terminating", "Failed"] {
-            let v = by_label
-                .get(&(p.name.clone(), phase.to_string()))
-                .copied()
-                .unwrap_or(0);
-            ctx.metrics
-                .instances
-                .get_or_create(&InstanceLabels {
-                    namespace: ns.clone(),
-                    pool: name.clone(),
-                    provider: p.name.clone(),
-                    phase: phase.into(),
-                })
-                .set(v);
-        }
-    }
-    ctx.metrics.set_idle_deadlines(&ns, &name, &idle);
     let mut by_phase: BTreeMap<String, i64> = BTreeMap::new();
     for j in jobs
         .iter()
@@ -700,44 +686,6 @@ fn pool_status(
         *by_phase.entry(format!("{:?}", job_phase(j))).or_default() += 1;
     }
     let pending = by_phase.get("Pending").copied().unwrap_or(0) as usize;
-    for phase in ["Pending", "Scheduled", "Running", "Succeeded", "Failed"] {
-        ctx.metrics
-            .jobs_by_phase
-            .get_or_create(&JobPhaseLabels {
-                namespace: ns.clone(),
-                pool: name.clone(),
-                phase: phase.into(),
-            })
-            .set(by_phase.get(phase).copied().unwrap_or(0));
-    }
-    let pool_labels = PoolLabels {
-        namespace: ns.clone(),
-        pool: name.clone(),
-    };
-    match pool
-        .spec
-        .max_hourly_spend
-        .as_deref()
-        .and_then(|s| s.parse::<Decimal>().ok())
-    {
-        Some(limit) => {
-            ctx.metrics
-                .max_hourly_spend
-                .get_or_create(&pool_labels)
-                .set(limit.try_into().unwrap_or(0.0));
-        }
-        None => {
-            ctx.metrics.max_hourly_spend.remove(&pool_labels);
-        }
-    }
-    ctx.metrics
-        .pending_jobs
-        .get_or_create(&pool_labels)
-        .set(pending as i64);
-    ctx.metrics
-        .spend_per_hour
-        .get_or_create(&pool_labels)
-        .set(spend.try_into().unwrap_or(0.0));
 
     let mut next_backoff: Option<Timestamp> = None;
     let providers: Vec<ProviderStatus> = pool
@@ -768,26 +716,32 @@ fn pool_status(
             },
         })
         .collect();
-    for p in &providers {
-        let state = match p.state {
-            ProviderState::Available => "Available",
-            ProviderState::BackingOff => "BackingOff",
-            ProviderState::Unavailable => "Unavailable",
-        };
-        let until = p
-            .backoff_until
-            .as_ref()
-            .map(|t| t.0.as_millisecond() as f64 / 1000.0);
-        ctx.metrics.set_provider_state(
-            &ProviderEntryLabels {
-                namespace: ns.clone(),
-                pool: name.clone(),
-                provider: p.name.clone(),
-            },
-            state,
-            until,
-        );
-    }
+    ctx.metrics.publish_pool(&PoolGauges {
+        namespace: &ns,
+        pool: &name,
+        entries: providers
+            .iter()
+            .map(|p| {
+                let state = match p.state {
+                    ProviderState::Available => "Available",
+                    ProviderState::BackingOff => "BackingOff",
+                    ProviderState::Unavailable => "Unavailable",
+                };
+                let until = p.backoff_until.as_ref().map(|t| unix_seconds(t.0));
+                (p.name.clone(), state, until)
+            })
+            .collect(),
+        instances: &by_label,
+        jobs: &by_phase,
+        idle: &idle,
+        spend_per_hour: spend.try_into().unwrap_or(0.0),
+        max_hourly_spend: pool
+            .spec
+            .max_hourly_spend
+            .as_deref()
+            .and_then(|s| s.parse::<Decimal>().ok())
+            .map(|d| d.try_into().unwrap_or(0.0)),
+    });
     let available = providers
         .iter()
         .filter(|p| p.state == ProviderState::Available)

@@ -1,5 +1,5 @@
 //! End-to-end tests against a real kube-apiserver and etcd, with real kubectl.
-//! Run by `make test`; see tests/e2e/support.rs for what they expect of the environment.
+//! Run by `make test`; see crates/gpupool-e2e/tests/e2e/support.rs for what they expect of the environment.
 
 mod api;
 mod behaviour;

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gpupool::sim::{self, EndpointSpec, SimConfig, SimHandle, VastOfferSpec};
+use gpupool_sim::{self as sim, EndpointSpec, SimConfig, SimHandle, VastOfferSpec};
 use reqwest::{Client, Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 
@@ -2326,8 +2326,11 @@ fn the_binary_prints_its_address_writes_the_port_file_and_stops_on_sigterm() {
 
 #[test]
 fn the_yaml_examples_in_the_manual_are_valid_configurations() {
-    let manual =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/simulator.md")).unwrap();
+    let manual = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/simulator.md"
+    ))
+    .unwrap();
     let blocks: Vec<&str> = manual
         .split("```yaml\n")
         .skip(1)

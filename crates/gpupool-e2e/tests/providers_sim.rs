@@ -23,9 +23,9 @@ use gpupool::{
         runpod_serverless::{RunpodServerlessClient, RunpodServerlessOptions},
         vast::{VastClient, VastOptions},
     },
-    sim::{self, EndpointSpec, GpuTypeSpec, SimConfig, SimHandle, VastOfferSpec},
     worker::{Dispatch, WorkerClient, WorkerClientConfig, WorkerError},
 };
+use gpupool_sim::{self as sim, EndpointSpec, GpuTypeSpec, SimConfig, SimHandle, VastOfferSpec};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tokio::time::Instant;

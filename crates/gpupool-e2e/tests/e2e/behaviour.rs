@@ -11,10 +11,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use gpupool::{
-    crd::{GpuInstance, GpuPool, InstancePhase, JobPhase, VideoJob},
-    sim::SimConfig,
-};
+use gpupool::crd::{GpuInstance, GpuPool, InstancePhase, JobPhase, VideoJob};
+use gpupool_sim::SimConfig;
 
 use crate::operator::*;
 
@@ -22,14 +20,14 @@ fn ts(v: &Value) -> Option<Timestamp> {
     v.as_str()?.parse().ok()
 }
 
-async fn sim_instances(sim: &gpupool::sim::SimHandle) -> Vec<Value> {
+async fn sim_instances(sim: &gpupool_sim::SimHandle) -> Vec<Value> {
     admin(sim, "state").await["instances"]
         .as_array()
         .cloned()
         .unwrap_or_default()
 }
 
-async fn alive(sim: &gpupool::sim::SimHandle) -> usize {
+async fn alive(sim: &gpupool_sim::SimHandle) -> usize {
     sim_instances(sim)
         .await
         .iter()

@@ -22,10 +22,8 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use gpupool::{
-    crd::{GpuInstance, JobPhase, VideoJob},
-    sim::SimConfig,
-};
+use gpupool::crd::{GpuInstance, JobPhase, VideoJob};
+use gpupool_sim::SimConfig;
 
 use crate::operator::*;
 

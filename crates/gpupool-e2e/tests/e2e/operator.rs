@@ -16,10 +16,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use gpupool::{
-    crd::{GpuInstance, GpuPool, JobPhase, VideoJob},
-    sim::{SimConfig, SimHandle},
-};
+use gpupool::crd::{GpuInstance, GpuPool, JobPhase, VideoJob};
+use gpupool_sim::{SimConfig, SimHandle};
 
 use crate::support::TestNamespace;
 
@@ -47,7 +45,7 @@ pub async fn sim() -> SimHandle {
 
 pub async fn sim_with(config: SimConfig) -> SimHandle {
     tls();
-    gpupool::sim::start(config).await.expect("simulator starts")
+    gpupool_sim::start(config).await.expect("simulator starts")
 }
 
 pub async fn admin(sim: &SimHandle, path: &str) -> Value {
@@ -146,15 +144,11 @@ impl Operator {
     }
 
     fn spawn(ns: &str, args: Vec<String>, env: Vec<(String, String)>, generation: u32) -> Self {
-        let dir = PathBuf::from(
-            std::env::var("GPUPOOL_STATE")
-                .unwrap_or_else(|_| format!("{}/.state", env!("CARGO_MANIFEST_DIR"))),
-        )
-        .join("operator-logs");
+        let dir = crate::support::state_dir().join("operator-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{ns}-{generation}.log"));
         let out = File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_gpupool"))
+        let child = Command::new(crate::support::operator_binary())
             .args(&args)
             .env("RUST_LOG", "info,gpupool=debug")
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -188,7 +182,7 @@ impl Operator {
     }
 
     /// The process id (for CPU time and peak memory in the benchmarks).
-    #[allow(dead_code)] // used by benches/cluster.rs, which includes this file
+    #[allow(dead_code)] // used by crates/gpupool-e2e/benches/cluster.rs, which includes this file
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -16,7 +16,7 @@ use jiff::Timestamp;
 use rust_decimal::Decimal;
 
 use super::trace::{DAY, SECOND, SplitMix64, Trace};
-use crate::{
+use gpupool::{
     controller::{
         idle::{self, IdleDecision, IdleInstance},
         scheduling::{self, InstanceView, Limits, PendingJob, ProviderView},
@@ -531,7 +531,7 @@ pub fn always_on(trace: &Trace, p: &Params) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::trace::{self, HOUR};
+    use crate::trace::{self, HOUR};
 
     fn p() -> Params {
         Params::default()

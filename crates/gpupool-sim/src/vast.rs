@@ -546,7 +546,7 @@ async fn create(
             .collect();
         let worker_port = env
             .iter()
-            .find(|(k, _)| k == crate::provider::ENV_WORKER_PORT)
+            .find(|(k, _)| k == crate::ENV_WORKER_PORT)
             .and_then(|(_, v)| v.trim().parse().ok())
             .or_else(|| ports.iter().find(|p| p.proto == "tcp").map(|p| p.port))
             .unwrap_or(8000);

@@ -20,8 +20,45 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 
+/// The workspace root (this crate is `crates/gpupool-e2e` in it): the tests read the chart,
+/// the CRDs, the examples and the fixtures from there, and run kubectl and helm there.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+/// Where the tests keep logs, kubeconfigs and scratch files: `$GPUPOOL_STATE`, or `.state`
+/// in the workspace root.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("GPUPOOL_STATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".state"))
+}
+
+/// The operator binary the tests run as users do: `$GPUPOOL_OPERATOR_BIN`, or `gpupool` in
+/// the target directory this test binary was built in (`make e2e` builds it first with
+/// `cargo build -p gpupool --bin gpupool`, in the same profile).
+pub fn operator_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("GPUPOOL_OPERATOR_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/gpupool
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a target directory")
+        .join("gpupool");
+    assert!(
+        path.exists(),
+        "{} is missing: build the operator first (cargo build -p gpupool --bin gpupool, with \
+         --release for the benchmarks), as `make e2e` and `make bench-cluster` do",
+        path.display()
+    );
+    path
 }
 
 fn kubeconfig_path() -> PathBuf {
@@ -81,11 +118,7 @@ pub fn kubectl_ok(args: &[&str]) -> String {
 
 /// A fresh directory under the state directory (`.state`), for files a test hands to a tool.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(
-        std::env::var("GPUPOOL_STATE")
-            .unwrap_or_else(|_| format!("{}/.state", env!("CARGO_MANIFEST_DIR"))),
-    )
-    .join(format!("{name}-{}", std::process::id()));
+    let dir = state_dir().join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

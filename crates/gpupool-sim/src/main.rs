@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-use gpupool::sim::{self, SimConfig};
+use gpupool_sim::{self as sim, SimConfig};
 use tracing_subscriber::EnvFilter;
 
 /// Local stand-in for the Vast.ai and RunPod APIs, with real worker servers per machine.

@@ -36,9 +36,9 @@ use tokio::sync::Mutex;
 use gpupool::{
     crd::{GpuInstance, InstancePhase, VideoJob},
     provider::Credentials,
-    sim::{SimConfig, SimHandle},
     worker::{Dispatch, WorkerClient, WorkerClientConfig},
 };
+use gpupool_sim::{SimConfig, SimHandle};
 use operator::{
     Operator, WORKER_KEY, admin, create_pool, http, metrics_at, namespace_with_secrets, sim_with,
 };

@@ -4,7 +4,7 @@
 //!
 //! Not a timed test: it never sleeps and its figures do not depend on the machine. It drives
 //! the controller's pure `scheduling` and `idle` functions and must not touch I/O, a clock
-//! or Kubernetes. `benches/policy.rs` prints [`report::render`]; `docs/benchmarks.md` keeps
+//! or Kubernetes. `crates/gpupool-bench/benches/policy.rs` prints [`report::render`]; `docs/benchmarks.md` keeps
 //! the figures.
 
 pub mod report;

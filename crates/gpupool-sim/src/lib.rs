@@ -8,7 +8,9 @@
 //! a real worker HTTP server on its own loopback port. Start it in-process with [`start`]
 //! (tests) or through the `gpupool-sim` binary. docs/simulator.md is the manual.
 //!
-//! This module must never listen on anything but loopback, and never log keys or tokens.
+//! It must never listen on anything but loopback, and never log keys or tokens. It does not
+//! depend on the operator's crate: it knows the providers' APIs and the worker contract
+//! (docs/worker-api.md) from their documents, as a real provider would.
 
 // Handlers return `Result<_, Response>` so that any step can answer with the provider's own
 // error; a Response is built at most once per request, so boxing it would buy nothing.
@@ -33,6 +35,12 @@ mod vast;
 mod worker;
 
 use std::{net::SocketAddr, sync::Arc};
+
+/// The worker contract's environment (docs/worker-api.md): the session token, the API key and
+/// the port the operator asks a machine's worker to use.
+pub const ENV_SESSION_TOKEN: &str = "GPUPOOL_SESSION_TOKEN";
+pub const ENV_API_KEY: &str = "GPUPOOL_API_KEY";
+pub const ENV_WORKER_PORT: &str = "GPUPOOL_WORKER_PORT";
 
 use axum::{Router, extract::DefaultBodyLimit, http::StatusCode, middleware, response::Response};
 use serde_json::json;

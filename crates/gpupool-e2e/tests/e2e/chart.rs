@@ -431,11 +431,7 @@ fn install_and_token(release_ns: &str, watched: &str) -> (String, PathBuf) {
         "contexts": [{"name": "sa", "context": {"cluster": "local", "user": full}}],
         "current-context": "sa",
     });
-    let dir = PathBuf::from(
-        std::env::var("GPUPOOL_STATE")
-            .unwrap_or_else(|_| format!("{}/.state", env!("CARGO_MANIFEST_DIR"))),
-    )
-    .join("chart-e2e");
+    let dir = crate::support::state_dir().join("chart-e2e");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{release_ns}.kubeconfig"));
     std::fs::write(&path, serde_json::to_string_pretty(&kubeconfig).unwrap()).unwrap();

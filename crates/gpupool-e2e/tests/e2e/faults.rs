@@ -17,10 +17,8 @@ use kube::{
 };
 use serde_json::json;
 
-use gpupool::{
-    crd::{JobPhase, VideoJob},
-    sim::SimHandle,
-};
+use gpupool::crd::{JobPhase, VideoJob};
+use gpupool_sim::SimHandle;
 
 use crate::{operator::*, support};
 
@@ -31,11 +29,8 @@ struct OwnControlPlane {
 
 impl OwnControlPlane {
     fn start(name: &str) -> Self {
-        let dir = PathBuf::from(
-            std::env::var("GPUPOOL_STATE")
-                .unwrap_or_else(|_| format!("{}/.state", env!("CARGO_MANIFEST_DIR"))),
-        )
-        .join(format!("control-plane-{name}-{}", std::process::id()));
+        let dir = crate::support::state_dir()
+            .join(format!("control-plane-{name}-{}", std::process::id()));
         let cp = Self { dir };
         cp.script(&["start"]);
         cp

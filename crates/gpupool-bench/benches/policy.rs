@@ -1,6 +1,6 @@
 //! `cargo bench --bench policy` (or `make bench`): prints one table per arrival trace.
 
-use gpupool::bench::{report, sim::Params, trace};
+use gpupool_bench::{report, sim::Params, trace};
 
 fn main() {
     let p = Params::default();

@@ -89,12 +89,8 @@ async fn lifecycle(sim: Arc<Sim>, provider: Provider, id: String, generation: u6
         instance_id: id.clone(),
         started: Instant::now(),
         boot: util::secs(boot),
-        api_key: i
-            .env_value(crate::provider::ENV_API_KEY)
-            .map(str::to_string),
-        session_token: i
-            .env_value(crate::provider::ENV_SESSION_TOKEN)
-            .map(str::to_string),
+        api_key: i.env_value(crate::ENV_API_KEY).map(str::to_string),
+        session_token: i.env_value(crate::ENV_SESSION_TOKEN).map(str::to_string),
     };
     let task = tokio::spawn(serve::serve(
         listener,

@@ -139,7 +139,7 @@ pub fn create(sim: &Arc<Sim>, req: &PodRequest) -> Result<String, CreateError> {
         let worker_port = req
             .env
             .iter()
-            .find(|(k, _)| k == crate::provider::ENV_WORKER_PORT)
+            .find(|(k, _)| k == crate::ENV_WORKER_PORT)
             .and_then(|(_, v)| v.trim().parse().ok())
             .or_else(|| ports.first().map(|p| p.port))
             .unwrap_or(8000);
