@@ -405,7 +405,7 @@ pub async fn release(
             Err(e) => return Err(e),
         }
     }
-    Err(Error::Config(format!(
+    Err(Error::ConflictsExhausted(format!(
         "could not free instance {} after 10 conflicts",
         instance.name_any()
     )))

@@ -40,8 +40,9 @@ use crate::{
 };
 
 use super::{
-    Context, Error, Result, error_requeue,
+    Context, Error, Result, from_finalizer,
     idle::{self, IdleDecision, IdleInstance},
+    settle,
     status::{
         apply_status, cost, money, offer_price, remove_condition, seconds_between, set_condition,
     },
@@ -61,7 +62,7 @@ pub fn session_secret_name(gi: &GpuInstance) -> String {
 pub async fn reconcile(gi: Arc<GpuInstance>, ctx: Arc<Context>) -> Result<Action> {
     let ns = gi.namespace().unwrap_or_default();
     let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, INSTANCE_FINALIZER, gi, |event| async {
+    let result = finalizer(&api, INSTANCE_FINALIZER, gi.clone(), |event| async {
         match event {
             Finalizer::Apply(gi) => apply(gi, &ctx, &api).await,
             // Destroying a machine stops a bill: its provider calls go before any other.
@@ -69,33 +70,7 @@ pub async fn reconcile(gi: Arc<GpuInstance>, ctx: Arc<Context>) -> Result<Action
         }
     })
     .await;
-    match result {
-        Ok(action) => Ok(action),
-        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
-        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => Err(e),
-        Err(kube::runtime::finalizer::Error::AddFinalizer(e))
-        | Err(kube::runtime::finalizer::Error::RemoveFinalizer(e)) => Err(Error::Kube(e)),
-        Err(e) => Err(Error::Config(e.to_string())),
-    }
-}
-
-pub fn error_policy(gi: Arc<GpuInstance>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "gi/{}/{}",
-        gi.namespace().unwrap_or_default(),
-        gi.name_any()
-    );
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ReconcileLabels {
-            kind: "GpuInstance".into(),
-            error: error.label().into(),
-        })
-        .inc();
-    if !error.is_conflict() {
-        warn!(instance = %key, error = %error, "GpuInstance reconcile failed");
-    }
-    error_requeue(error, &ctx, &key)
+    settle(gi.as_ref(), &ctx, from_finalizer(result))
 }
 
 fn status_of(gi: &GpuInstance) -> GpuInstanceStatus {
@@ -225,7 +200,7 @@ pub(super) async fn existing_session_token(
         .and_then(|d| d.get(SESSION_TOKEN_KEY))
         .and_then(|b| String::from_utf8(b.0.clone()).ok())
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| Error::Config(format!("Secret {ns}/{name} has no session token")))?;
+        .ok_or_else(|| Error::BadReference(format!("Secret {ns}/{name} has no session token")))?;
     let token = Credentials::new(token);
     ctx.remember_token(&uid, &token);
     Ok(Some(token))
@@ -258,8 +233,7 @@ async fn session_token(gi: &GpuInstance, ctx: &Context) -> Result<Credentials> {
         },
         "type": "Opaque",
         "stringData": {SESSION_TOKEN_KEY: token},
-    }))
-    .map_err(|e| Error::Config(e.to_string()))?;
+    }))?;
     let mut secret = secret;
     secret.metadata.owner_references = Some(vec![owner]);
     match secrets.create(&PostParams::default(), &secret).await {
@@ -285,7 +259,7 @@ async fn create_request(
         .spec
         .worker
         .as_ref()
-        .ok_or_else(|| Error::Config("the pool has no worker section".into()))?;
+        .ok_or_else(|| Error::BadReference("the pool has no worker section".into()))?;
     let mut env: BTreeMap<String, String> = worker
         .env
         .iter()
@@ -341,7 +315,7 @@ async fn provision(
     let pool_name = pool.name_any();
     let provider = match provider_of(&gi, pool, ctx).await {
         Ok(p) => p,
-        Err(Error::Config(msg)) => {
+        Err(Error::BadReference(msg)) => {
             ctx.back_off_provider(&ns, &pool_name, &gi.spec.provider, msg.clone(), true);
             return fail(&gi, ctx, api, "ProviderUnavailable", msg).await;
         }
@@ -355,7 +329,9 @@ async fn provision(
     let token = session_token(&gi, ctx).await?;
     let request = match create_request(&gi, pool, ctx, &token).await {
         Ok(r) => r,
-        Err(Error::Config(msg)) => return fail(&gi, ctx, api, "ProviderUnavailable", msg).await,
+        Err(Error::BadReference(msg)) => {
+            return fail(&gi, ctx, api, "ProviderUnavailable", msg).await;
+        }
         Err(e) => return Err(e),
     };
 
@@ -905,7 +881,7 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
 
     let provider = match pool_of(ctx, &gi) {
         Some(pool) => provider_of(&gi, &pool, ctx).await,
-        None => Err(Error::Config(format!(
+        None => Err(Error::BadReference(format!(
             "GpuPool {} not found: cannot reach the provider",
             gi.spec.pool
         ))),

@@ -16,7 +16,7 @@ use kube::{
     runtime::controller::Action,
 };
 use serde_json::{Value, json};
-use tracing::{instrument, warn};
+use tracing::instrument;
 
 use crate::{
     crd::{GpuInstance, InstancePhase, JOB_FINALIZER, JobPhase, VideoJob, VideoJobStatus},
@@ -25,8 +25,9 @@ use crate::{
 };
 
 use super::{
-    Context, Error, Result, error_requeue,
+    Context, Error, Result,
     instance::existing_session_token,
+    settle,
     status::{apply_status, seconds_between, set_condition},
 };
 
@@ -34,33 +35,12 @@ use super::{
 pub async fn reconcile(job: Arc<VideoJob>, ctx: Arc<Context>) -> Result<Action> {
     let ns = job.namespace().unwrap_or_default();
     let api: Api<VideoJob> = Api::namespaced(ctx.client.clone(), &ns);
-    let key = format!("vj/{ns}/{}", job.name_any());
-    let action = if job.metadata.deletion_timestamp.is_some() {
-        cleanup(&job, &ctx, &api).await?
+    let result = if job.metadata.deletion_timestamp.is_some() {
+        cleanup(&job, &ctx, &api).await
     } else {
-        apply(job, &ctx, &api).await?
+        apply(job.clone(), &ctx, &api).await
     };
-    ctx.clear_failures(&key);
-    Ok(action)
-}
-
-pub fn error_policy(job: Arc<VideoJob>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "vj/{}/{}",
-        job.namespace().unwrap_or_default(),
-        job.name_any()
-    );
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ReconcileLabels {
-            kind: "VideoJob".into(),
-            error: error.label().into(),
-        })
-        .inc();
-    if !error.is_conflict() {
-        warn!(job = %key, error = %error, "VideoJob reconcile failed");
-    }
-    error_requeue(error, &ctx, &key)
+    settle(job.as_ref(), &ctx, result)
 }
 
 fn status_of(job: &VideoJob) -> VideoJobStatus {
@@ -193,7 +173,9 @@ async fn run_on_instance(
     }
     let token = existing_session_token(&instance, ctx)
         .await?
-        .ok_or_else(|| Error::Config(format!("instance {instance_name} has no session token")))?;
+        .ok_or_else(|| {
+            Error::BadReference(format!("instance {instance_name} has no session token"))
+        })?;
 
     if status.phase == Some(JobPhase::Scheduled) {
         return start_attempt(ctx, api, &job, &instance, pool, token).await;
@@ -366,7 +348,7 @@ async fn run_serverless(
     let ns = job.namespace().unwrap_or_default();
     let endpoint = match ctx.providers.serverless(pool, provider_name).await {
         Ok(p) => p,
-        Err(Error::Config(msg)) => {
+        Err(Error::BadReference(msg)) => {
             ctx.back_off_provider(&ns, &pool.name_any(), provider_name, msg.clone(), true);
             return unbind(&job, ctx, api, &msg).await;
         }

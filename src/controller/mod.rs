@@ -22,7 +22,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::{StreamExt, future::join_all};
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
@@ -50,8 +50,20 @@ pub enum Error {
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// A reference the user must fix: a Secret or key that is missing, empty or not text, a
+    /// provider entry that does not exist or is of the wrong kind, a pool without a worker,
+    /// an instance without its session token. Reconcilers turn it into a condition and an
+    /// event; the message names the object, never a secret.
     #[error("{0}")]
-    Config(String),
+    BadReference(String),
+    /// The finalizer helper could not add or remove a finalizer, or the object had no name.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("encoding an object: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// A write that kept conflicting with concurrent writers.
+    #[error("{0}")]
+    ConflictsExhausted(String),
     #[error("teardown of {0} is not confirmed yet")]
     TeardownPending(String),
 }
@@ -64,7 +76,10 @@ impl Error {
             Error::Kube(_) => "Kube",
             Error::Provider(e) => e.label(),
             Error::Worker(e) => e.label(),
-            Error::Config(_) => "Config",
+            Error::BadReference(_) => "BadReference",
+            Error::Finalizer(_) => "Finalizer",
+            Error::Serialize(_) => "Serialize",
+            Error::ConflictsExhausted(_) => "ConflictsExhausted",
             Error::TeardownPending(_) => "TeardownPending",
         }
     }
@@ -92,14 +107,74 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Back-off of the error policy: quick for conflicts, growing for the rest up to a minute.
-fn error_requeue(error: &Error, ctx: &Context, key: &str) -> Action {
+/// The key of an object's failure count: its kind, namespace and name.
+fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+/// Back-off after `failures` failures in a row: quick for a conflict (another writer won; look
+/// again), otherwise 2 s doubling up to a minute.
+pub fn backoff(error: &Error, failures: u32) -> Duration {
     if error.is_conflict() {
-        return Action::requeue(Duration::from_millis(200));
+        return Duration::from_millis(200);
     }
-    let failures = ctx.note_failure(key);
-    let secs = (1u64 << failures.min(6)).min(60);
-    Action::requeue(Duration::from_secs(secs))
+    Duration::from_secs((1u64 << failures.clamp(1, 6)).min(60))
+}
+
+/// The error policy of every controller: the failure counted by kind and class, logged
+/// unless it is a conflict, and the object requeued with a back-off that grows with the
+/// failures in a row.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let kind = K::kind(&());
+    let key = failure_key(obj.as_ref());
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ReconcileLabels {
+            kind: kind.to_string(),
+            error: error.label().into(),
+        })
+        .inc();
+    if error.is_conflict() {
+        return Action::requeue(backoff(error, 0));
+    }
+    warn!(object = %key, error = %error, "{kind} reconcile failed");
+    Action::requeue(backoff(error, ctx.note_failure(&key)))
+}
+
+/// Every reconcile's outcome on its way out: a success forgets the object's failures, so
+/// the next error starts the back-off from the beginning again.
+pub fn settle<K: Resource<DynamicType = ()>>(
+    obj: &K,
+    ctx: &Context,
+    result: Result<Action>,
+) -> Result<Action> {
+    if result.is_ok() {
+        ctx.clear_failures(&failure_key(obj));
+    }
+    result
+}
+
+/// The finalizer helper's outcome as a reconcile's: the reconciler's own error as it is,
+/// the helper's failures to patch the finalizer as API errors.
+pub fn from_finalizer(
+    result: Result<Action, kube::runtime::finalizer::Error<Error>>,
+) -> Result<Action> {
+    use kube::runtime::finalizer::Error as F;
+    match result {
+        Ok(action) => Ok(action),
+        Err(F::ApplyFailed(e) | F::CleanupFailed(e)) => Err(e),
+        Err(F::AddFinalizer(e) | F::RemoveFinalizer(e)) => Err(Error::Kube(e)),
+        Err(e) => Err(Error::Finalizer(e.to_string())),
+    }
 }
 
 /// A stream that yields what a channel receives, as a controller trigger.
@@ -260,7 +335,7 @@ pub async fn run(ctx: Arc<Context>) {
         async move {
             synced.await;
             pool_ctrl
-                .run(pool::reconcile, pool::error_policy, ctx)
+                .run(pool::reconcile, error_policy, ctx)
                 .for_each(|r| async move { log_outcome("GpuPool", r) })
                 .await
         }
@@ -270,7 +345,7 @@ pub async fn run(ctx: Arc<Context>) {
         async move {
             synced.await;
             instance_ctrl
-                .run(instance::reconcile, instance::error_policy, ctx)
+                .run(instance::reconcile, error_policy, ctx)
                 .for_each(|r| async move { log_outcome("GpuInstance", r) })
                 .await
         }
@@ -280,7 +355,7 @@ pub async fn run(ctx: Arc<Context>) {
         async move {
             synced.await;
             job_ctrl
-                .run(job::reconcile, job::error_policy, ctx)
+                .run(job::reconcile, error_policy, ctx)
                 .for_each(|r| async move { log_outcome("VideoJob", r) })
                 .await
         }
@@ -316,5 +391,148 @@ where
         } else {
             warn!(kind, error = %text, "reconcile failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use kube::{api::ObjectMeta, runtime::controller::Action};
+
+    use super::{
+        Context, Error, backoff,
+        context::ControllerConfig,
+        error_policy,
+        providers::{ProviderFactory, Providers},
+        settle,
+    };
+    use crate::{
+        clock::SystemClock,
+        crd::{GpuInstance, GpuInstanceSpec, GpuPool, ProviderSpec},
+        metrics::Metrics,
+        provider::{Credentials, InstanceProvider, ProviderError, ServerlessProvider},
+        worker::WorkerClientConfig,
+    };
+
+    struct NoProviders;
+
+    impl ProviderFactory for NoProviders {
+        fn instance(
+            &self,
+            _: &GpuPool,
+            _: &ProviderSpec,
+            _: Credentials,
+        ) -> Result<Arc<dyn InstanceProvider>, ProviderError> {
+            Err(ProviderError::Permanent(
+                "no providers in unit tests".into(),
+            ))
+        }
+        fn serverless(
+            &self,
+            _: &ProviderSpec,
+            _: Credentials,
+        ) -> Result<Arc<dyn ServerlessProvider>, ProviderError> {
+            Err(ProviderError::Permanent(
+                "no providers in unit tests".into(),
+            ))
+        }
+    }
+
+    /// A Context whose API server refuses every request: enough for what never calls it.
+    fn offline_context() -> Arc<Context> {
+        let refuse = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+            Err::<http::Response<kube::client::Body>, _>(std::io::Error::other(
+                "no API server in unit tests",
+            ))
+        });
+        let client = kube::Client::new(refuse, "default");
+        let providers = Providers::new(
+            client.clone(),
+            Box::new(NoProviders),
+            WorkerClientConfig::default(),
+        );
+        Arc::new(Context::new(
+            client,
+            ControllerConfig::default(),
+            Arc::new(SystemClock),
+            Arc::new(Metrics::new()),
+            providers,
+            None,
+        ))
+    }
+
+    fn instance(name: &str) -> Arc<GpuInstance> {
+        Arc::new(GpuInstance {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("media".into()),
+                ..Default::default()
+            },
+            spec: GpuInstanceSpec {
+                pool: "p".into(),
+                provider: "vast".into(),
+            },
+            status: None,
+        })
+    }
+
+    fn transient() -> Error {
+        Error::Provider(ProviderError::Transient("503".into()))
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_minute_and_conflicts_retry_at_once() {
+        let secs: Vec<u64> = (1..=8)
+            .map(|n| backoff(&transient(), n).as_secs())
+            .collect();
+        assert_eq!(secs, [2, 4, 8, 16, 32, 60, 60, 60]);
+        let conflict = Error::Kube(kube::Error::Api(
+            kube::core::Status::failure("conflict", "Conflict")
+                .with_code(409)
+                .boxed(),
+        ));
+        assert_eq!(backoff(&conflict, 5), Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn a_successful_reconcile_restarts_the_back_off() {
+        let ctx = offline_context();
+        let gi = instance("gi-1");
+        let other = instance("gi-2");
+        for want in [2, 4, 8] {
+            let action = error_policy(gi.clone(), &transient(), ctx.clone());
+            assert_eq!(action, Action::requeue(Duration::from_secs(want)));
+        }
+        // Another object's failures are its own.
+        assert_eq!(
+            error_policy(other.clone(), &transient(), ctx.clone()),
+            Action::requeue(Duration::from_secs(2))
+        );
+        // A failed reconcile passes its error through and keeps the count...
+        assert!(settle(gi.as_ref(), &ctx, Err(transient())).is_err());
+        assert_eq!(
+            error_policy(gi.clone(), &transient(), ctx.clone()),
+            Action::requeue(Duration::from_secs(16))
+        );
+        // ...a successful one forgets it (the GpuInstance reconcile used to skip this, so an
+        // instance's back-off only grew).
+        let ok = settle(gi.as_ref(), &ctx, Ok(Action::await_change())).unwrap();
+        assert_eq!(ok, Action::await_change());
+        assert_eq!(
+            error_policy(gi.clone(), &transient(), ctx.clone()),
+            Action::requeue(Duration::from_secs(2))
+        );
+        assert_eq!(
+            error_policy(other, &transient(), ctx.clone()),
+            Action::requeue(Duration::from_secs(4))
+        );
+        let errors = ctx.metrics.render();
+        assert!(
+            errors.contains(
+                r#"gpupool_reconcile_errors_total{kind="GpuInstance",error="Transient"} 7"#
+            ),
+            "{errors}"
+        );
     }
 }

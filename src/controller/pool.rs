@@ -23,7 +23,7 @@ use kube::{
     },
 };
 use rust_decimal::Decimal;
-use tracing::{debug, info, instrument, warn};
+use tracing::{debug, info, instrument};
 
 use crate::{
     crd::{
@@ -36,9 +36,10 @@ use crate::{
 };
 
 use super::{
-    Context, Error, Result, error_requeue,
+    Context, Error, Result, from_finalizer,
     instance::existing_session_token,
     scheduling::{self, InstanceView, Limits, PendingJob, ProviderView, WaitReason},
+    settle,
     status::{apply_own_status, apply_status, money, offer_price, set_condition},
 };
 
@@ -55,43 +56,14 @@ const ENDPOINT_SYNC: Duration = Duration::from_secs(300);
 pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action> {
     let ns = pool.namespace().unwrap_or_default();
     let api: Api<GpuPool> = Api::namespaced(ctx.client.clone(), &ns);
-    let key = format!("gp/{ns}/{}", pool.name_any());
-    let result = finalizer(&api, POOL_FINALIZER, pool, |event| async {
+    let result = finalizer(&api, POOL_FINALIZER, pool.clone(), |event| async {
         match event {
             Finalizer::Apply(pool) => apply(pool, &ctx, &api).await,
             Finalizer::Cleanup(pool) => cleanup(pool, &ctx).await,
         }
     })
     .await;
-    let action = match result {
-        Ok(a) => a,
-        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
-        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => return Err(e),
-        Err(kube::runtime::finalizer::Error::AddFinalizer(e))
-        | Err(kube::runtime::finalizer::Error::RemoveFinalizer(e)) => return Err(Error::Kube(e)),
-        Err(e) => return Err(Error::Config(e.to_string())),
-    };
-    ctx.clear_failures(&key);
-    Ok(action)
-}
-
-pub fn error_policy(pool: Arc<GpuPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "gp/{}/{}",
-        pool.namespace().unwrap_or_default(),
-        pool.name_any()
-    );
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ReconcileLabels {
-            kind: "GpuPool".into(),
-            error: error.label().into(),
-        })
-        .inc();
-    if !error.is_conflict() {
-        warn!(pool = %key, error = %error, "GpuPool reconcile failed");
-    }
-    error_requeue(error, &ctx, &key)
+    settle(pool.as_ref(), &ctx, from_finalizer(result))
 }
 
 /// The pool's jobs and instances as the cache shows them, with this process's own recent
@@ -424,7 +396,7 @@ async fn check_references(pool: &GpuPool, ctx: &Context) {
 /// What a Secret reference lacks, if anything (other errors are not the user's to fix).
 async fn missing(ctx: &Context, ns: &str, r: &crate::crd::SecretKeyRef) -> Option<String> {
     match ctx.providers.secret(ns, r).await {
-        Err(Error::Config(m)) => Some(m),
+        Err(Error::BadReference(m)) => Some(m),
         _ => None,
     }
 }

@@ -172,7 +172,7 @@ impl Providers {
         let secret = match api.get_opt(&r.name).await? {
             Some(s) => s,
             None => {
-                return Err(Error::Config(format!(
+                return Err(Error::BadReference(format!(
                     "Secret {namespace}/{} not found",
                     r.name
                 )));
@@ -191,7 +191,7 @@ impl Providers {
                     .map(|s| s.clone().into_bytes())
             })
             .ok_or_else(|| {
-                Error::Config(format!(
+                Error::BadReference(format!(
                     "Secret {namespace}/{} has no key {}",
                     r.name, r.key
                 ))
@@ -199,13 +199,13 @@ impl Providers {
         let value = String::from_utf8(bytes)
             .map(|s| s.trim().to_string())
             .map_err(|_| {
-                Error::Config(format!(
+                Error::BadReference(format!(
                     "Secret {namespace}/{} key {} is not UTF-8 text",
                     r.name, r.key
                 ))
             })?;
         if value.is_empty() {
-            return Err(Error::Config(format!(
+            return Err(Error::BadReference(format!(
                 "Secret {namespace}/{} key {} is empty",
                 r.name, r.key
             )));
@@ -231,21 +231,21 @@ impl Providers {
             .providers
             .iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| Error::Config(format!("pool has no provider named {name}")))
+            .ok_or_else(|| Error::BadReference(format!("pool has no provider named {name}")))
     }
 
     /// The instance provider for entry `name` of `pool`.
     pub async fn instance(&self, pool: &GpuPool, name: &str) -> Result<Arc<dyn InstanceProvider>> {
         let entry = Self::entry(pool, name)?;
         if entry.kind() == Some(ProviderKind::RunpodServerless) {
-            return Err(Error::Config(format!(
+            return Err(Error::BadReference(format!(
                 "provider {name} is serverless: it runs jobs, not instances"
             )));
         }
         let ns = pool.metadata.namespace.clone().unwrap_or_default();
         let cred_ref = entry
             .credentials()
-            .ok_or_else(|| Error::Config(format!("provider {name} has no credentials")))?;
+            .ok_or_else(|| Error::BadReference(format!("provider {name} has no credentials")))?;
         let key = self.secret(&ns, cred_ref).await?;
         let cache_key = Self::key(pool, name, &key);
         if let Some(p) = lock(&self.instances).get(&cache_key) {
@@ -266,7 +266,7 @@ impl Providers {
         let ns = pool.metadata.namespace.clone().unwrap_or_default();
         let cred_ref = entry
             .credentials()
-            .ok_or_else(|| Error::Config(format!("provider {name} has no credentials")))?;
+            .ok_or_else(|| Error::BadReference(format!("provider {name} has no credentials")))?;
         let key = self.secret(&ns, cred_ref).await?;
         let cache_key = Self::key(pool, name, &key);
         if let Some(p) = lock(&self.serverless).get(&cache_key) {
