@@ -6,6 +6,7 @@
 //! task is sent again with the same `X-Job-Id`, so a worker can recognise the repeat; an
 //! instance whose job is finished is freed by the instance reconciler.
 
+use crate::crd::ConditionType;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -233,7 +234,7 @@ async fn finish(
                 s.cost = Some(share);
                 set_condition(
                     &mut s.conditions,
-                    "Complete",
+                    ConditionType::Complete,
                     true,
                     "WorkerSucceeded",
                     "the worker answered 2xx",
@@ -254,7 +255,7 @@ async fn finish(
                 s.cost = Some(share);
                 set_condition(
                     &mut s.conditions,
-                    "Scheduled",
+                    ConditionType::Scheduled,
                     false,
                     "Retrying",
                     &format!("attempt {attempt} failed: {}", e.label()),
@@ -284,7 +285,7 @@ async fn finish(
                 };
                 set_condition(
                     &mut s.conditions,
-                    "Complete",
+                    ConditionType::Complete,
                     false,
                     reason,
                     &e.to_string(),

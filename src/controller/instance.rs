@@ -8,6 +8,7 @@
 //! `gpupool-{clusterId}-{uid}`, looked up before every create, so a machine created by a
 //! call whose answer was lost is adopted, not duplicated.
 
+use crate::crd::ConditionType;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use jiff::Timestamp;
@@ -120,7 +121,7 @@ async fn report_blocked(
     let mut status = status_of(gi);
     if set_condition(
         &mut status.conditions,
-        "Ready",
+        ConditionType::Ready,
         false,
         reason,
         &message,
@@ -147,7 +148,7 @@ async fn fail(
     status.message = Some(message.clone());
     set_condition(
         &mut status.conditions,
-        "Ready",
+        ConditionType::Ready,
         false,
         reason,
         &message,
@@ -461,7 +462,7 @@ async fn record_created(
     status.message = Some(format!("machine {} is starting", remote.id));
     set_condition(
         &mut status.conditions,
-        "Ready",
+        ConditionType::Ready,
         false,
         "Provisioning",
         "waiting for the machine and its worker",
@@ -560,7 +561,7 @@ async fn await_ready(
                     s.message = Some(format!("ready at {endpoint}"));
                     set_condition(
                         &mut s.conditions,
-                        "Ready",
+                        ConditionType::Ready,
                         true,
                         "WorkerHealthy",
                         "the worker answers its health path",
@@ -958,7 +959,7 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
     } else {
         format!("machine {} destroyed", ids.join(", "))
     });
-    remove_condition(&mut s.conditions, "TeardownFailing");
+    remove_condition(&mut s.conditions, ConditionType::TeardownFailing);
     // Best effort: the watch's final event then carries the final cost.
     let _ = apply_status(api, &gi, &s).await;
     delete_session_secret(&gi, ctx).await;
@@ -992,7 +993,7 @@ async fn teardown_failing(
     let message = format!("cannot confirm the machine is destroyed: {error}");
     if set_condition(
         &mut s.conditions,
-        "TeardownFailing",
+        ConditionType::TeardownFailing,
         true,
         error.label(),
         &message,

@@ -4,6 +4,7 @@
 //!
 //! Jobs are placed by the pool reconciler (`pool.rs`); this one never chooses an instance.
 
+use crate::crd::ConditionType;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -60,7 +61,7 @@ async fn apply(job: Arc<VideoJob>, ctx: &Arc<Context>, api: &Api<VideoJob>) -> R
         let msg = format!("GpuPool {} not found in {ns}", job.spec.pool);
         if set_condition(
             &mut s.conditions,
-            "Scheduled",
+            ConditionType::Scheduled,
             false,
             "PoolNotFound",
             &msg,
@@ -83,7 +84,7 @@ async fn apply(job: Arc<VideoJob>, ctx: &Arc<Context>, api: &Api<VideoJob>) -> R
             s.observed_generation = job.metadata.generation;
             set_condition(
                 &mut s.conditions,
-                "Scheduled",
+                ConditionType::Scheduled,
                 false,
                 "Waiting",
                 "waiting for an instance",
@@ -116,7 +117,7 @@ async fn unbind(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>, why: &str) -
     s.remote_job_id = None;
     set_condition(
         &mut s.conditions,
-        "Scheduled",
+        ConditionType::Scheduled,
         false,
         "Rescheduling",
         why,
@@ -219,7 +220,7 @@ pub(super) async fn start_attempt(
     s.started_at = Some(Time(now));
     set_condition(
         &mut s.conditions,
-        "Scheduled",
+        ConditionType::Scheduled,
         true,
         "Dispatched",
         &format!("sent to {instance_name}"),
@@ -271,7 +272,7 @@ async fn lost_attempt(
         s.error = Some(why.to_string());
         set_condition(
             &mut s.conditions,
-            "Scheduled",
+            ConditionType::Scheduled,
             false,
             "Retrying",
             why,
@@ -286,7 +287,7 @@ async fn lost_attempt(
         s.finished_at = Some(Time(now));
         set_condition(
             &mut s.conditions,
-            "Complete",
+            ConditionType::Complete,
             false,
             "RetriesExhausted",
             why,
@@ -393,7 +394,7 @@ async fn run_serverless(
         s.started_at = Some(Time(now));
         set_condition(
             &mut s.conditions,
-            "Scheduled",
+            ConditionType::Scheduled,
             true,
             "Submitted",
             &format!("queued at {provider_name} as {id}"),
@@ -454,7 +455,7 @@ async fn run_serverless(
                 ));
                 set_condition(
                     &mut s.conditions,
-                    "Complete",
+                    ConditionType::Complete,
                     false,
                     "OutputTooLarge",
                     s.error.as_deref().unwrap_or_default(),
@@ -467,7 +468,7 @@ async fn run_serverless(
                 s.error = None;
                 set_condition(
                     &mut s.conditions,
-                    "Complete",
+                    ConditionType::Complete,
                     true,
                     "EndpointCompleted",
                     &format!("completed at {provider_name}"),

@@ -5,6 +5,7 @@
 //! settings in line, and reports the pool's state. Deleting a pool first deletes its
 //! instances (so their machines are destroyed while credentials are still known).
 
+use crate::crd::ConditionType;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -250,7 +251,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
             ));
             set_condition(
                 &mut s.conditions,
-                "Scheduled",
+                ConditionType::Scheduled,
                 true,
                 "Serverless",
                 &format!("sent to the serverless endpoint {provider}"),
@@ -288,7 +289,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
                 s.observed_generation = job.metadata.generation;
                 if !set_condition(
                     &mut s.conditions,
-                    "Scheduled",
+                    ConditionType::Scheduled,
                     false,
                     &code,
                     &message,
@@ -499,7 +500,7 @@ async fn bind_job(
     ));
     set_condition(
         &mut s.conditions,
-        "Scheduled",
+        ConditionType::Scheduled,
         true,
         "Bound",
         &format!("bound to {instance}"),
@@ -731,7 +732,7 @@ fn pool_status(
     };
     set_condition(
         &mut conditions,
-        "Ready",
+        ConditionType::Ready,
         ready,
         if ready {
             "ProvidersAvailable"
@@ -745,13 +746,17 @@ fn pool_status(
             .and_then(|s| {
                 s.conditions
                     .iter()
-                    .find(|c| c.type_ == "Ready")
+                    .find(|c| c.type_ == ConditionType::Ready.as_str())
                     .map(|c| c.last_transition_time.0)
             })
             .filter(|_| {
                 pool.status
                     .as_ref()
-                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                    .and_then(|s| {
+                        s.conditions
+                            .iter()
+                            .find(|c| c.type_ == ConditionType::Ready.as_str())
+                    })
                     .is_some_and(|c| (c.status == "True") == ready)
             })
             .unwrap_or(now),

@@ -2,6 +2,7 @@
 //! status (an apply that omitted a field would remove it), with the object's resourceVersion
 //! as a precondition so two writers never overwrite each other; plus conditions and money.
 
+use crate::crd::ConditionType;
 use std::fmt::Debug;
 
 use jiff::Timestamp;
@@ -67,7 +68,7 @@ where
 /// did not change. Returns whether anything changed.
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
-    type_: &str,
+    type_: ConditionType,
     ok: bool,
     reason: &str,
     message: &str,
@@ -75,6 +76,7 @@ pub fn set_condition(
     now: Timestamp,
 ) -> bool {
     let status = if ok { "True" } else { "False" };
+    let type_ = type_.as_str();
     if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
         let changed = c.status != status
             || c.reason != reason
@@ -101,9 +103,9 @@ pub fn set_condition(
 }
 
 /// Removes condition `type_`; returns whether it was there.
-pub fn remove_condition(conditions: &mut Vec<Condition>, type_: &str) -> bool {
+pub fn remove_condition(conditions: &mut Vec<Condition>, type_: ConditionType) -> bool {
     let before = conditions.len();
-    conditions.retain(|c| c.type_ != type_);
+    conditions.retain(|c| c.type_ != type_.as_str());
     before != conditions.len()
 }
 
@@ -160,12 +162,36 @@ mod tests {
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
         let mut c = Vec::new();
-        assert!(set_condition(&mut c, "Ready", true, "A", "", Some(1), t0));
-        assert!(!set_condition(&mut c, "Ready", true, "A", "", Some(1), t1));
+        assert!(set_condition(
+            &mut c,
+            ConditionType::Ready,
+            true,
+            "A",
+            "",
+            Some(1),
+            t0
+        ));
+        assert!(!set_condition(
+            &mut c,
+            ConditionType::Ready,
+            true,
+            "A",
+            "",
+            Some(1),
+            t1
+        ));
         assert_eq!(c[0].last_transition_time.0, t0);
-        assert!(set_condition(&mut c, "Ready", false, "B", "x", Some(2), t1));
+        assert!(set_condition(
+            &mut c,
+            ConditionType::Ready,
+            false,
+            "B",
+            "x",
+            Some(2),
+            t1
+        ));
         assert_eq!(c[0].last_transition_time.0, t1);
-        assert!(remove_condition(&mut c, "Ready"));
+        assert!(remove_condition(&mut c, ConditionType::Ready));
         assert!(c.is_empty());
     }
 }

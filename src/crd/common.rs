@@ -78,3 +78,25 @@ pub fn optional_timestamp(_: &mut SchemaGenerator) -> Schema {
         "format": "date-time",
     })
 }
+
+/// The condition types gpupool writes, one name per meaning. GpuPool: `Ready` (some provider
+/// entry can rent). GpuInstance: `Ready` (the worker answers), `TeardownFailing` (the provider
+/// keeps refusing the destroy). VideoJob: `Scheduled` (bound, or why it waits), `Complete`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionType {
+    Ready,
+    Scheduled,
+    Complete,
+    TeardownFailing,
+}
+
+impl ConditionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "Ready",
+            Self::Scheduled => "Scheduled",
+            Self::Complete => "Complete",
+            Self::TeardownFailing => "TeardownFailing",
+        }
+    }
+}
