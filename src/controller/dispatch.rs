@@ -6,7 +6,6 @@
 //! task is sent again with the same `X-Job-Id`, so a worker can recognise the repeat; an
 //! instance whose job is finished is freed by the instance reconciler.
 
-use crate::crd::ConditionType;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -18,7 +17,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::{
-    crd::{GpuInstance, GpuPool, InstancePhase, JobPhase, VideoJob},
+    crd::{ConditionType, GpuInstance, GpuPool, InstancePhase, JobPhase, VideoJob},
     metrics::JobLabels,
     provider::Credentials,
     worker::{Dispatch, WorkerError},

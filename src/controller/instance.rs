@@ -8,7 +8,6 @@
 //! `gpupool-{clusterId}-{uid}`, looked up before every create, so a machine created by a
 //! call whose answer was lost is adopted, not duplicated.
 
-use crate::crd::ConditionType;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use jiff::Timestamp;
@@ -30,8 +29,8 @@ use tracing::{info, instrument, warn};
 
 use crate::{
     crd::{
-        GpuInstance, GpuInstanceStatus, GpuPool, INSTANCE_FINALIZER, InstancePhase, JobPhase,
-        OfferInfo,
+        ConditionType, GpuInstance, GpuInstanceStatus, GpuPool, INSTANCE_FINALIZER, InstancePhase,
+        JobPhase, OfferInfo,
     },
     provider::{
         CreateRequest, Credentials, ENV_API_KEY, ENV_SESSION_TOKEN, ENV_WORKER_PORT,

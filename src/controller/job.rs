@@ -4,7 +4,6 @@
 //!
 //! Jobs are placed by the pool reconciler (`pool.rs`); this one never chooses an instance.
 
-use crate::crd::ConditionType;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -20,7 +19,10 @@ use serde_json::{Value, json};
 use tracing::instrument;
 
 use crate::{
-    crd::{GpuInstance, InstancePhase, JOB_FINALIZER, JobPhase, VideoJob, VideoJobStatus},
+    crd::{
+        ConditionType, GpuInstance, InstancePhase, JOB_FINALIZER, JobPhase, VideoJob,
+        VideoJobStatus,
+    },
     metrics::JobLabels,
     provider::{ProviderError, ServerlessStatus},
 };

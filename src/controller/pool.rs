@@ -5,7 +5,6 @@
 //! settings in line, and reports the pool's state. Deleting a pool first deletes its
 //! instances (so their machines are destroyed while credentials are still known).
 
-use crate::crd::ConditionType;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -28,8 +27,8 @@ use tracing::{debug, info, instrument};
 
 use crate::{
     crd::{
-        GpuInstance, GpuInstanceSpec, GpuPool, GpuPoolStatus, INSTANCE_FINALIZER, InstancePhase,
-        JobPhase, VideoJob,
+        ConditionType, GpuInstance, GpuInstanceSpec, GpuPool, GpuPoolStatus, INSTANCE_FINALIZER,
+        InstancePhase, JobPhase, VideoJob,
         pool::{InstanceCounts, ProviderState, ProviderStatus},
     },
     metrics::PoolGauges,

@@ -2,7 +2,6 @@
 //! status (an apply that omitted a field would remove it), with the object's resourceVersion
 //! as a precondition so two writers never overwrite each other; plus conditions and money.
 
-use crate::crd::ConditionType;
 use std::fmt::Debug;
 
 use jiff::Timestamp;
@@ -15,7 +14,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 
-use crate::crd::MANAGER;
+use crate::crd::{ConditionType, MANAGER};
 
 use super::Result;
 
