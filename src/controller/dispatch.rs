@@ -247,9 +247,7 @@ async fn finish(
                 )
             }
             Err(e) if e.is_retryable() && attempt <= current.spec.max_retries => {
-                s.phase = Some(JobPhase::Pending);
-                s.instance = None;
-                s.provider = None;
+                s.requeue();
                 s.error = Some(format!("attempt {attempt} on {}: {e}", instance.name_any()));
                 s.cost = Some(share);
                 set_condition(

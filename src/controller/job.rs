@@ -113,10 +113,7 @@ async fn apply(job: Arc<VideoJob>, ctx: &Arc<Context>, api: &Api<VideoJob>) -> R
 /// Puts a job back to Pending so the pool places it again (no attempt is used up).
 async fn unbind(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>, why: &str) -> Result<Action> {
     let mut s = status_of(job);
-    s.phase = Some(JobPhase::Pending);
-    s.instance = None;
-    s.provider = None;
-    s.remote_job_id = None;
+    s.requeue();
     set_condition(
         &mut s.conditions,
         ConditionType::Scheduled,
@@ -267,10 +264,7 @@ async fn lost_attempt(
     let mut s = status_of(job);
     let now = ctx.now();
     if s.attempts <= job.spec.max_retries {
-        s.phase = Some(JobPhase::Pending);
-        s.instance = None;
-        s.provider = None;
-        s.remote_job_id = None;
+        s.requeue();
         s.error = Some(why.to_string());
         set_condition(
             &mut s.conditions,

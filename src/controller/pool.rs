@@ -241,13 +241,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
     for (job_name, provider) in &plan.serverless {
         if let Some(job) = by_name.get(job_name.as_str()) {
             let mut s = job.status.clone().unwrap_or_default();
-            s.phase = Some(JobPhase::Scheduled);
-            s.instance = None;
-            s.provider = Some(provider.clone());
-            s.remote_job_id = None;
-            s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-                now,
-            ));
+            s.bind(None, provider, now);
             set_condition(
                 &mut s.conditions,
                 ConditionType::Scheduled,
@@ -490,13 +484,7 @@ async fn bind_job(
 ) -> Result<()> {
     let now = ctx.now();
     let mut s = job.status.clone().unwrap_or_default();
-    s.phase = Some(JobPhase::Scheduled);
-    s.instance = Some(instance.to_string());
-    s.provider = Some(provider.to_string());
-    s.remote_job_id = None;
-    s.scheduled_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-        now,
-    ));
+    s.bind(Some(instance), provider, now);
     set_condition(
         &mut s.conditions,
         ConditionType::Scheduled,

@@ -221,3 +221,60 @@ pub struct VideoJobStatus {
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
 }
+
+impl VideoJobStatus {
+    /// Scheduled on `instance` of provider entry `provider` (no instance: a serverless entry),
+    /// at `now`. A remote job id of an earlier attempt is forgotten.
+    pub fn bind(&mut self, instance: Option<&str>, provider: &str, now: jiff::Timestamp) {
+        self.phase = Some(JobPhase::Scheduled);
+        self.instance = instance.map(String::from);
+        self.provider = Some(provider.to_string());
+        self.remote_job_id = None;
+        self.scheduled_at = Some(MicroTime(now));
+    }
+
+    /// Back to Pending, bound to nothing, for the pool to place again.
+    pub fn requeue(&mut self) {
+        self.phase = Some(JobPhase::Pending);
+        self.instance = None;
+        self.provider = None;
+        self.remote_job_id = None;
+    }
+}
+
+#[cfg(test)]
+mod transitions {
+    use super::{JobPhase, VideoJobStatus};
+
+    #[test]
+    fn bind_then_requeue_leaves_nothing_bound() {
+        let now: jiff::Timestamp = "2026-12-01T10:00:00Z".parse().unwrap();
+        let mut s = VideoJobStatus {
+            remote_job_id: Some("old".into()),
+            attempts: 1,
+            ..Default::default()
+        };
+        s.bind(Some("gi-1"), "vast", now);
+        assert_eq!(s.phase, Some(JobPhase::Scheduled));
+        assert_eq!(
+            (s.instance.as_deref(), s.provider.as_deref()),
+            (Some("gi-1"), Some("vast"))
+        );
+        assert_eq!(s.remote_job_id, None);
+        assert_eq!(s.scheduled_at.as_ref().map(|t| t.0), Some(now));
+        s.remote_job_id = Some("r-1".into());
+        s.requeue();
+        assert_eq!(s.phase, Some(JobPhase::Pending));
+        assert_eq!(
+            (
+                s.instance.clone(),
+                s.provider.clone(),
+                s.remote_job_id.clone()
+            ),
+            (None, None, None)
+        );
+        assert_eq!(s.attempts, 1, "an attempt used stays used");
+        s.bind(None, "rp-serverless", now);
+        assert_eq!(s.instance, None);
+    }
+}
