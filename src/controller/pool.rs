@@ -100,227 +100,363 @@ fn instance_price(i: &GpuInstance) -> Option<Decimal> {
     i.status.as_ref().and_then(offer_price)
 }
 
+/// One scheduling pass, as named steps: observe the pool, repair what a crash interrupted,
+/// plan (pure: `scheduling::schedule` on views of the snapshot), then carry the plan out:
+/// binds, serverless submissions, new instances, wait reasons; endpoint settings; status.
 async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Result<Action> {
     let ns = pool.namespace().unwrap_or_default();
-    let name = pool.name_any();
-    let jobs = jobs_of(ctx, &ns, &name);
-    let instances = instances_of(ctx, &ns, &name);
+    let snap = Snapshot::observe(ctx, &pool);
     let job_api: Api<VideoJob> = Api::namespaced(ctx.client.clone(), &ns);
     let inst_api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
-    let now = ctx.now();
-    let by_name: HashMap<&str, &Arc<VideoJob>> = jobs
-        .iter()
-        .filter_map(|j| Some((j.metadata.name.as_deref()?, j)))
-        .collect();
-    let instance_by_name: HashMap<&str, &Arc<GpuInstance>> = instances
-        .iter()
-        .filter_map(|i| Some((i.metadata.name.as_deref()?, i)))
-        .collect();
 
-    // Complete bindings a crash interrupted: an instance claims a job still Pending.
-    let mut repaired = Vec::new();
-    for inst in &instances {
-        let Some(job_name) = inst.status.as_ref().and_then(|s| s.current_job.clone()) else {
-            continue;
-        };
-        if let Some(job) = by_name.get(job_name.as_str())
-            && matches!(job_phase(job), JobPhase::Pending)
-            && job.metadata.deletion_timestamp.is_none()
-            && inst.metadata.deletion_timestamp.is_none()
-        {
-            bind_job(ctx, &job_api, job, &inst.name_any(), &inst.spec.provider).await?;
-            repaired.push(job_name);
-        }
-    }
-
-    let pending: Vec<&Arc<VideoJob>> = jobs
-        .iter()
-        .filter(|j| j.metadata.deletion_timestamp.is_none())
-        .filter(|j| matches!(job_phase(j), JobPhase::Pending))
-        .filter(|j| !repaired.contains(&j.name_any()))
-        .collect();
+    let repaired = repair_bindings(ctx, &job_api, &snap).await?;
+    let pending = snap.pending(&repaired);
     if !pending.is_empty() {
         check_references(&pool, ctx).await;
     }
-    let views: Vec<InstanceView> = instances
-        .iter()
-        .map(|i| InstanceView {
-            name: i.name_any(),
-            provider: i.spec.provider.clone(),
-            phase: instance_phase(i),
-            busy: i.status.as_ref().is_some_and(|s| s.current_job.is_some()),
-            releasing: i
-                .status
-                .as_ref()
-                .and_then(|s| s.current_job.as_ref())
-                .and_then(|j| by_name.get(j.as_str()))
-                .is_some_and(|j| job_phase(j).is_finished()),
-            deleting: i.metadata.deletion_timestamp.is_some(),
-            price_per_hour: instance_price(i),
-        })
-        .collect();
-    // Idle instances longest idle first, so warm ones are reused before fresh ones idle out.
-    let mut views = views;
-    views.sort_by_key(|v| {
-        instance_by_name
-            .get(v.name.as_str())
-            .and_then(|i| i.status.as_ref()?.idle_since.as_ref().map(|t| t.0))
-            .unwrap_or(Timestamp::MAX)
+    let input = SchedulingInput::of(&pool, &snap, &pending, |entry| {
+        ctx.provider_backoff(&ns, &pool.name_any(), entry).is_none()
     });
-    let providers: Vec<ProviderView> = pool
-        .spec
-        .providers
-        .iter()
-        .filter_map(|p| {
-            Some(ProviderView {
-                name: p.name.clone(),
-                kind: p.kind()?,
-                available: ctx.provider_backoff(&ns, &name, &p.name).is_none(),
-                max_price_per_hour: p
-                    .vast
-                    .as_ref()
-                    .map(|v| v.max_price_per_hour.as_str())
-                    .or(p.runpod.as_ref().map(|r| r.max_price_per_hour.as_str()))
-                    .and_then(|s| s.parse().ok()),
-            })
-        })
-        .collect();
-    let limits = Limits {
-        max_instances: pool.spec.max_instances.max(0) as usize,
-        max_hourly_spend: pool
-            .spec
-            .max_hourly_spend
-            .as_deref()
-            .and_then(|s| s.parse().ok()),
-    };
-    let pending_views: Vec<PendingJob> = pending
-        .iter()
-        .map(|j| PendingJob {
-            name: j.name_any(),
-            created: j
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0)
-                .unwrap_or(now),
-            provider: j.spec.provider.clone(),
-        })
-        .collect();
-    let plan = scheduling::schedule(&pending_views, &views, &providers, &limits);
+    let plan = scheduling::schedule(
+        &input.pending,
+        &input.instances,
+        &input.providers,
+        &input.limits,
+    );
     debug!(
-        pending = pending_views.len(),
-        instances = views.len(),
+        pending = input.pending.len(),
+        instances = input.instances.len(),
         ?plan,
         "scheduling pass"
     );
 
-    let mut requeue = Duration::from_secs(60);
-    // Bindings are independent (each instance and job is written once), so they go out
-    // together: a pass that places many jobs does not wait for each write in turn.
+    // Each step says whether every write went through; a conflict means "look again soon".
+    let mut clean = bind_all(ctx, &pool, &job_api, &inst_api, &snap, &plan).await?;
+    clean &= submit_serverless(ctx, &job_api, &snap, &plan).await?;
+    for provider in &plan.create {
+        let created = create_instance(&inst_api, &pool, provider).await?;
+        ctx.written_instances.wrote(None, created);
+    }
+    clean &= write_wait_reasons(ctx, &pool, &job_api, &snap, &plan).await?;
+    sync_endpoints(&pool, ctx).await;
+    let mut requeue = if clean {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_millis(200)
+    };
+    if let Some(wait) = write_status(&pool, ctx, api, &snap).await? {
+        requeue = requeue.min(wait);
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// A pool's jobs and instances as the caches show them, with this process's own recent
+/// writes that the caches do not show yet (see `written.rs`), by name, at one instant.
+struct Snapshot {
+    jobs: Vec<Arc<VideoJob>>,
+    instances: Vec<Arc<GpuInstance>>,
+    job_by_name: HashMap<String, Arc<VideoJob>>,
+    instance_by_name: HashMap<String, Arc<GpuInstance>>,
+    now: Timestamp,
+}
+
+impl Snapshot {
+    fn observe(ctx: &Context, pool: &GpuPool) -> Self {
+        let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+        Self::new(
+            jobs_of(ctx, &ns, &name),
+            instances_of(ctx, &ns, &name),
+            ctx.now(),
+        )
+    }
+
+    fn new(jobs: Vec<Arc<VideoJob>>, instances: Vec<Arc<GpuInstance>>, now: Timestamp) -> Self {
+        let job_by_name = jobs
+            .iter()
+            .filter_map(|j| Some((j.metadata.name.clone()?, Arc::clone(j))))
+            .collect();
+        let instance_by_name = instances
+            .iter()
+            .filter_map(|i| Some((i.metadata.name.clone()?, Arc::clone(i))))
+            .collect();
+        Self {
+            jobs,
+            instances,
+            job_by_name,
+            instance_by_name,
+            now,
+        }
+    }
+
+    fn job(&self, name: &str) -> Option<&Arc<VideoJob>> {
+        self.job_by_name.get(name)
+    }
+
+    /// The jobs waiting for a place, but those whose binding was just repaired.
+    fn pending(&self, repaired: &[String]) -> Vec<Arc<VideoJob>> {
+        self.jobs
+            .iter()
+            .filter(|j| j.metadata.deletion_timestamp.is_none())
+            .filter(|j| matches!(job_phase(j), JobPhase::Pending))
+            .filter(|j| !repaired.contains(&j.name_any()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Completes the bindings a crash interrupted: an instance that claims a job still Pending.
+async fn repair_bindings(
+    ctx: &Context,
+    job_api: &Api<VideoJob>,
+    snap: &Snapshot,
+) -> Result<Vec<String>> {
+    let mut repaired = Vec::new();
+    for inst in &snap.instances {
+        let Some(job_name) = inst.status.as_ref().and_then(|s| s.current_job.clone()) else {
+            continue;
+        };
+        if let Some(job) = snap.job(&job_name)
+            && matches!(job_phase(job), JobPhase::Pending)
+            && job.metadata.deletion_timestamp.is_none()
+            && inst.metadata.deletion_timestamp.is_none()
+        {
+            bind_job(ctx, job_api, job, &inst.name_any(), &inst.spec.provider).await?;
+            repaired.push(job_name);
+        }
+    }
+    Ok(repaired)
+}
+
+/// What `scheduling::schedule` decides on, built from a snapshot without I/O.
+#[derive(Debug)]
+struct SchedulingInput {
+    pending: Vec<PendingJob>,
+    /// Idle instances longest idle first, so warm ones are reused before fresh ones idle out.
+    instances: Vec<InstanceView>,
+    providers: Vec<ProviderView>,
+    limits: Limits,
+}
+
+impl SchedulingInput {
+    /// `available(entry)` says whether a provider entry may be used now (not backing off).
+    fn of(
+        pool: &GpuPool,
+        snap: &Snapshot,
+        pending: &[Arc<VideoJob>],
+        available: impl Fn(&str) -> bool,
+    ) -> Self {
+        let mut instances: Vec<InstanceView> = snap
+            .instances
+            .iter()
+            .map(|i| InstanceView {
+                name: i.name_any(),
+                provider: i.spec.provider.clone(),
+                phase: instance_phase(i),
+                busy: i.status.as_ref().is_some_and(|s| s.current_job.is_some()),
+                releasing: i
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.current_job.as_ref())
+                    .and_then(|j| snap.job(j))
+                    .is_some_and(|j| job_phase(j).is_finished()),
+                deleting: i.metadata.deletion_timestamp.is_some(),
+                price_per_hour: instance_price(i),
+            })
+            .collect();
+        instances.sort_by_key(|v| {
+            snap.instance_by_name
+                .get(&v.name)
+                .and_then(|i| i.status.as_ref()?.idle_since.as_ref().map(|t| t.0))
+                .unwrap_or(Timestamp::MAX)
+        });
+        let providers = pool
+            .spec
+            .providers
+            .iter()
+            .filter_map(|p| {
+                Some(ProviderView {
+                    name: p.name.clone(),
+                    kind: p.kind()?,
+                    available: available(&p.name),
+                    max_price_per_hour: p
+                        .vast
+                        .as_ref()
+                        .map(|v| v.max_price_per_hour.as_str())
+                        .or(p.runpod.as_ref().map(|r| r.max_price_per_hour.as_str()))
+                        .and_then(|s| s.parse().ok()),
+                })
+            })
+            .collect();
+        let limits = Limits {
+            max_instances: pool.spec.max_instances.max(0) as usize,
+            max_hourly_spend: pool
+                .spec
+                .max_hourly_spend
+                .as_deref()
+                .and_then(|s| s.parse().ok()),
+        };
+        let pending = pending
+            .iter()
+            .map(|j| PendingJob {
+                name: j.name_any(),
+                created: j
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0)
+                    .unwrap_or(snap.now),
+                provider: j.spec.provider.clone(),
+            })
+            .collect();
+        Self {
+            pending,
+            instances,
+            providers,
+            limits,
+        }
+    }
+}
+
+/// The plan's bindings. They are independent (each instance and job is written once), so
+/// they go out together: a pass that places many jobs does not wait for each write in turn.
+/// False if one lost a race.
+async fn bind_all(
+    ctx: &Arc<Context>,
+    pool: &GpuPool,
+    job_api: &Api<VideoJob>,
+    inst_api: &Api<GpuInstance>,
+    snap: &Snapshot,
+    plan: &scheduling::Plan,
+) -> Result<bool> {
     let pairs: Vec<(Arc<VideoJob>, Arc<GpuInstance>)> = plan
         .bind
         .iter()
         .filter_map(|(j, i)| {
             Some((
-                Arc::clone(by_name.get(j.as_str())?),
-                Arc::clone(instance_by_name.get(i.as_str())?),
+                Arc::clone(snap.job(j)?),
+                Arc::clone(snap.instance_by_name.get(i)?),
             ))
         })
         .collect();
-    let (pool_ref, job_ref, inst_ref) = (pool.as_ref(), &job_api, &inst_api);
     let binds = futures::stream::iter(pairs)
-        .map(|(job, inst)| async move { bind(ctx, pool_ref, job_ref, inst_ref, &job, &inst).await })
+        .map(|(job, inst)| async move { bind(ctx, pool, job_api, inst_api, &job, &inst).await })
         .buffer_unordered(BIND_CONCURRENCY)
         .collect::<Vec<Result<bool>>>()
         .await;
+    let mut clean = true;
     for r in binds {
-        if !r? {
-            requeue = Duration::from_millis(200);
-        }
+        clean &= r?;
     }
+    Ok(clean)
+}
+
+/// The plan's serverless submissions: each job Scheduled on its endpoint (the job reconciler
+/// sends it). False if one lost a race.
+async fn submit_serverless(
+    ctx: &Context,
+    job_api: &Api<VideoJob>,
+    snap: &Snapshot,
+    plan: &scheduling::Plan,
+) -> Result<bool> {
+    let mut clean = true;
     for (job_name, provider) in &plan.serverless {
-        if let Some(job) = by_name.get(job_name.as_str()) {
-            let mut s = job.status.clone().unwrap_or_default();
-            s.bind(None, provider, now);
-            set_condition(
-                &mut s.conditions,
-                ConditionType::Scheduled,
-                true,
-                "Serverless",
-                &format!("sent to the serverless endpoint {provider}"),
-                job.metadata.generation,
-                now,
-            );
-            match apply_status(&job_api, job.as_ref(), &s).await {
-                Ok(written) => ctx.written_jobs.wrote(job.resource_version(), written),
-                Err(e) if e.is_conflict() => requeue = Duration::from_millis(200),
-                Err(e) => return Err(e),
-            }
+        let Some(job) = snap.job(job_name) else {
+            continue;
+        };
+        let mut s = job.status.clone().unwrap_or_default();
+        s.bind(None, provider, snap.now);
+        set_condition(
+            &mut s.conditions,
+            ConditionType::Scheduled,
+            true,
+            "Serverless",
+            &format!("sent to the serverless endpoint {provider}"),
+            job.metadata.generation,
+            snap.now,
+        );
+        match apply_status(job_api, job.as_ref(), &s).await {
+            Ok(written) => ctx.written_jobs.wrote(job.resource_version(), written),
+            Err(e) if e.is_conflict() => clean = false,
+            Err(e) => return Err(e),
         }
     }
-    for provider in &plan.create {
-        let created = create_instance(&inst_api, &pool, provider).await?;
-        ctx.written_instances.wrote(None, created);
-    }
-    // Why each waiting job waits, written only when it changed (and together).
+    Ok(clean)
+}
+
+/// Why each waiting job waits, written only when it changed (and together). False if one
+/// lost a race.
+async fn write_wait_reasons(
+    ctx: &Arc<Context>,
+    pool: &GpuPool,
+    job_api: &Api<VideoJob>,
+    snap: &Snapshot,
+    plan: &scheduling::Plan,
+) -> Result<bool> {
+    let now = snap.now;
     let waits: Vec<(Arc<VideoJob>, String, String)> = plan
         .waiting
         .iter()
         .filter_map(|(job_name, reason)| {
-            let job = by_name.get(job_name.as_str())?;
-            let (code, message) = wait_message(reason, &pool);
+            let job = snap.job(job_name)?;
+            let (code, message) = wait_message(reason, pool);
             Some((Arc::clone(job), code.to_string(), message))
         })
         .collect();
     let written = futures::stream::iter(waits)
-        .map(|(job, code, message)| {
-            let job_api = &job_api;
-            async move {
-                let mut s = job.status.clone().unwrap_or_default();
-                let new = s.phase.is_none();
-                s.phase = Some(JobPhase::Pending);
-                s.observed_generation = job.metadata.generation;
-                if !set_condition(
-                    &mut s.conditions,
-                    ConditionType::Scheduled,
-                    false,
-                    &code,
-                    &message,
-                    job.metadata.generation,
-                    now,
-                ) && !new
-                {
-                    return Ok(true);
-                }
-                match apply_status(job_api, job.as_ref(), &s).await {
-                    Ok(written) => {
-                        ctx.written_jobs
-                            .wrote(job.resource_version(), written.clone());
-                        let job = written;
-                        // Waiting for a machine that is starting or busy is normal
-                        // operation: only the reasons that need a person get an event.
-                        if !matches!(code.as_str(), "InstanceStarting" | "MaxInstances") {
-                            ctx.event(&job, code == "UnknownProvider", &code, message)
-                                .await;
-                        }
-                        Ok(true)
+        .map(|(job, code, message)| async move {
+            let mut s = job.status.clone().unwrap_or_default();
+            let new = s.phase.is_none();
+            s.phase = Some(JobPhase::Pending);
+            s.observed_generation = job.metadata.generation;
+            if !set_condition(
+                &mut s.conditions,
+                ConditionType::Scheduled,
+                false,
+                &code,
+                &message,
+                job.metadata.generation,
+                now,
+            ) && !new
+            {
+                return Ok(true);
+            }
+            match apply_status(job_api, job.as_ref(), &s).await {
+                Ok(written) => {
+                    ctx.written_jobs
+                        .wrote(job.resource_version(), written.clone());
+                    let job = written;
+                    // Waiting for a machine that is starting or busy is normal
+                    // operation: only the reasons that need a person get an event.
+                    if !matches!(code.as_str(), "InstanceStarting" | "MaxInstances") {
+                        ctx.event(&job, code == "UnknownProvider", &code, message)
+                            .await;
                     }
-                    Err(e) if e.is_conflict() => Ok(false),
-                    Err(e) => Err(e),
+                    Ok(true)
                 }
+                Err(e) if e.is_conflict() => Ok(false),
+                Err(e) => Err(e),
             }
         })
         .buffer_unordered(BIND_CONCURRENCY)
         .collect::<Vec<Result<bool>>>()
         .await;
+    let mut clean = true;
     for r in written {
-        if !r? {
-            requeue = Duration::from_millis(200);
-        }
+        clean &= r?;
     }
+    Ok(clean)
+}
 
-    sync_endpoints(&pool, ctx).await;
-    let (status, next_backoff) = pool_status(&pool, ctx, &jobs, &instances, now);
+/// Writes the pool's status when it changed, and says how soon the pool should look again:
+/// when a counts-only change is held back, or when a provider's back-off ends.
+async fn write_status(
+    pool: &GpuPool,
+    ctx: &Context,
+    api: &Api<GpuPool>,
+    snap: &Snapshot,
+) -> Result<Option<Duration>> {
+    let (status, next_backoff) = pool_status(pool, ctx, &snap.jobs, &snap.instances, snap.now);
+    let mut wait: Option<Duration> = None;
     if pool.status.as_ref() != Some(&status) {
         // Counts move with every job; under load they are written at most once per
         // STATUS_COUNTS_INTERVAL (a pass is due by then to write the latest). Anything else
@@ -330,17 +466,18 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
                 && old.providers == status.providers
                 && old.conditions == status.conditions
         });
-        match ctx.pool_status_wait(&pool, counts_only, STATUS_COUNTS_INTERVAL) {
-            Some(wait) => requeue = requeue.min(wait),
+        match ctx.pool_status_wait(pool, counts_only, STATUS_COUNTS_INTERVAL) {
+            Some(w) => wait = Some(w),
             None => {
-                apply_own_status(api, pool.as_ref(), &status).await?;
+                apply_own_status(api, pool, &status).await?;
             }
         }
     }
     if let Some(at) = next_backoff {
-        requeue = requeue.min(now.duration_until(at).unsigned_abs() + Duration::from_millis(50));
+        let until = snap.now.duration_until(at).unsigned_abs() + Duration::from_millis(50);
+        wait = Some(wait.map_or(until, |w| w.min(until)));
     }
-    Ok(Action::requeue(requeue))
+    Ok(wait)
 }
 
 /// Checks, before anything is rented, what every provider entry needs from the namespace:
@@ -782,4 +919,142 @@ async fn cleanup(pool: Arc<GpuPool>, ctx: &Context) -> Result<Action> {
         instances.len(),
         pool.name_any()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use jiff::Timestamp;
+    use serde_json::{Value, json};
+
+    use super::{SchedulingInput, Snapshot};
+    use crate::{
+        controller::scheduling,
+        crd::{GpuInstance, GpuPool, InstancePhase, VideoJob},
+    };
+
+    fn pool(max_hourly_spend: &str) -> GpuPool {
+        serde_json::from_value(json!({
+            "apiVersion": "gpupool.dev/v1alpha1", "kind": "GpuPool",
+            "metadata": {"name": "default", "namespace": "media"},
+            "spec": {
+                "maxInstances": 3, "maxHourlySpend": max_hourly_spend,
+                "providers": [
+                    {"name": "vast", "vast": {"gpuNames": ["RTX 3060"], "maxPricePerHour": "0.25",
+                     "credentialsSecretRef": {"name": "vast", "key": "apiKey"}}},
+                    {"name": "rp", "runpod": {"gpuTypeIds": ["NVIDIA GeForce RTX 3060"], "maxPricePerHour": "0.30",
+                     "credentialsSecretRef": {"name": "runpod", "key": "apiKey"}}},
+                ],
+                "worker": {"image": "w:1", "port": 8000},
+            },
+        }))
+        .unwrap()
+    }
+
+    fn instance(name: &str, status: Value, deleting: bool) -> Arc<GpuInstance> {
+        let mut meta = json!({"name": name, "namespace": "media"});
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-12-01T09:59:00Z");
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "gpupool.dev/v1alpha1", "kind": "GpuInstance",
+                "metadata": meta, "spec": {"pool": "default", "provider": "vast"}, "status": status,
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn job(name: &str, created: &str, phase: Option<&str>) -> Arc<VideoJob> {
+        let mut j = json!({
+            "apiVersion": "gpupool.dev/v1alpha1", "kind": "VideoJob",
+            "metadata": {"name": name, "namespace": "media", "creationTimestamp": created},
+            "spec": {"pool": "default", "operation": "caption", "input": {}},
+        });
+        if let Some(p) = phase {
+            j["status"] = json!({"phase": p});
+        }
+        Arc::new(serde_json::from_value(j).unwrap())
+    }
+
+    fn ready(idle_since: &str, current_job: Option<&str>) -> Value {
+        json!({"phase": "Ready", "idleSince": idle_since, "currentJob": current_job,
+               "offer": {"pricePerHour": "0.20"}})
+    }
+
+    fn snapshot() -> Snapshot {
+        let now: Timestamp = "2026-12-01T10:00:00Z".parse().unwrap();
+        Snapshot::new(
+            vec![
+                job("new", "2026-12-01T09:59:30Z", Some("Pending")),
+                job("old", "2026-12-01T09:50:00Z", None),
+                job("done", "2026-12-01T09:40:00Z", Some("Succeeded")),
+                job("repaired", "2026-12-01T09:45:00Z", Some("Pending")),
+            ],
+            vec![
+                instance("fresh", ready("2026-12-01T09:59:00.000000Z", None), false),
+                instance("warm", ready("2026-12-01T09:55:00.000000Z", None), false),
+                instance(
+                    "releasing",
+                    ready("2026-12-01T09:30:00.000000Z", Some("done")),
+                    false,
+                ),
+                instance("leaving", ready("2026-12-01T09:00:00.000000Z", None), true),
+            ],
+            now,
+        )
+    }
+
+    #[test]
+    fn pending_leaves_out_finished_and_repaired_jobs() {
+        let snap = snapshot();
+        let mut names: Vec<String> = snap
+            .pending(&["repaired".to_string()])
+            .iter()
+            .map(|j| j.metadata.name.clone().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["new", "old"]);
+    }
+
+    #[test]
+    fn the_scheduler_sees_the_longest_idle_machine_first_and_what_each_one_is_doing() {
+        let snap = snapshot();
+        let pending = snap.pending(&[]);
+        let input = SchedulingInput::of(&pool("1.00"), &snap, &pending, |entry| entry != "rp");
+        let order: Vec<&str> = input.instances.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(order, ["leaving", "releasing", "warm", "fresh"]);
+        let by = |n: &str| input.instances.iter().find(|v| v.name == n).unwrap();
+        assert!(by("releasing").busy && by("releasing").releasing);
+        assert!(by("leaving").deleting);
+        assert!(!by("warm").busy && by("warm").phase == InstancePhase::Ready);
+        assert_eq!(by("warm").price_per_hour, Some("0.20".parse().unwrap()));
+        let available: Vec<(&str, bool)> = input
+            .providers
+            .iter()
+            .map(|p| (p.name.as_str(), p.available))
+            .collect();
+        assert_eq!(available, [("vast", true), ("rp", false)]);
+        assert_eq!(input.limits.max_instances, 3);
+        assert_eq!(input.limits.max_hourly_spend, Some("1.00".parse().unwrap()));
+        // A job without a creation time counts as created now; these all have one.
+        assert_eq!(input.pending.len(), 3);
+
+        // The oldest job gets the longest-idle machine that is free; the next the other.
+        let plan = scheduling::schedule(
+            &input.pending,
+            &input.instances,
+            &input.providers,
+            &input.limits,
+        );
+        assert_eq!(
+            plan.bind,
+            [
+                ("repaired".to_string(), "warm".to_string()),
+                ("old".to_string(), "fresh".to_string())
+            ]
+        );
+        assert!(plan.create.is_empty(), "{plan:?}");
+    }
 }
