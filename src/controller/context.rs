@@ -2,9 +2,8 @@
 //! clock, events, metrics). Reconcilers never build clients or read the clock themselves.
 
 use std::{
-    collections::HashMap,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -27,7 +26,14 @@ use crate::{
     metrics::{EventLabels, Metrics},
 };
 
-use super::{dispatch::Dispatcher, providers::Providers, written::Written};
+use super::{
+    deadlines::Deadlines,
+    dispatch::Dispatcher,
+    providers::Providers,
+    registry::{EntryKey, ObjectKey, PoolKey, Registry, Throttle},
+    session::SessionTokens,
+    written::Written,
+};
 
 /// Settings of the controllers, from the operator's flags.
 #[derive(Clone, Debug)]
@@ -77,6 +83,22 @@ pub struct ProviderBackoff {
     pub unavailable: bool,
 }
 
+/// Why a provider entry is backed off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// Out of capacity, or it refused this request: others may do better meanwhile.
+    Refused,
+    /// It cannot be used as configured (credentials refused, a Secret missing): shown as
+    /// unavailable until it works again.
+    Unusable,
+}
+
+/// Whether a provider's back-off grows with its failures in a row.
+enum Growth {
+    Doubling,
+    Fixed,
+}
+
 /// The caches of the three kinds, filled by the controllers' watches.
 #[derive(Clone)]
 pub struct Stores {
@@ -91,31 +113,31 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub providers: Providers,
+    /// Job attempts in flight on this replica (`dispatch.rs`).
     pub dispatcher: Dispatcher,
+    /// Instances' session tokens (`session.rs`).
+    pub sessions: SessionTokens,
+    /// Idle-deadline timers armed (`deadlines.rs`).
+    pub deadlines: Deadlines,
     /// What this process wrote last, for the scheduler's read-your-writes (`written.rs`).
     pub written_instances: Written<GpuInstance>,
     pub written_jobs: Written<VideoJob>,
     recorder: Recorder,
     stores: OnceLock<Stores>,
-    backoff: Mutex<HashMap<(String, String, String), ProviderBackoff>>,
-    endpoint_sync: Mutex<HashMap<(String, String, String), std::time::Instant>>,
-    failures: Mutex<HashMap<String, u32>>,
-    /// Session tokens by GpuInstance UID, so a dispatch does not read the Secret each time.
-    tokens: Mutex<HashMap<String, crate::provider::Credentials>>,
-    /// When each instance (by UID) was last asked of its provider while Ready.
-    liveness: Mutex<HashMap<String, std::time::Instant>>,
-    /// Idle-deadline timers armed, by instance UID.
-    deadlines: Mutex<HashMap<String, Timestamp>>,
-    /// When each pool's status was last written, by namespace/name.
-    pool_status_written: Mutex<HashMap<String, std::time::Instant>>,
+    /// Provider entries skipped after failures.
+    backoff: Registry<EntryKey, ProviderBackoff>,
+    /// When each serverless entry's settings were last compared with the endpoint's.
+    endpoint_sync: Throttle<EntryKey>,
+    /// Consecutive reconcile failures of each object, for the error policy's back-off.
+    failures: Registry<ObjectKey, u32>,
+    /// When each Ready instance (by UID) was last asked of its provider.
+    liveness: Throttle<String>,
+    /// When each pool's status was last written.
+    pool_status_written: Throttle<PoolKey>,
     /// Instances (by UID) whose final cost was counted in `spend_total`, and when.
-    spend_counted: Mutex<HashMap<String, std::time::Instant>>,
+    spend_counted: Throttle<String>,
     ready: AtomicBool,
     standby: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Context {
@@ -139,17 +161,17 @@ impl Context {
             metrics,
             providers,
             dispatcher: Dispatcher::default(),
+            sessions: SessionTokens::default(),
+            deadlines: Deadlines::default(),
             written_instances: Written::default(),
             written_jobs: Written::default(),
             stores: OnceLock::new(),
-            backoff: Mutex::default(),
-            endpoint_sync: Mutex::default(),
-            failures: Mutex::default(),
-            tokens: Mutex::default(),
-            liveness: Mutex::default(),
-            deadlines: Mutex::default(),
-            pool_status_written: Mutex::default(),
-            spend_counted: Mutex::default(),
+            backoff: Registry::default(),
+            endpoint_sync: Throttle::default(),
+            failures: Registry::default(),
+            liveness: Throttle::default(),
+            pool_status_written: Throttle::default(),
+            spend_counted: Throttle::default(),
             ready: AtomicBool::new(false),
             standby: AtomicBool::new(false),
         }
@@ -219,71 +241,53 @@ impl Context {
             .get(&ObjectRef::new(name).within(namespace))
     }
 
-    /// Counts consecutive reconcile failures of one object, for the error policy's back-off.
-    pub fn note_failure(&self, key: &str) -> u32 {
-        let mut f = lock(&self.failures);
-        let n = f.entry(key.to_string()).or_default();
+    /// Counts one more reconcile failure in a row of `obj`.
+    pub fn note_failure(&self, obj: ObjectKey) -> u32 {
+        let mut f = self.failures.lock();
+        let n = f.entry(obj).or_default();
         *n += 1;
         *n
     }
 
-    pub fn clear_failures(&self, key: &str) {
-        lock(&self.failures).remove(key);
+    pub fn clear_failures(&self, obj: &ObjectKey) {
+        self.failures.remove(obj);
     }
 
-    /// Skips provider `provider` of pool `ns/pool` for a while: the configured back-off,
-    /// doubling per failure in a row up to 8 times it.
-    pub fn back_off_provider(
-        &self,
-        ns: &str,
-        pool: &str,
-        provider: &str,
-        message: String,
-        unavailable: bool,
-    ) {
-        self.record_backoff(ns, pool, provider, message, unavailable, true);
+    /// Skips provider entry `entry` for a while: the configured back-off, doubling per
+    /// failure in a row up to 8 times it.
+    pub fn back_off_provider(&self, entry: EntryKey, message: String, cause: Cause) {
+        self.record_backoff(entry, message, cause == Cause::Unusable, Growth::Doubling);
     }
 
-    /// Marks provider `provider` of pool `ns/pool` unusable as configured (a Secret or key
-    /// missing): skipped for one base back-off period, then checked again. Unlike a failure
-    /// at the provider the period does not grow, so a fixed Secret is picked up within one
-    /// period. True when the message is new (worth an event).
-    pub fn provider_misconfigured(
-        &self,
-        ns: &str,
-        pool: &str,
-        provider: &str,
-        message: String,
-    ) -> bool {
-        self.record_backoff(ns, pool, provider, message, true, false)
+    /// Marks provider entry `entry` unusable as configured (a Secret or key missing): skipped
+    /// for one base back-off period, then checked again. Unlike a failure at the provider the
+    /// period does not grow, so a fixed Secret is picked up within one period. True when the
+    /// message is new (worth an event).
+    pub fn provider_misconfigured(&self, entry: EntryKey, message: String) -> bool {
+        self.record_backoff(entry, message, true, Growth::Fixed)
     }
 
     /// Records one more failure of a provider; true when its message or state changed.
     fn record_backoff(
         &self,
-        ns: &str,
-        pool: &str,
-        provider: &str,
+        key: EntryKey,
         message: String,
         unavailable: bool,
-        grow: bool,
+        growth: Growth,
     ) -> bool {
         let now = self.now();
-        let mut b = lock(&self.backoff);
-        let entry = b
-            .entry((ns.into(), pool.into(), provider.into()))
-            .or_insert(ProviderBackoff {
-                until: now,
-                failures: 0,
-                message: String::new(),
-                unavailable,
-            });
+        let mut b = self.backoff.lock();
+        let entry = b.entry(key).or_insert(ProviderBackoff {
+            until: now,
+            failures: 0,
+            message: String::new(),
+            unavailable,
+        });
         let changed = entry.message != message || entry.unavailable != unavailable;
         entry.failures += 1;
-        let factor = if grow {
-            1u32 << (entry.failures - 1).min(3)
-        } else {
-            1
+        let factor = match growth {
+            Growth::Doubling => 1u32 << (entry.failures - 1).min(3),
+            Growth::Fixed => 1,
         };
         let secs = self.config.provider_backoff.as_secs_f64() * f64::from(factor);
         entry.until = now
@@ -295,77 +299,35 @@ impl Context {
     }
 
     /// Forgets a provider's failures after it worked.
-    pub fn provider_succeeded(&self, ns: &str, pool: &str, provider: &str) {
-        lock(&self.backoff).remove(&(ns.into(), pool.into(), provider.into()));
+    pub fn provider_succeeded(&self, entry: &EntryKey) {
+        self.backoff.remove(entry);
     }
 
-    /// The back-off of a provider, if it is still in force.
-    pub fn provider_backoff(
-        &self,
-        ns: &str,
-        pool: &str,
-        provider: &str,
-    ) -> Option<ProviderBackoff> {
+    /// The back-off of a provider entry, if it is still in force.
+    pub fn provider_backoff(&self, entry: &EntryKey) -> Option<ProviderBackoff> {
         let now = self.now();
-        lock(&self.backoff)
-            .get(&(ns.into(), pool.into(), provider.into()))
-            .filter(|b| b.until > now)
-            .cloned()
+        self.backoff.get(entry).filter(|b| b.until > now)
     }
 
     /// Whether the settings of a serverless entry are due for comparison (and marks them done).
-    pub fn endpoint_sync_due(&self, pool: &GpuPool, entry: &str, every: Duration) -> bool {
-        use kube::ResourceExt;
-        let key = (
-            pool.namespace().unwrap_or_default(),
-            pool.name_any(),
-            entry.to_string(),
-        );
-        let mut m = lock(&self.endpoint_sync);
-        match m.get(&key) {
-            Some(at) if at.elapsed() < every => false,
-            _ => {
-                m.insert(key, std::time::Instant::now());
-                true
-            }
-        }
+    pub fn endpoint_sync_due(&self, entry: EntryKey, every: Duration) -> bool {
+        self.endpoint_sync.due(entry, every, self.now())
     }
 
     /// Makes the next reconcile compare the entry's settings again.
-    pub fn endpoint_sync_failed(&self, pool: &GpuPool, entry: &str) {
-        use kube::ResourceExt;
-        lock(&self.endpoint_sync).remove(&(
-            pool.namespace().unwrap_or_default(),
-            pool.name_any(),
-            entry.to_string(),
-        ));
+    pub fn endpoint_sync_failed(&self, entry: &EntryKey) {
+        self.endpoint_sync.remove(entry);
     }
 
     /// Whether the Ready instance with this UID is due a liveness check (none in the last
     /// `liveness_interval`); if so, the check is counted as done now. A reconcile caused by a
     /// job being bound or freed therefore never waits for the provider.
     pub fn liveness_due(&self, instance_uid: &str) -> bool {
-        let now = std::time::Instant::now();
-        let mut checked = lock(&self.liveness);
-        match checked.get(instance_uid) {
-            Some(at) if now.duration_since(*at) < self.config.liveness_interval => false,
-            _ => {
-                checked.insert(instance_uid.to_string(), now);
-                true
-            }
-        }
-    }
-
-    /// Records a timer for this instance's idle deadline; false if one is armed for it.
-    pub fn arm_deadline(&self, instance_uid: &str, deadline: Timestamp) -> bool {
-        lock(&self.deadlines).insert(instance_uid.to_string(), deadline) != Some(deadline)
-    }
-
-    pub fn disarm_deadline(&self, instance_uid: &str, deadline: Timestamp) {
-        let mut d = lock(&self.deadlines);
-        if d.get(instance_uid) == Some(&deadline) {
-            d.remove(instance_uid);
-        }
+        self.liveness.due(
+            instance_uid.into(),
+            self.config.liveness_interval,
+            self.now(),
+        )
     }
 
     /// `None` when the pool's status may be written now (and counts it as written), else how
@@ -376,31 +338,13 @@ impl Context {
         counts_only: bool,
         interval: Duration,
     ) -> Option<Duration> {
-        use kube::ResourceExt;
-        let key = format!(
-            "{}/{}",
-            pool.namespace().unwrap_or_default(),
-            pool.name_any()
-        );
-        let now = std::time::Instant::now();
-        let mut written = lock(&self.pool_status_written);
-        if counts_only
-            && let Some(at) = written.get(&key)
-            && now.duration_since(*at) < interval
-        {
-            return Some(interval - now.duration_since(*at));
+        let key = PoolKey::of(pool);
+        if counts_only {
+            self.pool_status_written.wait(key, interval, self.now())
+        } else {
+            self.pool_status_written.insert(key, self.now());
+            None
         }
-        written.insert(key, now);
-        None
-    }
-
-    /// The session token of the instance with this UID, if this process has seen it.
-    pub fn cached_token(&self, instance_uid: &str) -> Option<crate::provider::Credentials> {
-        lock(&self.tokens).get(instance_uid).cloned()
-    }
-
-    pub fn remember_token(&self, instance_uid: &str, token: &crate::provider::Credentials) {
-        lock(&self.tokens).insert(instance_uid.to_string(), token.clone());
     }
 
     /// True the first time it is asked for `instance_uid` (within 10 minutes): the finalizer
@@ -408,18 +352,38 @@ impl Context {
     /// before the finalizer's removal reaches the cache), and the final cost and the
     /// Destroyed event must be counted once.
     pub fn first_final_accounting(&self, instance_uid: &str) -> bool {
-        const KEEP: Duration = Duration::from_secs(600);
-        let mut counted = lock(&self.spend_counted);
-        counted.retain(|_, at| at.elapsed() < KEEP);
-        counted
-            .insert(instance_uid.to_string(), std::time::Instant::now())
-            .is_none()
+        self.spend_counted
+            .first_within(instance_uid.into(), Duration::from_secs(600), self.now())
     }
 
     /// Drops what this process remembers of an instance that is going away.
     pub fn forget_instance(&self, instance_uid: &str) {
-        lock(&self.tokens).remove(instance_uid);
-        lock(&self.liveness).remove(instance_uid);
+        self.sessions.forget(instance_uid);
+        self.liveness.remove(&instance_uid.to_string());
+    }
+
+    /// Drops what this process remembers of a pool that is gone.
+    pub fn forget_pool(&self, pool: &PoolKey) {
+        self.backoff.forget(|k| &k.pool == pool);
+        self.endpoint_sync.forget(|k| &k.pool == pool);
+        self.pool_status_written.remove(pool);
+    }
+
+    /// Drops what this process remembers of any deleted object.
+    pub fn forget_object(&self, obj: &ObjectKey) {
+        self.failures.remove(obj);
+    }
+
+    /// How many entries the registries hold, for tests and the memory benchmark.
+    pub fn remembered(&self) -> usize {
+        self.backoff.len()
+            + self.endpoint_sync.len()
+            + self.failures.len()
+            + self.liveness.len()
+            + self.pool_status_written.len()
+            + self.spend_counted.len()
+            + self.sessions.len()
+            + self.deadlines.len()
     }
 
     /// Publishes an event about `obj` in the background, as client-go's recorder does: an

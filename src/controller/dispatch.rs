@@ -9,23 +9,24 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use kube::{Api, ResourceExt, api::DeleteParams};
+use jiff::Timestamp;
+use kube::{Api, ResourceExt, api::DeleteParams, runtime::controller::Action};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::{
-    crd::{ConditionType, GpuInstance, GpuPool, InstancePhase, JobPhase, VideoJob},
+    crd::{GpuInstance, GpuPool, JobPhase, Money, VideoJob, VideoJobStatus},
     metrics::JobLabels,
     provider::Credentials,
     worker::{Dispatch, WorkerError},
 };
 
 use super::{
-    Context, Error, Result, idle,
-    status::{apply_status, cost, money, offer_price, parse_money, seconds_between, set_condition},
+    Context, Error, Result, deadlines,
+    status::{apply_status, offer_price, seconds_between},
 };
 
 /// How long a finished attempt keeps trying to record its outcome while the API server is
@@ -37,7 +38,7 @@ const OUTCOME_PATIENCE: Duration = Duration::from_secs(300);
 pub struct Attempt {
     pub token: Credentials,
     pub number: i32,
-    pub bound_at: Option<Instant>,
+    pub bound_at: Option<Timestamp>,
 }
 
 /// A job attempt in flight on this replica.
@@ -47,7 +48,7 @@ struct Flight {
     attempt: i32,
 }
 
-/// The attempts in flight, by job UID.
+/// The attempts in flight on this replica, by job UID (a registry: it holds no Context).
 #[derive(Default)]
 pub struct Dispatcher {
     running: Mutex<HashMap<String, Flight>>,
@@ -68,61 +69,126 @@ impl Dispatcher {
         self.lock().values().any(|f| f.instance == instance)
     }
 
-    /// Starts sending `attempt` of `job` to `instance` unless it is already in flight.
-    pub fn start(
-        &self,
-        ctx: Arc<Context>,
-        job: &VideoJob,
-        instance: &GpuInstance,
-        pool: &GpuPool,
-        attempt: Attempt,
-    ) {
-        let Attempt {
-            token,
-            number: attempt,
-            bound_at,
-        } = attempt;
-        let uid = job.uid().unwrap_or_default();
-        {
-            let mut running = self.lock();
-            if running.get(&uid).is_some_and(|f| f.attempt == attempt) {
-                return;
-            }
-            running.insert(
-                uid.clone(),
-                Flight {
-                    instance: instance.name_any(),
-                    attempt,
-                },
-            );
+    /// Marks attempt `attempt` of job `uid` in flight on `instance`; false if it already is.
+    fn take_off(&self, uid: &str, instance: &str, attempt: i32) -> bool {
+        let mut running = self.lock();
+        if running.get(uid).is_some_and(|f| f.attempt == attempt) {
+            return false;
         }
-        let job = job.clone();
-        let instance = instance.clone();
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let outcome = send(&ctx, &job, &instance, &pool, &token, attempt, bound_at).await;
-            // The outcome exists only in this task: while the API server is unreachable it is
-            // kept and written again, rather than left for a reconcile that would send the
-            // job a second time.
-            let give_up = Instant::now() + OUTCOME_PATIENCE;
-            let mut wait = Duration::from_millis(250);
-            loop {
-                match finish(&ctx, &job, &instance, &pool, attempt, outcome.clone()).await {
-                    Ok(()) => break,
-                    Err(e) if e.is_unavailable() && Instant::now() + wait < give_up => {
-                        debug!(job = %job.name_any(), error = %e, "the API server is unavailable; keeping the outcome");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(5));
-                    }
-                    Err(e) => {
-                        warn!(job = %job.name_any(), error = %e, "could not record the job's outcome; the reconcilers will");
-                        break;
-                    }
+        let flight = Flight {
+            instance: instance.to_string(),
+            attempt,
+        };
+        running.insert(uid.to_string(), flight);
+        true
+    }
+
+    fn land(&self, uid: &str) {
+        self.lock().remove(uid);
+    }
+
+    /// Attempts in flight now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Records the next attempt of `job` on `instance` (the instance already names the job) as
+/// Running, then starts sending it. The pool reconciler calls this right after its claim, so
+/// a job on a warm instance starts without waiting for its own watch event; the job
+/// reconciler calls it for a job it finds Scheduled.
+pub async fn start_attempt(
+    ctx: &Arc<Context>,
+    api: &Api<VideoJob>,
+    job: &VideoJob,
+    instance: &GpuInstance,
+    pool: &GpuPool,
+    token: Credentials,
+) -> Result<Action> {
+    let now = ctx.now();
+    let instance_name = instance.name_any();
+    let mut s = job.status.clone().unwrap_or_default();
+    s.start_attempt(
+        Some(&instance_name),
+        &instance.spec.provider,
+        "Dispatched",
+        &format!("sent to {instance_name}"),
+        job.metadata.generation,
+        now,
+    );
+    if s.attempts == 1 {
+        observe_wait(ctx, job, now);
+    }
+    let number = s.attempts;
+    let replaced = job.resource_version();
+    let job = apply_status(api, job, &s).await?;
+    ctx.written_jobs.wrote(replaced, job.clone());
+    let attempt = Attempt {
+        token,
+        number,
+        bound_at: Some(now),
+    };
+    start(ctx.clone(), &job, instance, pool, attempt);
+    Ok(Action::await_change())
+}
+
+/// Records how long a job waited, from its creation to its first attempt.
+pub fn observe_wait(ctx: &Context, job: &VideoJob, now: Timestamp) {
+    let wait = job
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| seconds_between(t.0, now))
+        .unwrap_or(0.0);
+    ctx.metrics.job_wait_seconds.observe(wait.max(0.0));
+}
+
+/// Starts sending `attempt` of `job` to `instance` in a task of its own, unless it is in
+/// flight already.
+pub fn start(
+    ctx: Arc<Context>,
+    job: &VideoJob,
+    instance: &GpuInstance,
+    pool: &GpuPool,
+    attempt: Attempt,
+) {
+    let Attempt {
+        token,
+        number: attempt,
+        bound_at,
+    } = attempt;
+    let uid = job.uid().unwrap_or_default();
+    if !ctx.dispatcher.take_off(&uid, &instance.name_any(), attempt) {
+        return;
+    }
+    let (job, instance, pool) = (job.clone(), instance.clone(), pool.clone());
+    tokio::spawn(async move {
+        let outcome = send(&ctx, &job, &instance, &pool, &token, attempt, bound_at).await;
+        // The outcome exists only in this task: while the API server is unreachable it is
+        // kept and written again, rather than left for a reconcile that would send the job a
+        // second time.
+        let give_up = ctx.now() + OUTCOME_PATIENCE;
+        let mut wait = Duration::from_millis(250);
+        loop {
+            match finish(&ctx, &job, &instance, &pool, attempt, outcome.clone()).await {
+                Ok(()) => break,
+                Err(e) if e.is_unavailable() && ctx.now() + wait < give_up => {
+                    debug!(job = %job.name_any(), error = %e, "the API server is unavailable; keeping the outcome");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    warn!(job = %job.name_any(), error = %e, "could not record the job's outcome; the reconcilers will");
+                    break;
                 }
             }
-            ctx.dispatcher.lock().remove(&uid);
-        });
-    }
+        }
+        ctx.dispatcher.land(&uid);
+    });
 }
 
 async fn send(
@@ -132,7 +198,7 @@ async fn send(
     pool: &GpuPool,
     token: &Credentials,
     attempt: i32,
-    bound_at: Option<Instant>,
+    bound_at: Option<Timestamp>,
 ) -> Result<Value, WorkerError> {
     let endpoint = instance
         .status
@@ -155,18 +221,83 @@ async fn send(
         session_token: token,
         timeout: Duration::from_secs(job.spec.timeout_seconds.max(1) as u64),
     };
+    let started = ctx.now();
     if let Some(bound) = bound_at {
-        ctx.metrics
-            .dispatch_overhead_seconds
-            .observe(bound.elapsed().as_secs_f64());
+        let overhead = seconds_between(bound, started).max(0.0);
+        ctx.metrics.dispatch_overhead_seconds.observe(overhead);
     }
-    let started = Instant::now();
     let result = worker.dispatch(&request).await;
-    ctx.metrics
-        .job_run_seconds
-        .observe(started.elapsed().as_secs_f64());
+    let ran = seconds_between(started, ctx.now()).max(0.0);
+    ctx.metrics.job_run_seconds.observe(ran);
     debug!(job = %job.name_any(), ok = result.is_ok(), "worker answered");
     result
+}
+
+/// What one attempt's outcome makes of its job: the status to write, and what to say.
+#[derive(Debug, PartialEq)]
+pub struct Recorded {
+    pub status: VideoJobStatus,
+    /// Event reason, whether it is a warning, and its note.
+    pub event: (&'static str, bool, String),
+}
+
+/// Decides how the outcome of attempt `attempt` on `instance` is recorded on `job` at `now`,
+/// the instance billing `price` per hour; `None` when the outcome is stale (the job moved on
+/// to another attempt or finished). Pure: the caller writes the result.
+pub fn record(
+    job: &VideoJob,
+    attempt: i32,
+    instance: &str,
+    price: Money,
+    outcome: &Result<Value, WorkerError>,
+    now: Timestamp,
+) -> Option<Recorded> {
+    let mut s = job.status.clone().unwrap_or_default();
+    if s.attempts != attempt || s.phase != Some(JobPhase::Running) {
+        return None;
+    }
+    let generation = job.metadata.generation;
+    let run_secs = s
+        .started_at
+        .as_ref()
+        .map(|t| seconds_between(t.0, now))
+        .unwrap_or(0.0);
+    s.cost = Some(s.cost.unwrap_or_default() + Money::for_seconds(price, run_secs));
+    let event = match outcome {
+        Ok(output) => {
+            s.succeed(
+                output.clone(),
+                "WorkerSucceeded",
+                "the worker answered 2xx",
+                generation,
+                now,
+            );
+            let note = format!("finished on {instance} in {run_secs:.2} s");
+            ("Succeeded", false, note)
+        }
+        Err(e) if e.is_retryable() && attempt <= job.spec.max_retries => {
+            let message = format!("attempt {attempt} failed: {}", e.label());
+            s.retry(
+                format!("attempt {attempt} on {instance}: {e}"),
+                "Retrying",
+                &message,
+                generation,
+                now,
+            );
+            let note = format!("attempt {attempt} on {instance} failed ({e}); retrying");
+            ("Retrying", true, note)
+        }
+        Err(e) => {
+            let reason = if e.is_retryable() {
+                "RetriesExhausted"
+            } else {
+                e.label()
+            };
+            s.fail(reason, e.to_string(), generation, now);
+            ("Failed", true, format!("failed on {instance}: {e}"))
+        }
+    };
+    Some(Recorded { status: s, event })
 }
 
 /// Records the outcome of one attempt on the job, then frees (or replaces) the instance.
@@ -178,16 +309,9 @@ async fn finish(
     attempt: i32,
     outcome: Result<Value, WorkerError>,
 ) -> Result<()> {
-    let ns = job.namespace().unwrap_or_default();
-    let jobs: Api<VideoJob> = Api::namespaced(ctx.client.clone(), &ns);
-    let instances: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
+    let instances: Api<GpuInstance> =
+        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let broken = matches!(&outcome, Err(e) if e.instance_looks_broken());
-    let price = instance
-        .status
-        .as_ref()
-        .and_then(offer_price)
-        .unwrap_or_default();
-
     // A failed attempt that will be retried frees (or replaces) its instance first, so the
     // pool never sees the job Pending while the instance still claims it (which it would
     // take for a binding to complete). Any other outcome is recorded on the job first.
@@ -196,137 +320,78 @@ async fn finish(
     if retrying {
         release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
     }
+    record_on_job(ctx, job, instance, attempt, &outcome).await?;
+    if !retrying {
+        release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
+    }
+    Ok(())
+}
 
-    // 1. The job, written from the copy the attempt started with (nothing else writes a
-    // Running job), retried on conflicts with fresh reads.
+/// Writes the outcome on the job, from the copy the attempt started with (nothing else
+/// writes a Running job), retried on conflicts with fresh reads.
+async fn record_on_job(
+    ctx: &Context,
+    job: &VideoJob,
+    instance: &GpuInstance,
+    attempt: i32,
+    outcome: &Result<Value, WorkerError>,
+) -> Result<()> {
+    let jobs: Api<VideoJob> =
+        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let price = instance
+        .status
+        .as_ref()
+        .and_then(offer_price)
+        .unwrap_or_default();
     let mut known = Some(job.clone());
     for _ in 0..10 {
         let current = match known.take() {
             Some(j) => j,
             None => match jobs.get_opt(&job.name_any()).await? {
                 Some(j) => j,
-                None => break,
+                None => return Ok(()),
             },
         };
         if current.uid() != job.uid() {
-            break;
+            return Ok(());
         }
-        let mut s = current.status.clone().unwrap_or_default();
-        if s.attempts != attempt || s.phase != Some(JobPhase::Running) {
-            break; // a newer attempt or a finished job: this outcome is stale
-        }
-        let now = ctx.now();
-        let run_secs = s
-            .started_at
-            .as_ref()
-            .map(|t| seconds_between(t.0, now))
-            .unwrap_or(0.0);
-        let share = money(parse_money(s.cost.as_deref()) + cost(price, run_secs));
-        let (event_reason, warning, note) = match &outcome {
-            Ok(output) => {
-                s.phase = Some(JobPhase::Succeeded);
-                s.output = Some(output.clone());
-                s.error = None;
-                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-                    now,
-                ));
-                s.cost = Some(share);
-                set_condition(
-                    &mut s.conditions,
-                    ConditionType::Complete,
-                    true,
-                    "WorkerSucceeded",
-                    "the worker answered 2xx",
-                    current.metadata.generation,
-                    now,
-                );
-                (
-                    "Succeeded",
-                    false,
-                    format!("finished on {} in {run_secs:.2} s", instance.name_any()),
-                )
-            }
-            Err(e) if e.is_retryable() && attempt <= current.spec.max_retries => {
-                s.requeue();
-                s.error = Some(format!("attempt {attempt} on {}: {e}", instance.name_any()));
-                s.cost = Some(share);
-                set_condition(
-                    &mut s.conditions,
-                    ConditionType::Scheduled,
-                    false,
-                    "Retrying",
-                    &format!("attempt {attempt} failed: {}", e.label()),
-                    current.metadata.generation,
-                    now,
-                );
-                (
-                    "Retrying",
-                    true,
-                    format!(
-                        "attempt {attempt} on {} failed ({e}); retrying",
-                        instance.name_any()
-                    ),
-                )
-            }
-            Err(e) => {
-                s.phase = Some(JobPhase::Failed);
-                s.error = Some(e.to_string());
-                s.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-                    now,
-                ));
-                s.cost = Some(share);
-                let reason = if e.is_retryable() {
-                    "RetriesExhausted"
-                } else {
-                    e.label()
-                };
-                set_condition(
-                    &mut s.conditions,
-                    ConditionType::Complete,
-                    false,
-                    reason,
-                    &e.to_string(),
-                    current.metadata.generation,
-                    now,
-                );
-                (
-                    "Failed",
-                    true,
-                    format!("failed on {}: {e}", instance.name_any()),
-                )
-            }
+        let Some(recorded) = record(
+            &current,
+            attempt,
+            &instance.name_any(),
+            price,
+            outcome,
+            ctx.now(),
+        ) else {
+            return Ok(()); // a newer attempt or a finished job: this outcome is stale
         };
-        match apply_status(&jobs, &current, &s).await {
+        match apply_status(&jobs, &current, &recorded.status).await {
             Ok(updated) => {
-                let outcome_label = match s.phase {
-                    Some(JobPhase::Succeeded) => Some("Succeeded"),
-                    Some(JobPhase::Failed) => Some("Failed"),
-                    _ => None,
-                };
-                if let Some(o) = outcome_label {
-                    ctx.metrics
-                        .jobs
-                        .get_or_create(&JobLabels {
-                            namespace: ns.clone(),
-                            pool: pool.name_any(),
-                            outcome: o.into(),
-                        })
-                        .inc();
+                if let Some(o) = recorded.status.outcome() {
+                    count_outcome(ctx, &updated, o);
                 }
-                ctx.event(&updated, warning, event_reason, note).await;
-                break;
+                let (reason, warning, note) = recorded.event;
+                ctx.event(&updated, warning, reason, note).await;
+                return Ok(());
             }
             Err(e) if e.is_conflict() => continue,
-            Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => break,
+            Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => return Ok(()),
             Err(e) => return Err(e),
         }
     }
-
-    // 2. The instance: freed for the next job, or replaced if it looks broken.
-    if !retrying {
-        release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
-    }
     Ok(())
+}
+
+/// Counts a finished job in `gpupool_jobs_total`.
+pub fn count_outcome(ctx: &Context, job: &VideoJob, outcome: &str) {
+    ctx.metrics
+        .jobs
+        .get_or_create(&JobLabels {
+            namespace: job.namespace().unwrap_or_default(),
+            pool: job.spec.pool.clone(),
+            outcome: outcome.into(),
+        })
+        .inc();
 }
 
 /// Frees `instance` from `job` (idle from now, deadline set) or, when `broken`, deletes it
@@ -374,27 +439,14 @@ pub async fn release(
                 Err(e) => return Err(Error::Kube(e)),
             }
         }
-        let now = ctx.now();
-        s.current_job = None;
-        s.jobs_completed += 1;
-        s.last_job_finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-            now,
-        ));
-        if s.phase == Some(InstancePhase::Ready) {
-            s.idle_since = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-                now,
-            ));
-            s.idle_deadline = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-                idle::deadline(now, pool.spec.idle_timeout_seconds),
-            ));
-        }
+        s.free(ctx.now(), pool.spec.idle_timeout_seconds);
         match apply_status(api, &current, &s).await {
             Ok(freed) => {
                 // The deadline's timer starts here, not when the instance's own reconcile
                 // next runs (which may be waiting on the provider).
                 if let Some(deadline) = freed.status.as_ref().and_then(|s| s.idle_deadline.as_ref())
                 {
-                    super::instance::arm_deadline(ctx, &freed, deadline.0);
+                    deadlines::arm(ctx, &freed, deadline.0);
                 }
                 return Ok(());
             }
@@ -407,4 +459,73 @@ pub async fn release(
         "could not free instance {} after 10 conflicts",
         instance.name_any()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::record;
+    use crate::{
+        controller::fixtures::{at, job, time},
+        crd::{JobPhase, Money},
+        worker::WorkerError,
+    };
+
+    fn running(attempts: i32) -> crate::crd::VideoJob {
+        job(
+            "j",
+            json!({"phase": "Running", "instance": "gi", "provider": "vast", "attempts": attempts,
+                   "startedAt": time(0), "cost": "0.01"}),
+        )
+    }
+
+    fn price() -> Money {
+        "0.36".parse().unwrap()
+    }
+
+    #[test]
+    fn a_success_is_recorded_with_the_jobs_share_of_the_bill() {
+        let r = record(
+            &running(1),
+            1,
+            "gi",
+            price(),
+            &Ok(json!({"ok": 1})),
+            at(100),
+        )
+        .unwrap();
+        assert_eq!(r.status.phase, Some(JobPhase::Succeeded));
+        // 0.01 from an earlier attempt plus 100 s at 0.36 USD/h.
+        assert_eq!(r.status.cost, Some("0.02".parse().unwrap()));
+        assert_eq!(r.event.0, "Succeeded");
+        assert!(!r.event.1);
+    }
+
+    #[test]
+    fn a_retryable_failure_requeues_until_the_retries_are_used_then_fails() {
+        let err = Err(WorkerError::Connection("reset".into()));
+        let r = record(&running(2), 2, "gi", price(), &err, at(10)).unwrap();
+        assert_eq!(
+            (r.status.phase, r.event.0),
+            (Some(JobPhase::Pending), "Retrying")
+        );
+        assert_eq!(r.status.instance, None);
+        let r = record(&running(3), 3, "gi", price(), &err, at(10)).unwrap();
+        assert_eq!(
+            (r.status.phase, r.event.0),
+            (Some(JobPhase::Failed), "Failed")
+        );
+        assert_eq!(r.status.conditions[0].reason, "RetriesExhausted");
+    }
+
+    #[test]
+    fn a_stale_outcome_changes_nothing() {
+        assert_eq!(
+            record(&running(2), 1, "gi", price(), &Ok(json!(1)), at(1)),
+            None
+        );
+        let done = job("j", json!({"phase": "Succeeded", "attempts": 1}));
+        assert_eq!(record(&done, 1, "gi", price(), &Ok(json!(1)), at(1)), None);
+    }
 }

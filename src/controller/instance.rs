@@ -11,26 +11,21 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use jiff::Timestamp;
-use k8s_openapi::{
-    api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference},
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{DeleteParams, PostParams, Preconditions},
+    Api, ResourceExt,
+    api::DeleteParams,
     runtime::{
         controller::Action,
         finalizer::{Event as Finalizer, finalizer},
     },
 };
-use rand::RngCore;
-use rust_decimal::Decimal;
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument};
 
 use crate::{
     crd::{
         ConditionType, GpuInstance, GpuInstanceStatus, GpuPool, INSTANCE_FINALIZER, InstancePhase,
-        JobPhase, OfferInfo,
+        JobPhase, Money, OfferInfo, VideoJob,
     },
     provider::{
         CreateRequest, Credentials, ENV_API_KEY, ENV_SESSION_TOKEN, ENV_WORKER_PORT,
@@ -40,24 +35,17 @@ use crate::{
 };
 
 use super::{
-    Context, Error, Result, from_finalizer,
-    idle::{self, IdleDecision, IdleInstance},
+    Context, Error, Result,
+    context::Cause,
+    deadlines, from_finalizer,
+    idle::IdleDecision,
+    registry::PoolKey,
     settle,
-    status::{
-        apply_status, cost, money, offer_price, remove_condition, seconds_between, set_condition,
-    },
+    status::{apply_status, offer_price, remove_condition, seconds_between, set_condition},
 };
 
 /// Offers tried per provisioning attempt before the provider counts as out of capacity.
 const OFFERS_TRIED: usize = 3;
-/// Key of the session token in its Secret.
-pub const SESSION_TOKEN_KEY: &str = "token";
-
-/// Name of the Secret holding an instance's session token.
-pub fn session_secret_name(gi: &GpuInstance) -> String {
-    format!("gpupool-session-{}", gi.uid().unwrap_or_default())
-}
-
 #[instrument(skip_all, fields(ns = gi.namespace().unwrap_or_default(), name = gi.name_any()))]
 pub async fn reconcile(gi: Arc<GpuInstance>, ctx: Arc<Context>) -> Result<Action> {
     let ns = gi.namespace().unwrap_or_default();
@@ -86,23 +74,114 @@ fn pool_of(ctx: &Context, gi: &GpuInstance) -> Option<Arc<GpuPool>> {
     ctx.pool(&gi.namespace().unwrap_or_default(), &gi.spec.pool)
 }
 
+/// What the reconcile does next with an instance, decided from what the caches show and the
+/// time; [`plan`] makes it without a client, so each rule is unit-tested.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Pending: rent a machine (or adopt one made for it).
+    Provision,
+    /// Provisioning for longer than the pool allows: fail it, the pool replaces it.
+    ProvisionTimedOut,
+    /// Provisioning but no machine id recorded: back to Pending to look for it.
+    BackToPending,
+    /// Provisioning: ask the provider about machine `id`, then the worker.
+    Poll { id: String },
+    /// Ready, and the job it names has finished, gone or moved: free it, idle from `at`.
+    FreeStaleJob { at: Timestamp },
+    /// Ready and working: look again at the next liveness check.
+    Busy,
+    /// Ready and idle: apply the idle rule (the pool's other idle instances are needed, so
+    /// the decision itself is [`deadlines::decide`]).
+    Idle,
+    /// Failed or Terminating: delete the object (its finalizer destroys the machine).
+    Delete,
+}
+
+/// The next step for `gi` of `pool` at `now`: `job` is the cached job it names, and
+/// `dispatching` whether this replica is sending a job to it right now.
+pub fn plan(
+    gi: &GpuInstance,
+    pool: &GpuPool,
+    job: Option<&VideoJob>,
+    dispatching: bool,
+    now: Timestamp,
+) -> Step {
+    let status = status_of(gi);
+    match status.phase.unwrap_or_default() {
+        InstancePhase::Pending => Step::Provision,
+        InstancePhase::Provisioning => {
+            let started = status.provisioning_started_at.as_ref().map_or(now, |t| t.0);
+            if seconds_between(started, now) > pool.spec.provision_timeout_seconds as f64 {
+                Step::ProvisionTimedOut
+            } else if let Some(id) = status.provider_instance_id {
+                Step::Poll { id }
+            } else {
+                Step::BackToPending
+            }
+        }
+        InstancePhase::Ready => match &status.current_job {
+            None => Step::Idle,
+            Some(_) if dispatching || still_bound(gi, job) => Step::Busy,
+            // The job finished, was deleted, or moved: free the instance (the dispatcher
+            // normally does this; this is the safety net after a crash).
+            Some(_) => Step::FreeStaleJob {
+                at: job
+                    .and_then(|j| j.status.as_ref()?.finished_at.as_ref().map(|t| t.0))
+                    .filter(|t| *t <= now)
+                    .unwrap_or(now),
+            },
+        },
+        InstancePhase::Failed | InstancePhase::Terminating => Step::Delete,
+    }
+}
+
+/// Whether `job` (the one the instance names) still holds the instance: unfinished, and
+/// either on it or still Pending (a binding under way).
+fn still_bound(gi: &GpuInstance, job: Option<&VideoJob>) -> bool {
+    job.is_some_and(|j| {
+        let phase = j.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+        let on_me =
+            j.status.as_ref().and_then(|s| s.instance.as_deref()) == Some(gi.name_any().as_str());
+        !phase.is_finished() && (on_me || phase == JobPhase::Pending)
+    })
+}
+
 async fn apply(gi: Arc<GpuInstance>, ctx: &Arc<Context>, api: &Api<GpuInstance>) -> Result<Action> {
+    let ns = gi.namespace().unwrap_or_default();
     let Some(pool) = pool_of(ctx, &gi) else {
-        return report_blocked(
-            &gi,
-            ctx,
-            api,
-            "PoolNotFound",
-            format!("GpuPool {} not found", gi.spec.pool),
-        )
-        .await;
+        let message = format!("GpuPool {} not found", gi.spec.pool);
+        return report_blocked(&gi, ctx, api, "PoolNotFound", message).await;
     };
-    let phase = gi.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
-    match phase {
-        InstancePhase::Pending => provision(gi, &pool, ctx, api).await,
-        InstancePhase::Provisioning => await_ready(gi, &pool, ctx, api).await,
-        InstancePhase::Ready => ready(gi, &pool, ctx, api).await,
-        InstancePhase::Failed | InstancePhase::Terminating => {
+    let job = status_of(&gi)
+        .current_job
+        .and_then(|name| ctx.job(&ns, &name));
+    let dispatching = ctx.dispatcher.is_running_on(&gi.name_any());
+    match plan(&gi, &pool, job.as_deref(), dispatching, ctx.now()) {
+        Step::Provision => provision(gi, &pool, ctx, api).await,
+        Step::ProvisionTimedOut => {
+            let message = format!(
+                "not Ready within {} s; replacing it",
+                pool.spec.provision_timeout_seconds
+            );
+            fail(&gi, ctx, api, "ProvisionTimeout", message).await
+        }
+        Step::BackToPending => {
+            let mut s = status_of(&gi);
+            s.phase = Some(InstancePhase::Pending);
+            apply_status(api, &gi, &s).await?;
+            Ok(Action::requeue(Duration::ZERO))
+        }
+        Step::Poll { id } => poll(gi, &id, &pool, ctx, api).await,
+        Step::FreeStaleJob { at } => {
+            let mut s = status_of(&gi);
+            s.current_job = None;
+            s.idle_from(at, pool.spec.idle_timeout_seconds);
+            apply_status(api, &gi, &s).await?;
+            Ok(Action::requeue(Duration::ZERO))
+        }
+        Step::Busy => Ok(Action::requeue(ctx.config.liveness_interval)),
+        Step::Idle => idle(gi, &pool, ctx, api).await,
+        Step::Delete => {
             delete_self(&gi, ctx).await?;
             Ok(Action::await_change())
         }
@@ -143,17 +222,7 @@ async fn fail(
     message: String,
 ) -> Result<Action> {
     let mut status = status_of(gi);
-    status.phase = Some(InstancePhase::Failed);
-    status.message = Some(message.clone());
-    set_condition(
-        &mut status.conditions,
-        ConditionType::Ready,
-        false,
-        reason,
-        &message,
-        gi.metadata.generation,
-        ctx.now(),
-    );
+    status.fail(reason, message.clone(), gi.metadata.generation, ctx.now());
     let gi = apply_status(api, gi, &status).await?;
     ctx.event(&gi, true, reason, message).await;
     delete_self(&gi, ctx).await?;
@@ -177,75 +246,6 @@ async fn provider_of(
     ctx: &Context,
 ) -> Result<Arc<dyn InstanceProvider>> {
     ctx.providers.instance(pool, &gi.spec.provider).await
-}
-
-/// The instance's session token if its Secret exists (remembered after the first read).
-pub(super) async fn existing_session_token(
-    gi: &GpuInstance,
-    ctx: &Context,
-) -> Result<Option<Credentials>> {
-    let uid = gi.uid().unwrap_or_default();
-    if let Some(token) = ctx.cached_token(&uid) {
-        return Ok(Some(token));
-    }
-    let ns = gi.namespace().unwrap_or_default();
-    let name = session_secret_name(gi);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(s) = secrets.get_opt(&name).await? else {
-        return Ok(None);
-    };
-    let token = s
-        .data
-        .as_ref()
-        .and_then(|d| d.get(SESSION_TOKEN_KEY))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| Error::BadReference(format!("Secret {ns}/{name} has no session token")))?;
-    let token = Credentials::new(token);
-    ctx.remember_token(&uid, &token);
-    Ok(Some(token))
-}
-
-/// The per-instance session token, kept in a Secret owned by the GpuInstance (created once).
-async fn session_token(gi: &GpuInstance, ctx: &Context) -> Result<Credentials> {
-    if let Some(token) = existing_session_token(gi, ctx).await? {
-        return Ok(token);
-    }
-    let ns = gi.namespace().unwrap_or_default();
-    let name = session_secret_name(gi);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let owner = OwnerReference {
-        api_version: GpuInstance::api_version(&()).into_owned(),
-        kind: GpuInstance::kind(&()).into_owned(),
-        name: gi.name_any(),
-        uid: gi.uid().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(false),
-    };
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {
-            "name": name,
-            "labels": {"app.kubernetes.io/managed-by": "gpupool", "gpupool.dev/instance": gi.name_any()},
-        },
-        "type": "Opaque",
-        "stringData": {SESSION_TOKEN_KEY: token},
-    }))?;
-    let mut secret = secret;
-    secret.metadata.owner_references = Some(vec![owner]);
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
-            let token = Credentials::new(token);
-            ctx.remember_token(&gi.uid().unwrap_or_default(), &token);
-            Ok(token)
-        }
-        // Created by a reconcile that did not finish: read it back next time.
-        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Kube(kube::Error::Api(s))),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The request that rents this instance's machine.
@@ -297,7 +297,7 @@ fn offer_info(remote: &RemoteInstance, offer: Option<&crate::provider::Offer>) -
         price_per_hour: remote
             .price_per_hour
             .or(offer.map(|o| o.price_per_hour))
-            .map(money),
+            .map(Money::new),
         region: remote
             .region
             .clone()
@@ -311,22 +311,21 @@ async fn provision(
     ctx: &Context,
     api: &Api<GpuInstance>,
 ) -> Result<Action> {
-    let ns = gi.namespace().unwrap_or_default();
-    let pool_name = pool.name_any();
+    let entry = PoolKey::of(pool).entry(&gi.spec.provider);
     let provider = match provider_of(&gi, pool, ctx).await {
         Ok(p) => p,
         Err(Error::BadReference(msg)) => {
-            ctx.back_off_provider(&ns, &pool_name, &gi.spec.provider, msg.clone(), true);
+            ctx.back_off_provider(entry.clone(), msg.clone(), Cause::Unusable);
             return fail(&gi, ctx, api, "ProviderUnavailable", msg).await;
         }
         Err(Error::Provider(e)) => {
             let msg = e.to_string();
-            ctx.back_off_provider(&ns, &pool_name, &gi.spec.provider, msg.clone(), true);
+            ctx.back_off_provider(entry.clone(), msg.clone(), Cause::Unusable);
             return fail(&gi, ctx, api, "ProviderUnavailable", msg).await;
         }
         Err(e) => return Err(e),
     };
-    let token = session_token(&gi, ctx).await?;
+    let token = ctx.sessions.ensure(&ctx.client, &gi).await?;
     let request = match create_request(&gi, pool, ctx, &token).await {
         Ok(r) => r,
         Err(Error::BadReference(msg)) => {
@@ -381,7 +380,7 @@ async fn provision(
     for offer in offers.iter().take(OFFERS_TRIED) {
         match provider.create(offer, &request).await {
             Ok(remote) => {
-                ctx.provider_succeeded(&ns, &pool_name, &gi.spec.provider);
+                ctx.provider_succeeded(&entry);
                 let note = format!(
                     "rented {} ({}, {} USD/h) from {}",
                     remote.id, offer.gpu_name, offer.price_per_hour, gi.spec.provider
@@ -416,22 +415,16 @@ async fn provider_failed(
     api: &Api<GpuInstance>,
     error: ProviderError,
 ) -> Result<Action> {
-    let ns = gi.namespace().unwrap_or_default();
     if error.is_transient() {
         return Err(error.into());
     }
-    let (reason, unavailable) = match &error {
-        ProviderError::InsufficientCapacity(_) => ("InsufficientCapacity", false),
-        ProviderError::Unauthorized(_) => ("ProviderUnauthorized", true),
-        _ => ("ProviderRefused", false),
+    let (reason, cause) = match &error {
+        ProviderError::InsufficientCapacity(_) => ("InsufficientCapacity", Cause::Refused),
+        ProviderError::Unauthorized(_) => ("ProviderUnauthorized", Cause::Unusable),
+        _ => ("ProviderRefused", Cause::Refused),
     };
-    ctx.back_off_provider(
-        &ns,
-        &pool.name_any(),
-        &gi.spec.provider,
-        error.to_string(),
-        unavailable,
-    );
+    let entry = PoolKey::of(pool).entry(&gi.spec.provider);
+    ctx.back_off_provider(entry, error.to_string(), cause);
     fail(
         gi,
         ctx,
@@ -471,233 +464,136 @@ async fn record_created(
     apply_status(api, &gi, &status).await
 }
 
-fn price_of(status: &GpuInstanceStatus) -> Decimal {
+fn price_of(status: &GpuInstanceStatus) -> Money {
     offer_price(status).unwrap_or_default()
 }
 
-async fn await_ready(
+/// A Provisioning instance: asks the provider about machine `id`, then its worker.
+async fn poll(
     gi: Arc<GpuInstance>,
+    id: &str,
     pool: &GpuPool,
     ctx: &Arc<Context>,
     api: &Api<GpuInstance>,
 ) -> Result<Action> {
-    let now = ctx.now();
-    let status = status_of(&gi);
-    let started = status
-        .provisioning_started_at
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or(now);
-    if seconds_between(started, now) > pool.spec.provision_timeout_seconds as f64 {
-        return fail(
-            &gi,
-            ctx,
-            api,
-            "ProvisionTimeout",
-            format!(
-                "not Ready within {} s; replacing it",
-                pool.spec.provision_timeout_seconds
-            ),
-        )
-        .await;
-    }
-    let Some(id) = status.provider_instance_id.clone() else {
-        let mut s = status.clone();
-        s.phase = Some(InstancePhase::Pending);
-        apply_status(api, &gi, &s).await?;
-        return Ok(Action::requeue(Duration::ZERO));
-    };
     let provider = provider_of(&gi, pool, ctx).await?;
-    let remote = match provider.get(&id).await {
+    let remote = match provider.get(id).await {
         Ok(r) => r,
         Err(ProviderError::NotFound(_)) => {
-            return fail(
-                &gi,
-                ctx,
-                api,
-                "MachineLost",
-                format!("machine {id} disappeared while starting"),
-            )
-            .await;
+            let message = format!("machine {id} disappeared while starting");
+            return fail(&gi, ctx, api, "MachineLost", message).await;
         }
         Err(e) => return Err(e.into()),
     };
     match (&remote.state, &remote.endpoint) {
         (RemoteState::Running, Some(endpoint)) => {
-            let worker = ctx.providers.worker(pool).await?;
-            let token = session_token(&gi, ctx).await?;
-            let health_path = pool
-                .spec
-                .worker
-                .as_ref()
-                .map(|w| w.health_path.clone())
-                .unwrap_or_else(|| "/health".into());
-            match worker.health(endpoint, &health_path, &token).await {
-                Ok(()) => {
-                    // Ready from now, not from when this reconcile began: the provider call
-                    // above may have waited long for the client-side quota, and an idle
-                    // deadline counted from before it would already be past.
-                    let now = ctx.now();
-                    let mut s = status.clone();
-                    s.phase = Some(InstancePhase::Ready);
-                    s.endpoint = Some(endpoint.clone());
-                    s.ready_at = ts(now);
-                    // Bill from the provider's own creation time when it reports one.
-                    if let Some(t) = remote.started_at.filter(|t| *t <= now) {
-                        s.provisioning_started_at = ts(t);
-                    }
-                    let started = s
-                        .provisioning_started_at
-                        .as_ref()
-                        .map(|t| t.0)
-                        .unwrap_or(started);
-                    s.idle_since = ts(now);
-                    s.idle_deadline = ts(idle::deadline(now, pool.spec.idle_timeout_seconds));
-                    if remote.price_per_hour.is_some() {
-                        s.offer = Some(offer_info(&remote, None));
-                    }
-                    s.accrued_cost = Some(money(cost(price_of(&s), seconds_between(started, now))));
-                    s.message = Some(format!("ready at {endpoint}"));
-                    set_condition(
-                        &mut s.conditions,
-                        ConditionType::Ready,
-                        true,
-                        "WorkerHealthy",
-                        "the worker answers its health path",
-                        gi.metadata.generation,
-                        now,
-                    );
-                    let gi = apply_status(api, &gi, &s).await?;
-                    if let Some(deadline) = s.idle_deadline.as_ref() {
-                        arm_deadline(ctx, &gi, deadline.0);
-                    }
-                    ctx.event(
-                        &gi,
-                        false,
-                        "Ready",
-                        format!(
-                            "machine {id} ready in {:.1} s",
-                            seconds_between(started, now)
-                        ),
-                    )
-                    .await;
-                    Ok(Action::requeue(Duration::from_secs(
-                        pool.spec.idle_timeout_seconds.max(1) as u64,
-                    )))
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "worker not healthy yet");
-                    Ok(Action::requeue(ctx.config.provision_poll))
-                }
-            }
+            check_worker(gi, &remote, endpoint, pool, ctx, api).await
         }
         (RemoteState::Starting, _) | (RemoteState::Running, None) => {
             Ok(Action::requeue(ctx.config.provision_poll))
         }
         (RemoteState::Stopped(m), _) => {
-            fail(
-                &gi,
-                ctx,
-                api,
-                "MachineStopped",
-                format!("machine {id} stopped while starting: {m}"),
-            )
-            .await
+            let message = format!("machine {id} stopped while starting: {m}");
+            fail(&gi, ctx, api, "MachineStopped", message).await
         }
         (RemoteState::Terminated, _) => {
-            fail(
-                &gi,
-                ctx,
-                api,
-                "MachineLost",
-                format!("machine {id} was terminated while starting"),
-            )
-            .await
+            let message = format!("machine {id} was terminated while starting");
+            fail(&gi, ctx, api, "MachineLost", message).await
         }
     }
 }
 
-/// The pool's idle instances (Ready, no job, not being deleted), for the `minIdle` rule.
-fn pool_idle(ctx: &Context, ns: &str, pool: &str) -> Vec<IdleInstance> {
-    ctx.stores()
-        .instances
-        .state()
-        .into_iter()
-        .filter(|i| {
-            i.namespace().as_deref() == Some(ns)
-                && i.spec.pool == pool
-                && i.metadata.deletion_timestamp.is_none()
-        })
-        .filter_map(|i| {
-            let s = i.status.as_ref()?;
-            (s.phase == Some(InstancePhase::Ready) && s.current_job.is_none()).then(|| {
-                IdleInstance {
-                    name: i.name_any(),
-                    idle_since: s
-                        .idle_since
-                        .as_ref()
-                        .map(|t| t.0)
-                        .unwrap_or_else(|| Timestamp::UNIX_EPOCH),
-                }
-            })
-        })
-        .collect()
+/// The machine runs: once its worker answers the health path the instance is Ready.
+async fn check_worker(
+    gi: Arc<GpuInstance>,
+    remote: &RemoteInstance,
+    endpoint: &str,
+    pool: &GpuPool,
+    ctx: &Arc<Context>,
+    api: &Api<GpuInstance>,
+) -> Result<Action> {
+    let worker = ctx.providers.worker(pool).await?;
+    let token = ctx.sessions.ensure(&ctx.client, &gi).await?;
+    let health_path = pool
+        .spec
+        .worker
+        .as_ref()
+        .map_or("/health", |w| w.health_path.as_str());
+    if let Err(e) = worker.health(endpoint, health_path, &token).await {
+        tracing::debug!(error = %e, "worker not healthy yet");
+        return Ok(Action::requeue(ctx.config.provision_poll));
+    }
+    // Ready from now, not from when this reconcile began: the provider call above may have
+    // waited long for the client-side quota, and an idle deadline counted from before it
+    // would already be past.
+    let now = ctx.now();
+    let s = ready_status(&gi, remote, endpoint, pool.spec.idle_timeout_seconds, now);
+    let gi = apply_status(api, &gi, &s).await?;
+    if let Some(deadline) = s.idle_deadline.as_ref() {
+        deadlines::arm(ctx, &gi, deadline.0);
+    }
+    let started = s.provisioning_started_at.as_ref().map_or(now, |t| t.0);
+    let note = format!(
+        "machine {} ready in {:.1} s",
+        remote.id,
+        seconds_between(started, now)
+    );
+    ctx.event(&gi, false, "Ready", note).await;
+    Ok(Action::requeue(Duration::from_secs(
+        pool.spec.idle_timeout_seconds.max(1) as u64,
+    )))
 }
 
-async fn ready(
+/// The status of an instance whose worker answered at `now`: Ready at `endpoint`, idle from
+/// now, billed from the provider's creation time when it reports one.
+pub fn ready_status(
+    gi: &GpuInstance,
+    remote: &RemoteInstance,
+    endpoint: &str,
+    idle_timeout_seconds: i64,
+    now: Timestamp,
+) -> GpuInstanceStatus {
+    let mut s = status_of(gi);
+    s.phase = Some(InstancePhase::Ready);
+    s.endpoint = Some(endpoint.to_string());
+    s.ready_at = ts(now);
+    if let Some(t) = remote.started_at.filter(|t| *t <= now) {
+        s.provisioning_started_at = ts(t);
+    }
+    let started = s.provisioning_started_at.as_ref().map_or(now, |t| t.0);
+    s.idle_from(now, idle_timeout_seconds);
+    if remote.price_per_hour.is_some() {
+        s.offer = Some(offer_info(remote, None));
+    }
+    s.accrued_cost = Some(Money::for_seconds(
+        price_of(&s),
+        seconds_between(started, now),
+    ));
+    s.message = Some(format!("ready at {endpoint}"));
+    set_condition(
+        &mut s.conditions,
+        ConditionType::Ready,
+        true,
+        "WorkerHealthy",
+        "the worker answers its health path",
+        gi.metadata.generation,
+        now,
+    );
+    s
+}
+
+/// A Ready instance with no job: waits for its idle deadline (checking now and then that
+/// the machine still runs), keeps it for `minIdle`, or deletes it.
+async fn idle(
     gi: Arc<GpuInstance>,
     pool: &GpuPool,
     ctx: &Arc<Context>,
     api: &Api<GpuInstance>,
 ) -> Result<Action> {
-    let ns = gi.namespace().unwrap_or_default();
-    let now = ctx.now();
     let status = status_of(&gi);
-
-    if let Some(job_name) = &status.current_job {
-        let job = ctx.job(&ns, job_name);
-        let still_bound = job.as_ref().is_some_and(|j| {
-            let phase = j.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
-            let on_me = j.status.as_ref().and_then(|s| s.instance.as_deref())
-                == Some(gi.name_any().as_str());
-            !phase.is_finished() && (on_me || phase == JobPhase::Pending)
-        });
-        if !still_bound && !ctx.dispatcher.is_running_on(&gi.name_any()) {
-            // The job finished, was deleted, or moved: free the instance (the dispatcher
-            // normally does this; this is the safety net after a crash).
-            let finished = job
-                .as_ref()
-                .and_then(|j| j.status.as_ref()?.finished_at.as_ref().map(|t| t.0))
-                .filter(|t| *t <= now)
-                .unwrap_or(now);
-            let mut s = status.clone();
-            s.current_job = None;
-            s.idle_since = ts(finished);
-            s.idle_deadline = ts(idle::deadline(finished, pool.spec.idle_timeout_seconds));
-            apply_status(api, &gi, &s).await?;
-            return Ok(Action::requeue(Duration::ZERO));
-        }
-        return Ok(Action::requeue(ctx.config.liveness_interval));
-    }
-
-    let idle_since = status
-        .idle_since
-        .as_ref()
-        .or(status.ready_at.as_ref())
-        .map(|t| t.0)
-        .unwrap_or(now);
-    let me = IdleInstance {
-        name: gi.name_any(),
-        idle_since,
-    };
-    let deadline = idle::deadline(idle_since, pool.spec.idle_timeout_seconds);
-    match idle::decide(
-        now,
-        &me,
-        pool.spec.idle_timeout_seconds,
-        &pool_idle(ctx, &ns, &gi.spec.pool),
-        pool.spec.min_idle.max(0) as usize,
-    ) {
+    let (decision, idle_since, deadline) = deadlines::decide(ctx, &gi, pool, ctx.now());
+    let liveness = ctx.config.liveness_interval;
+    match decision {
         IdleDecision::WaitFor(wait) => {
             if status.idle_deadline.as_ref().map(|t| t.0) != Some(deadline) {
                 // The pool's idle timeout changed: show the new deadline.
@@ -705,130 +601,27 @@ async fn ready(
                 s.idle_deadline = ts(deadline);
                 apply_status(api, &gi, &s).await?;
             }
-            arm_deadline(ctx, &gi, deadline);
-            if wait > ctx.config.liveness_interval {
-                if ctx.liveness_due(&gi.uid().unwrap_or_default()) {
-                    check_alive(&gi, pool, ctx, api).await?;
-                }
-                return Ok(Action::requeue(wait.min(ctx.config.liveness_interval)));
+            deadlines::arm(ctx, &gi, deadline);
+            if wait > liveness && ctx.liveness_due(&gi.uid().unwrap_or_default()) {
+                check_alive(&gi, pool, ctx, api).await?;
             }
-            Ok(Action::requeue(wait))
+            Ok(Action::requeue(wait.min(liveness)))
         }
         IdleDecision::KeepWarm => {
             if ctx.liveness_due(&gi.uid().unwrap_or_default()) {
                 check_alive(&gi, pool, ctx, api).await?;
             }
-            Ok(Action::requeue(ctx.config.liveness_interval))
+            Ok(Action::requeue(liveness))
         }
-        IdleDecision::Teardown => delete_idle(&gi, pool, ctx, api, idle_since, deadline).await,
+        IdleDecision::Teardown => {
+            let deleted = deadlines::delete_idle(&gi, pool, ctx, api, idle_since, deadline).await?;
+            Ok(if deleted {
+                Action::await_change()
+            } else {
+                Action::requeue(Duration::ZERO)
+            })
+        }
     }
-}
-
-/// Deletes an idle instance whose deadline has come. The delete carries the resourceVersion
-/// the decision was made on, so a job's claim that got there first wins (409).
-async fn delete_idle(
-    gi: &GpuInstance,
-    pool: &GpuPool,
-    ctx: &Context,
-    api: &Api<GpuInstance>,
-    idle_since: Timestamp,
-    deadline: Timestamp,
-) -> Result<Action> {
-    let now = ctx.now();
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions {
-            resource_version: gi.resource_version(),
-            uid: gi.uid(),
-        }),
-        ..DeleteParams::default()
-    };
-    match api.delete(&gi.name_any(), &dp).await {
-        Ok(_) => {
-            let late = seconds_between(deadline, now).max(0.0);
-            ctx.metrics.idle_teardown_lateness_seconds.observe(late);
-            info!(
-                instance = %gi.name_any(),
-                lateness_s = late,
-                "idle deadline reached; deleting the instance"
-            );
-            ctx.event(
-                gi,
-                false,
-                "IdleTimeout",
-                format!(
-                    "idle since {idle_since} ({} s); destroying the machine",
-                    pool.spec.idle_timeout_seconds
-                ),
-            )
-            .await;
-            Ok(Action::await_change())
-        }
-        // A job claimed it first (or it changed): that write wins.
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-            Ok(Action::requeue(Duration::ZERO))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Makes sure an idle instance is torn down at its deadline even when its reconcile is busy
-/// then (a provider call waiting for the client-side quota, a provider that hangs): a timer
-/// of its own fires at the deadline and decides from the cache, as the reconcile would.
-/// Whichever of the two deletes first wins; the other gets 404 or 409.
-pub(super) fn arm_deadline(ctx: &Arc<Context>, gi: &GpuInstance, deadline: Timestamp) {
-    let uid = gi.uid().unwrap_or_default();
-    if !ctx.arm_deadline(&uid, deadline) {
-        return;
-    }
-    let ctx = Arc::clone(ctx);
-    let (ns, name) = (gi.namespace().unwrap_or_default(), gi.name_any());
-    tokio::spawn(async move {
-        let wait = ctx.now().duration_until(deadline).unsigned_abs();
-        if ctx.now() < deadline {
-            tokio::time::sleep(wait).await;
-        }
-        ctx.disarm_deadline(&uid, deadline);
-        let Some(gi) = ctx
-            .instance(&ns, &name)
-            .filter(|i| i.uid().as_deref() == Some(&uid))
-        else {
-            return;
-        };
-        let Some(pool) = pool_of(&ctx, &gi) else {
-            return;
-        };
-        let status = status_of(&gi);
-        if gi.metadata.deletion_timestamp.is_some()
-            || status.phase != Some(InstancePhase::Ready)
-            || status.current_job.is_some()
-        {
-            return;
-        }
-        let idle_since = status
-            .idle_since
-            .as_ref()
-            .or(status.ready_at.as_ref())
-            .map(|t| t.0)
-            .unwrap_or_else(|| ctx.now());
-        let me = IdleInstance {
-            name: name.clone(),
-            idle_since,
-        };
-        let decision = idle::decide(
-            ctx.now(),
-            &me,
-            pool.spec.idle_timeout_seconds,
-            &pool_idle(&ctx, &ns, &gi.spec.pool),
-            pool.spec.min_idle.max(0) as usize,
-        );
-        if decision == IdleDecision::Teardown {
-            let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
-            let deadline = idle::deadline(idle_since, pool.spec.idle_timeout_seconds);
-            if let Err(e) = delete_idle(&gi, &pool, &ctx, &api, idle_since, deadline).await {
-                warn!(instance = %name, error = %e, "idle teardown failed; the reconcile retries");
-            }
-        }
-    });
 }
 
 /// Asks the provider whether a Ready machine still runs; a lost one is failed and replaced.
@@ -857,13 +650,10 @@ async fn check_alive(
         fail(gi, ctx, api, "MachineLost", message).await?;
         return Ok(());
     }
-    let started = status
-        .provisioning_started_at
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or_else(|| ctx.now());
-    let accrued = money(cost(price_of(&status), seconds_between(started, ctx.now())));
-    if status.accrued_cost.as_deref() != Some(accrued.as_str()) {
+    let now = ctx.now();
+    let started = status.provisioning_started_at.as_ref().map_or(now, |t| t.0);
+    let accrued = Money::for_seconds(price_of(&status), seconds_between(started, now));
+    if status.accrued_cost != Some(accrued) {
         let mut s = status;
         s.accrued_cost = Some(accrued);
         apply_status(api, gi, &s).await?;
@@ -871,14 +661,34 @@ async fn check_alive(
     Ok(())
 }
 
+/// Which machines the finalizer must destroy.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Targets {
+    /// Nothing was ever asked of the provider: nothing to destroy.
+    NeverRented,
+    /// The machine the provider named.
+    Known(String),
+    /// A create was asked for but its answer not recorded: whatever carries the label.
+    ByLabel,
+}
+
+/// What the finalizer destroys, from the instance's status.
+pub fn targets(status: &GpuInstanceStatus) -> Targets {
+    match (
+        &status.provider_instance_id,
+        &status.provisioning_started_at,
+    ) {
+        (Some(id), _) => Targets::Known(id.clone()),
+        (None, Some(_)) => Targets::ByLabel,
+        (None, None) => Targets::NeverRented,
+    }
+}
+
 /// The finalizer: destroy the machine, confirm it is gone, then let the object go.
 async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) -> Result<Action> {
-    let ns = gi.namespace().unwrap_or_default();
+    let key = format!("{}/{}", gi.namespace().unwrap_or_default(), gi.name_any());
     let status = status_of(&gi);
-    let started = status.provisioning_started_at.as_ref().map(|t| t.0);
-    let never_rented = started.is_none() && status.provider_instance_id.is_none();
-    let key = format!("{ns}/{}", gi.name_any());
-
+    let targets = targets(&status);
     let provider = match pool_of(ctx, &gi) {
         Some(pool) => provider_of(&gi, &pool, ctx).await,
         None => Err(Error::BadReference(format!(
@@ -888,13 +698,13 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
     };
     let provider = match provider {
         Ok(p) => p,
-        Err(_) if never_rented => {
-            delete_session_secret(&gi, ctx).await;
+        Err(_) if targets == Targets::NeverRented => {
+            ctx.forget_instance(&gi.uid().unwrap_or_default());
+            ctx.sessions.delete(&ctx.client, &gi).await;
             return Ok(Action::await_change());
         }
         Err(e) => return teardown_failing(&gi, ctx, api, &key, e).await,
     };
-
     let mut gi = gi;
     if status.phase != Some(InstancePhase::Terminating) {
         let mut s = status.clone();
@@ -902,81 +712,99 @@ async fn cleanup(gi: Arc<GpuInstance>, ctx: &Context, api: &Api<GpuInstance>) ->
         s.message = Some("destroying the machine".into());
         gi = Arc::new(apply_status(api, &gi, &s).await?);
     }
-
-    let ids: Vec<String> = match (&status.provider_instance_id, started) {
-        (Some(id), _) => vec![id.clone()],
-        (None, Some(_)) => {
-            let label = instance_label(&ctx.config.cluster_id, &gi.uid().unwrap_or_default());
-            match provider.find_by_label(&label).await {
-                Ok(found) => found.into_iter().map(|r| r.id).collect(),
-                Err(e) => return teardown_failing(&gi, ctx, api, &key, e.into()).await,
-            }
-        }
-        (None, None) => vec![],
+    let destroyed = match destroy(&gi, targets, provider.as_ref(), ctx).await {
+        Ok(d) => d,
+        Err(e) => return teardown_failing(&gi, ctx, api, &key, e).await,
     };
-    let mut destroyed_at = ctx.now();
-    for id in &ids {
-        if let Err(e) = provider.delete(id).await {
-            return teardown_failing(&gi, ctx, api, &key, e.into()).await;
+    account_final(&gi, &status, destroyed, ctx, api).await;
+    ctx.forget_instance(&gi.uid().unwrap_or_default());
+    ctx.sessions.delete(&ctx.client, &gi).await;
+    ctx.metrics.set_teardown_failing(&key, false);
+    Ok(Action::await_change())
+}
+
+/// The machines destroyed, and when the last destroy was confirmed.
+struct Destroyed {
+    ids: Vec<String>,
+    at: Timestamp,
+}
+
+/// Destroys every target and confirms each is gone (the provider reports it terminated or
+/// no longer knows it).
+async fn destroy(
+    gi: &GpuInstance,
+    targets: Targets,
+    provider: &dyn InstanceProvider,
+    ctx: &Context,
+) -> Result<Destroyed> {
+    let ids: Vec<String> = match targets {
+        Targets::Known(id) => vec![id],
+        Targets::ByLabel => {
+            let label = instance_label(&ctx.config.cluster_id, &gi.uid().unwrap_or_default());
+            provider
+                .find_by_label(&label)
+                .await?
+                .into_iter()
+                .map(|r| r.id)
+                .collect()
         }
-        destroyed_at = ctx.now();
+        Targets::NeverRented => vec![],
+    };
+    let mut at = ctx.now();
+    for id in &ids {
+        provider.delete(id).await?;
+        at = ctx.now();
         match provider.get(id).await {
             Err(ProviderError::NotFound(_)) => {}
             Ok(r) if r.state == RemoteState::Terminated => {}
-            Ok(_) => {
-                return teardown_failing(
-                    &gi,
-                    ctx,
-                    api,
-                    &key,
-                    Error::TeardownPending(format!("machine {id}")),
-                )
-                .await;
-            }
-            Err(e) => return teardown_failing(&gi, ctx, api, &key, e.into()).await,
+            Ok(_) => return Err(Error::TeardownPending(format!("machine {id}"))),
+            Err(e) => return Err(e.into()),
         }
     }
+    Ok(Destroyed { ids, at })
+}
 
-    let final_cost = started.map(|s| cost(price_of(&status), seconds_between(s, destroyed_at)));
+/// After the destroy: the final cost on the status and in `gpupool_spend_dollars_total`, and
+/// the Destroyed event, counted once per instance.
+async fn account_final(
+    gi: &GpuInstance,
+    status: &GpuInstanceStatus,
+    destroyed: Destroyed,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+) {
+    let started = status.provisioning_started_at.as_ref().map(|t| t.0);
+    let final_cost =
+        started.map(|s| Money::for_seconds(price_of(status), seconds_between(s, destroyed.at)));
     let first = ctx.first_final_accounting(&gi.uid().unwrap_or_default());
-    let mut s = status_of(&gi);
+    let mut s = status_of(gi);
     // A second run (see `first_final_accounting`) keeps the cost the first one wrote: its
     // own clock reading is later than the destroy.
     if let (Some(c), true) = (final_cost, first) {
-        s.accrued_cost = Some(money(c));
+        s.accrued_cost = Some(c);
         let labels = crate::metrics::PoolLabels {
-            namespace: ns.clone(),
+            namespace: gi.namespace().unwrap_or_default(),
             pool: gi.spec.pool.clone(),
         };
         ctx.metrics
             .spend_total
             .get_or_create(&labels)
-            .inc_by(c.try_into().unwrap_or(0.0));
+            .inc_by(c.amount().try_into().unwrap_or(0.0));
     }
+    let ids = destroyed.ids.join(", ");
     s.message = Some(if ids.is_empty() {
         "no machine was rented".into()
     } else {
-        format!("machine {} destroyed", ids.join(", "))
+        format!("machine {ids} destroyed")
     });
     remove_condition(&mut s.conditions, ConditionType::TeardownFailing);
     // Best effort: the watch's final event then carries the final cost.
-    let _ = apply_status(api, &gi, &s).await;
-    delete_session_secret(&gi, ctx).await;
-    ctx.metrics.set_teardown_failing(&key, false);
+    let _ = apply_status(api, gi, &s).await;
     if !ids.is_empty() && first {
-        ctx.event(
-            &*gi,
-            false,
-            "Destroyed",
-            format!(
-                "machine {} destroyed; accrued {} USD",
-                ids.join(", "),
-                final_cost.map(money).unwrap_or_else(|| "0".into())
-            ),
-        )
-        .await;
+        let cost = final_cost.unwrap_or_default();
+        let note = format!("machine {ids} destroyed; accrued {cost} USD");
+        ctx.event(gi, false, "Destroyed", note).await;
     }
-    Ok(Action::await_change())
 }
 
 /// A teardown step failed: keep the finalizer, say so (condition, event, metric), retry.
@@ -1005,15 +833,149 @@ async fn teardown_failing(
     Err(error)
 }
 
-async fn delete_session_secret(gi: &GpuInstance, ctx: &Context) {
-    ctx.forget_instance(&gi.uid().unwrap_or_default());
-    let secrets: Api<Secret> =
-        Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
-    if let Err(e) = secrets
-        .delete(&session_secret_name(gi), &DeleteParams::default())
-        .await
-        && !matches!(&e, kube::Error::Api(s) if s.code == 404)
-    {
-        tracing::debug!(error = %e, "session secret not deleted; owner-reference GC will");
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{Step, Targets, plan, ready_status, targets};
+    use crate::{
+        controller::fixtures::{at, instance, job, pool, time},
+        crd::{InstancePhase, Money},
+        provider::{RemoteInstance, RemoteState},
+    };
+
+    #[test]
+    fn pending_provisions_and_failed_or_terminating_deletes() {
+        let p = pool();
+        let gi = instance("gi", json!({}));
+        assert_eq!(plan(&gi, &p, None, false, at(0)), Step::Provision);
+        for phase in ["Failed", "Terminating"] {
+            let gi = instance("gi", json!({"phase": phase}));
+            assert_eq!(plan(&gi, &p, None, false, at(0)), Step::Delete, "{phase}");
+        }
+    }
+
+    #[test]
+    fn provisioning_polls_its_machine_until_the_timeout() {
+        let p = pool();
+        let gi = instance(
+            "gi",
+            json!({"phase": "Provisioning", "provisioningStartedAt": time(0), "providerInstanceId": "m-1"}),
+        );
+        let poll = Step::Poll { id: "m-1".into() };
+        assert_eq!(plan(&gi, &p, None, false, at(600)), poll);
+        assert_eq!(plan(&gi, &p, None, false, at(601)), Step::ProvisionTimedOut);
+        let no_id = instance(
+            "gi",
+            json!({"phase": "Provisioning", "provisioningStartedAt": time(0)}),
+        );
+        assert_eq!(plan(&no_id, &p, None, false, at(1)), Step::BackToPending);
+    }
+
+    #[test]
+    fn a_ready_instance_is_idle_busy_or_freed_from_a_stale_job() {
+        let p = pool();
+        let idle = instance("gi", json!({"phase": "Ready", "readyAt": time(0)}));
+        assert_eq!(plan(&idle, &p, None, false, at(10)), Step::Idle);
+
+        let busy = instance("gi", json!({"phase": "Ready", "currentJob": "j"}));
+        let running = job(
+            "j",
+            json!({"phase": "Running", "instance": "gi", "attempts": 1}),
+        );
+        assert_eq!(plan(&busy, &p, Some(&running), false, at(10)), Step::Busy);
+        // Still being bound: the job is Pending and the instance already names it.
+        let binding = job("j", json!({"phase": "Pending"}));
+        assert_eq!(plan(&busy, &p, Some(&binding), false, at(10)), Step::Busy);
+        // Moved to another instance, deleted, or finished: freed...
+        let moved = job(
+            "j",
+            json!({"phase": "Running", "instance": "other", "attempts": 2}),
+        );
+        assert_eq!(
+            plan(&busy, &p, Some(&moved), false, at(10)),
+            Step::FreeStaleJob { at: at(10) }
+        );
+        assert_eq!(
+            plan(&busy, &p, None, false, at(10)),
+            Step::FreeStaleJob { at: at(10) }
+        );
+        // ...idle from when the job finished, never from the future...
+        let done = job(
+            "j",
+            json!({"phase": "Succeeded", "instance": "gi", "finishedAt": time(4)}),
+        );
+        assert_eq!(
+            plan(&busy, &p, Some(&done), false, at(10)),
+            Step::FreeStaleJob { at: at(4) }
+        );
+        let skewed = job(
+            "j",
+            json!({"phase": "Failed", "instance": "gi", "finishedAt": time(99)}),
+        );
+        assert_eq!(
+            plan(&busy, &p, Some(&skewed), false, at(10)),
+            Step::FreeStaleJob { at: at(10) }
+        );
+        // ...unless this replica is still sending a job to it.
+        assert_eq!(plan(&busy, &p, Some(&done), true, at(10)), Step::Busy);
+    }
+
+    #[test]
+    fn the_finalizer_destroys_the_known_machine_or_looks_it_up_by_label() {
+        let status = |v| instance("gi", v).status.unwrap();
+        assert_eq!(targets(&status(json!({}))), Targets::NeverRented);
+        assert_eq!(
+            targets(&status(json!({"provisioningStartedAt": time(0)}))),
+            Targets::ByLabel,
+            "a create was asked for; its answer may have been lost"
+        );
+        assert_eq!(
+            targets(&status(
+                json!({"provisioningStartedAt": time(0), "providerInstanceId": "m-1"})
+            )),
+            Targets::Known("m-1".into())
+        );
+    }
+
+    #[test]
+    fn ready_status_bills_from_the_providers_start_and_starts_the_idle_clock() {
+        let gi = instance(
+            "gi",
+            json!({"phase": "Provisioning", "provisioningStartedAt": time(0), "providerInstanceId": "m-1",
+                   "offer": {"gpuName": "RTX 3060", "pricePerHour": "0.36"}}),
+        );
+        let mut remote = RemoteInstance {
+            id: "m-1".into(),
+            label: None,
+            state: RemoteState::Running,
+            endpoint: Some("http://10.0.0.1:8000".into()),
+            gpu_name: None,
+            num_gpus: None,
+            price_per_hour: None,
+            region: None,
+            started_at: Some(at(-60)),
+        };
+        let s = ready_status(&gi, &remote, "http://10.0.0.1:8000", 300, at(40));
+        assert_eq!(s.phase, Some(InstancePhase::Ready));
+        assert_eq!(
+            s.provisioning_started_at.as_ref().map(|t| t.0),
+            Some(at(-60))
+        );
+        assert_eq!(s.idle_deadline.as_ref().map(|t| t.0), Some(at(340)));
+        // 100 s at 0.36 USD/h.
+        assert_eq!(s.accrued_cost, Some("0.01".parse::<Money>().unwrap()));
+        assert_eq!(
+            s.offer.as_ref().and_then(|o| o.gpu_name.as_deref()),
+            Some("RTX 3060")
+        );
+        assert_eq!(s.conditions[0].reason, "WorkerHealthy");
+        // A start time in the future (clock skew) is not believed; a price the provider
+        // reports replaces the offer's.
+        remote.started_at = Some(at(100));
+        remote.price_per_hour = Some("0.72".parse().unwrap());
+        let s = ready_status(&gi, &remote, "http://10.0.0.1:8000", 300, at(40));
+        assert_eq!(s.provisioning_started_at.as_ref().map(|t| t.0), Some(at(0)));
+        assert_eq!(s.accrued_cost, Some("0.008".parse::<Money>().unwrap()));
     }
 }

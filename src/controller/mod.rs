@@ -7,13 +7,18 @@
 //! `idle` hold the decisions as pure functions. Every side effect goes through [`Context`].
 
 pub mod context;
+pub mod deadlines;
 pub mod dispatch;
+#[cfg(test)]
+mod fixtures;
 pub mod idle;
 pub mod instance;
 pub mod job;
 pub mod pool;
 pub mod providers;
+pub mod registry;
 pub mod scheduling;
+pub mod session;
 pub mod status;
 pub mod sweep;
 pub mod written;
@@ -107,16 +112,6 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The key of an object's failure count: its kind, namespace and name.
-fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    format!(
-        "{}/{}/{}",
-        K::kind(&()),
-        obj.namespace().unwrap_or_default(),
-        obj.name_any()
-    )
-}
-
 /// Back-off after `failures` failures in a row: quick for a conflict (another writer won; look
 /// again), otherwise 2 s doubling up to a minute.
 pub fn backoff(error: &Error, failures: u32) -> Duration {
@@ -135,7 +130,7 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
     ctx: Arc<Context>,
 ) -> Action {
     let kind = K::kind(&());
-    let key = failure_key(obj.as_ref());
+    let key = registry::ObjectKey::of(obj.as_ref());
     ctx.metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::ReconcileLabels {
@@ -147,7 +142,8 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
         return Action::requeue(backoff(error, 0));
     }
     warn!(object = %key, error = %error, "{kind} reconcile failed");
-    Action::requeue(backoff(error, ctx.note_failure(&key)))
+    let failures = ctx.note_failure(key);
+    Action::requeue(backoff(error, failures))
 }
 
 /// Every reconcile's outcome on its way out: a success forgets the object's failures, so
@@ -158,7 +154,7 @@ pub fn settle<K: Resource<DynamicType = ()>>(
     result: Result<Action>,
 ) -> Result<Action> {
     if result.is_ok() {
-        ctx.clear_failures(&failure_key(obj));
+        ctx.clear_failures(&registry::ObjectKey::of(obj));
     }
     result
 }

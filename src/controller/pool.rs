@@ -28,7 +28,7 @@ use tracing::{debug, info, instrument};
 use crate::{
     crd::{
         ConditionType, GpuInstance, GpuInstanceSpec, GpuPool, GpuPoolStatus, INSTANCE_FINALIZER,
-        InstancePhase, JobPhase, VideoJob,
+        InstancePhase, JobPhase, Money, VideoJob,
         pool::{InstanceCounts, ProviderState, ProviderStatus},
     },
     metrics::PoolGauges,
@@ -37,10 +37,10 @@ use crate::{
 
 use super::{
     Context, Error, Result, from_finalizer,
-    instance::existing_session_token,
+    registry::PoolKey,
     scheduling::{self, InstanceView, Limits, PendingJob, ProviderView, WaitReason},
     settle,
-    status::{apply_own_status, apply_status, money, offer_price, set_condition},
+    status::{apply_own_status, apply_status, offer_price, set_condition},
 };
 
 /// Finalizer that holds a pool until its instances are gone.
@@ -97,7 +97,7 @@ fn unix_seconds(t: Timestamp) -> f64 {
 }
 
 fn instance_price(i: &GpuInstance) -> Option<Decimal> {
-    i.status.as_ref().and_then(offer_price)
+    i.status.as_ref().and_then(offer_price).map(Money::amount)
 }
 
 /// One scheduling pass, as named steps: observe the pool, repair what a crash interrupted,
@@ -115,7 +115,8 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
         check_references(&pool, ctx).await;
     }
     let input = SchedulingInput::of(&pool, &snap, &pending, |entry| {
-        ctx.provider_backoff(&ns, &pool.name_any(), entry).is_none()
+        ctx.provider_backoff(&PoolKey::of(pool.as_ref()).entry(entry))
+            .is_none()
     });
     let plan = scheduling::schedule(
         &input.pending,
@@ -289,11 +290,7 @@ impl SchedulingInput {
             .collect();
         let limits = Limits {
             max_instances: pool.spec.max_instances.max(0) as usize,
-            max_hourly_spend: pool
-                .spec
-                .max_hourly_spend
-                .as_deref()
-                .and_then(|s| s.parse().ok()),
+            max_hourly_spend: pool.spec.max_hourly_spend.map(Money::amount),
         };
         let pending = pending
             .iter()
@@ -501,7 +498,10 @@ async fn check_references(pool: &GpuPool, ctx: &Context) {
         None => None,
     };
     for p in &pool.spec.providers {
-        if ctx.provider_backoff(&ns, &name, &p.name).is_some() {
+        if ctx
+            .provider_backoff(&PoolKey::new(&ns, &name).entry(&p.name))
+            .is_some()
+        {
             continue;
         }
         let problem = match p.credentials() {
@@ -511,7 +511,7 @@ async fn check_references(pool: &GpuPool, ctx: &Context) {
         let rents_machines = p.kind() != Some(crate::crd::ProviderKind::RunpodServerless);
         let problem = problem.or_else(|| worker_key.clone().filter(|_| rents_machines));
         if let Some(message) = problem
-            && ctx.provider_misconfigured(&ns, &name, &p.name, message.clone())
+            && ctx.provider_misconfigured(PoolKey::new(&ns, &name).entry(&p.name), message.clone())
         {
             ctx.event(
                 pool,
@@ -549,7 +549,7 @@ fn wait_message(reason: &WaitReason, pool: &GpuPool) -> (&'static str, String) {
             "MaxHourlySpend",
             format!(
                 "another instance would exceed the pool's maxHourlySpend of {} USD/h",
-                pool.spec.max_hourly_spend.clone().unwrap_or_default()
+                pool.spec.max_hourly_spend.unwrap_or_default()
             ),
         ),
         WaitReason::NoProviderAvailable => (
@@ -597,8 +597,8 @@ async fn bind(
     };
     // Start the attempt now rather than after the job's watch event comes back: the token
     // is remembered from the instance's creation (read once after a restart).
-    if let Some(token) = existing_session_token(&claimed, ctx).await? {
-        match super::job::start_attempt(ctx, job_api, job, &claimed, pool, token).await {
+    if let Some(token) = ctx.sessions.existing(&ctx.client, &claimed).await? {
+        match super::dispatch::start_attempt(ctx, job_api, job, &claimed, pool, token).await {
             // No event here: the job's condition names the instance, and the outcome's event
             // follows (one event per job keeps the API server's load per job low).
             Ok(_) => return Ok(true),
@@ -699,7 +699,8 @@ async fn sync_endpoints(pool: &GpuPool, ctx: &Context) {
         let Some(sls) = &entry.runpod_serverless else {
             continue;
         };
-        if !sls.manage_endpoint_settings || !ctx.endpoint_sync_due(pool, &entry.name, ENDPOINT_SYNC)
+        if !sls.manage_endpoint_settings
+            || !ctx.endpoint_sync_due(PoolKey::of(pool).entry(&entry.name), ENDPOINT_SYNC)
         {
             continue;
         }
@@ -714,7 +715,7 @@ async fn sync_endpoints(pool: &GpuPool, ctx: &Context) {
         }
         .await;
         if let Err(e) = result {
-            ctx.endpoint_sync_failed(pool, &entry.name);
+            ctx.endpoint_sync_failed(&PoolKey::of(pool).entry(&entry.name));
             ctx.event(
                 pool,
                 true,
@@ -789,29 +790,31 @@ fn pool_status(
         .spec
         .providers
         .iter()
-        .map(|p| match ctx.provider_backoff(&ns, &name, &p.name) {
-            Some(b) => {
-                next_backoff = Some(next_backoff.map_or(b.until, |n| n.min(b.until)));
-                ProviderStatus {
-                    name: p.name.clone(),
-                    state: if b.unavailable {
-                        ProviderState::Unavailable
-                    } else {
-                        ProviderState::BackingOff
-                    },
-                    backoff_until: Some(Time(b.until)),
-                    consecutive_failures: b.failures as i32,
-                    message: Some(b.message.chars().take(512).collect()),
+        .map(
+            |p| match ctx.provider_backoff(&PoolKey::new(&ns, &name).entry(&p.name)) {
+                Some(b) => {
+                    next_backoff = Some(next_backoff.map_or(b.until, |n| n.min(b.until)));
+                    ProviderStatus {
+                        name: p.name.clone(),
+                        state: if b.unavailable {
+                            ProviderState::Unavailable
+                        } else {
+                            ProviderState::BackingOff
+                        },
+                        backoff_until: Some(Time(b.until)),
+                        consecutive_failures: b.failures as i32,
+                        message: Some(b.message.chars().take(512).collect()),
+                    }
                 }
-            }
-            None => ProviderStatus {
-                name: p.name.clone(),
-                state: ProviderState::Available,
-                backoff_until: None,
-                consecutive_failures: 0,
-                message: None,
+                None => ProviderStatus {
+                    name: p.name.clone(),
+                    state: ProviderState::Available,
+                    backoff_until: None,
+                    consecutive_failures: 0,
+                    message: None,
+                },
             },
-        })
+        )
         .collect();
     ctx.metrics.publish_pool(&PoolGauges {
         namespace: &ns,
@@ -835,9 +838,7 @@ fn pool_status(
         max_hourly_spend: pool
             .spec
             .max_hourly_spend
-            .as_deref()
-            .and_then(|s| s.parse::<Decimal>().ok())
-            .map(|d| d.try_into().unwrap_or(0.0)),
+            .map(|m| m.amount().try_into().unwrap_or(0.0)),
     });
     let available = providers
         .iter()
@@ -865,30 +866,12 @@ fn pool_status(
         },
         &message,
         pool.metadata.generation,
-        pool.status
-            .as_ref()
-            .and_then(|s| {
-                s.conditions
-                    .iter()
-                    .find(|c| c.type_ == ConditionType::Ready.as_str())
-                    .map(|c| c.last_transition_time.0)
-            })
-            .filter(|_| {
-                pool.status
-                    .as_ref()
-                    .and_then(|s| {
-                        s.conditions
-                            .iter()
-                            .find(|c| c.type_ == ConditionType::Ready.as_str())
-                    })
-                    .is_some_and(|c| (c.status == "True") == ready)
-            })
-            .unwrap_or(now),
+        now,
     );
     let status = GpuPoolStatus {
         observed_generation: pool.metadata.generation,
         instances: Some(counts),
-        spend_per_hour: Some(money(spend)),
+        spend_per_hour: Some(Money::new(spend)),
         pending_jobs: Some(pending as i32),
         providers,
         conditions,
@@ -903,6 +886,7 @@ async fn cleanup(pool: Arc<GpuPool>, ctx: &Context) -> Result<Action> {
     let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
     let instances = instances_of(ctx, &ns, &pool.name_any());
     if instances.is_empty() {
+        ctx.forget_pool(&PoolKey::of(pool.as_ref()));
         return Ok(Action::await_change());
     }
     for i in &instances {

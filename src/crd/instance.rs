@@ -7,7 +7,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{DNS_LABEL_PATTERN, MONEY_PATTERN, conditions_schema};
+use super::common::{
+    ConditionType, DNS_LABEL_PATTERN, MONEY_PATTERN, Money, conditions_schema, set_condition,
+};
+use jiff::{SignedDuration, Timestamp};
 
 /// One GPU machine rented for a GpuPool.
 ///
@@ -126,7 +129,7 @@ pub struct OfferInfo {
     /// Price per hour in USD, decimal string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(MONEY_PATTERN))]
-    pub price_per_hour: Option<String>,
+    pub price_per_hour: Option<Money>,
     /// Region or data centre.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
@@ -188,7 +191,7 @@ pub struct GpuInstanceStatus {
     /// USD billed for the machine so far (price times seconds alive), decimal string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(MONEY_PATTERN))]
-    pub accrued_cost: Option<String>,
+    pub accrued_cost: Option<Money>,
 
     /// Human-readable note on the current phase, without credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -198,4 +201,98 @@ pub struct GpuInstanceStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+impl GpuInstanceStatus {
+    /// Failed with `message`; the reconciler then deletes the object, whose finalizer
+    /// destroys the machine.
+    pub fn fail(&mut self, reason: &str, message: String, generation: Option<i64>, now: Timestamp) {
+        self.phase = Some(InstancePhase::Failed);
+        set_condition(
+            &mut self.conditions,
+            ConditionType::Ready,
+            false,
+            reason,
+            &message,
+            generation,
+            now,
+        );
+        self.message = Some(message);
+    }
+
+    /// Idle from `since`, to be destroyed `idle_timeout_seconds` later if still idle.
+    pub fn idle_from(&mut self, since: Timestamp, idle_timeout_seconds: i64) {
+        self.idle_since = Some(MicroTime(since));
+        self.idle_deadline = Some(MicroTime(
+            since
+                .saturating_add(SignedDuration::from_secs(idle_timeout_seconds.max(0)))
+                .unwrap_or(since),
+        ));
+    }
+
+    /// The job on the machine finished at `now`: nothing runs on it any more, one more job
+    /// is counted, and a Ready machine is idle from now.
+    pub fn free(&mut self, now: Timestamp, idle_timeout_seconds: i64) {
+        self.current_job = None;
+        self.jobs_completed += 1;
+        self.last_job_finished_at = Some(MicroTime(now));
+        if self.phase == Some(InstancePhase::Ready) {
+            self.idle_from(now, idle_timeout_seconds);
+        }
+    }
+
+    /// When the machine started being idle: its last job's end, else when it became Ready.
+    pub fn idle_start(&self) -> Option<Timestamp> {
+        self.idle_since
+            .as_ref()
+            .or(self.ready_at.as_ref())
+            .map(|t| t.0)
+    }
+
+    /// Ready with no job on it.
+    pub fn is_idle(&self) -> bool {
+        self.phase == Some(InstancePhase::Ready) && self.current_job.is_none()
+    }
+}
+
+#[cfg(test)]
+mod transitions {
+    use super::*;
+
+    #[test]
+    fn freeing_a_ready_instance_starts_its_idle_clock() {
+        let t0: Timestamp = "2026-12-01T10:00:00Z".parse().unwrap();
+        let mut s = GpuInstanceStatus {
+            phase: Some(InstancePhase::Ready),
+            current_job: Some("job-1".into()),
+            ready_at: Some(MicroTime(t0)),
+            ..Default::default()
+        };
+        assert!(!s.is_idle());
+        assert_eq!(s.idle_start(), Some(t0));
+        let t1 = t0 + SignedDuration::from_secs(42);
+        s.free(t1, 300);
+        assert!(s.is_idle());
+        assert_eq!(s.jobs_completed, 1);
+        assert_eq!(s.idle_start(), Some(t1));
+        assert_eq!(
+            s.idle_deadline.as_ref().map(|t| t.0),
+            Some(t1 + SignedDuration::from_secs(300))
+        );
+        // Freed while Terminating: counted, but no idle clock.
+        let mut t = GpuInstanceStatus {
+            phase: Some(InstancePhase::Terminating),
+            current_job: Some("job-2".into()),
+            ..Default::default()
+        };
+        t.free(t1, 300);
+        assert_eq!(
+            (t.current_job.clone(), t.idle_deadline.clone()),
+            (None, None)
+        );
+        t.fail("MachineLost", "gone".into(), Some(2), t1);
+        assert_eq!(t.phase, Some(InstancePhase::Failed));
+        assert_eq!(t.message.as_deref(), Some("gone"));
+        assert_eq!(t.conditions[0].reason, "MachineLost");
+    }
 }

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::common::{
-    DNS_LABEL_PATTERN, MONEY_PATTERN, any_json_value, conditions_schema, free_form_object,
+    ConditionType, DNS_LABEL_PATTERN, MONEY_PATTERN, Money, any_json_value, conditions_schema,
+    free_form_object, set_condition,
 };
 use super::pool::MAX_TIMEOUT_SECONDS;
+use jiff::Timestamp;
 
 /// Shape of an operation name; the worker serves it at `/video/{operation}`.
 pub const OPERATION_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
@@ -214,7 +216,7 @@ pub struct VideoJobStatus {
     /// This job's share of the machine bill in USD, decimal string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(MONEY_PATTERN))]
-    pub cost: Option<String>,
+    pub cost: Option<Money>,
 
     /// Scheduled, Complete, Failed and similar conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -240,11 +242,186 @@ impl VideoJobStatus {
         self.provider = None;
         self.remote_job_id = None;
     }
+
+    /// The next attempt is under way from `now`: Running on `instance` (`None`: at a
+    /// serverless entry) of provider entry `provider`, `Scheduled=True` with `reason`.
+    pub fn start_attempt(
+        &mut self,
+        instance: Option<&str>,
+        provider: &str,
+        reason: &str,
+        message: &str,
+        generation: Option<i64>,
+        now: Timestamp,
+    ) {
+        if self.phase != Some(JobPhase::Scheduled) {
+            self.scheduled_at = Some(MicroTime(now));
+        }
+        self.phase = Some(JobPhase::Running);
+        self.observed_generation = generation;
+        self.instance = instance.map(String::from);
+        self.provider = Some(provider.to_string());
+        self.remote_job_id = None;
+        self.attempts += 1;
+        self.started_at = Some(MicroTime(now));
+        set_condition(
+            &mut self.conditions,
+            ConditionType::Scheduled,
+            true,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+
+    /// The attempt failed and another is allowed: back to Pending with `error` kept.
+    pub fn retry(
+        &mut self,
+        error: String,
+        reason: &str,
+        message: &str,
+        generation: Option<i64>,
+        now: Timestamp,
+    ) {
+        self.requeue();
+        self.error = Some(error);
+        set_condition(
+            &mut self.conditions,
+            ConditionType::Scheduled,
+            false,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+
+    /// Finished with `output`: Succeeded, `Complete=True` with `reason`.
+    pub fn succeed(
+        &mut self,
+        output: serde_json::Value,
+        reason: &str,
+        message: &str,
+        generation: Option<i64>,
+        now: Timestamp,
+    ) {
+        self.phase = Some(JobPhase::Succeeded);
+        self.output = Some(output);
+        self.error = None;
+        self.finished_at = Some(MicroTime(now));
+        set_condition(
+            &mut self.conditions,
+            ConditionType::Complete,
+            true,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+
+    /// Finished without a result: Failed, `Complete=False` with `reason` and `error`.
+    pub fn fail(&mut self, reason: &str, error: String, generation: Option<i64>, now: Timestamp) {
+        self.phase = Some(JobPhase::Failed);
+        self.finished_at = Some(MicroTime(now));
+        set_condition(
+            &mut self.conditions,
+            ConditionType::Complete,
+            false,
+            reason,
+            &error,
+            generation,
+            now,
+        );
+        self.error = Some(error);
+    }
+
+    /// The outcome's name for metrics and events, once the job is finished.
+    pub fn outcome(&self) -> Option<&'static str> {
+        match self.phase {
+            Some(JobPhase::Succeeded) => Some("Succeeded"),
+            Some(JobPhase::Failed) => Some("Failed"),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod transitions {
     use super::{JobPhase, VideoJobStatus};
+    use crate::crd::ConditionType;
+
+    fn cond(s: &VideoJobStatus, t: ConditionType) -> (String, String) {
+        let c = s.conditions.iter().find(|c| c.type_ == t.as_str()).unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn an_attempt_runs_then_retries_then_fails_or_succeeds() {
+        let t0: jiff::Timestamp = "2026-12-01T10:00:00Z".parse().unwrap();
+        let t1: jiff::Timestamp = "2026-12-01T10:01:00Z".parse().unwrap();
+        let mut s = VideoJobStatus::default();
+        s.bind(Some("gi-1"), "vast", t0);
+        s.start_attempt(Some("gi-1"), "vast", "Dispatched", "sent", Some(3), t1);
+        assert_eq!(s.phase, Some(JobPhase::Running));
+        assert_eq!(s.attempts, 1);
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(
+            s.scheduled_at.as_ref().map(|t| t.0),
+            Some(t0),
+            "kept from the bind"
+        );
+        assert_eq!(s.started_at.as_ref().map(|t| t.0), Some(t1));
+        assert_eq!(
+            cond(&s, ConditionType::Scheduled),
+            ("True".into(), "Dispatched".into())
+        );
+
+        s.retry("boom".into(), "Retrying", "attempt 1 failed", Some(3), t1);
+        assert_eq!(s.phase, Some(JobPhase::Pending));
+        assert_eq!(
+            (s.instance.clone(), s.error.as_deref()),
+            (None, Some("boom"))
+        );
+        assert_eq!(
+            cond(&s, ConditionType::Scheduled),
+            ("False".into(), "Retrying".into())
+        );
+        assert_eq!(s.outcome(), None);
+
+        // Restarted from Pending (no bind in between): scheduled now.
+        s.start_attempt(None, "rp", "Submitted", "queued", Some(3), t1);
+        assert_eq!(s.attempts, 2);
+        assert_eq!(s.scheduled_at.as_ref().map(|t| t.0), Some(t1));
+
+        let mut failed = s.clone();
+        failed.fail("RetriesExhausted", "boom again".into(), Some(3), t1);
+        assert_eq!(failed.outcome(), Some("Failed"));
+        assert_eq!(failed.error.as_deref(), Some("boom again"));
+        assert_eq!(failed.finished_at.as_ref().map(|t| t.0), Some(t1));
+        assert_eq!(
+            cond(&failed, ConditionType::Complete),
+            ("False".into(), "RetriesExhausted".into())
+        );
+
+        s.succeed(
+            serde_json::json!({"ok": true}),
+            "WorkerSucceeded",
+            "2xx",
+            Some(3),
+            t1,
+        );
+        assert_eq!(s.outcome(), Some("Succeeded"));
+        assert_eq!(
+            s.error, None,
+            "a retried error does not outlive the success"
+        );
+        assert_eq!(
+            cond(&s, ConditionType::Complete),
+            ("True".into(), "WorkerSucceeded".into())
+        );
+    }
 
     #[test]
     fn bind_then_requeue_leaves_nothing_bound() {

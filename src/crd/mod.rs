@@ -12,7 +12,7 @@ pub mod instance;
 pub mod job;
 pub mod pool;
 
-pub use common::{ConditionType, SecretKeyRef};
+pub use common::{ConditionType, Money, SecretKeyRef};
 pub use instance::{GpuInstance, GpuInstanceSpec, GpuInstanceStatus, InstancePhase, OfferInfo};
 pub use job::{JobPhase, VideoJob, VideoJobSpec, VideoJobStatus};
 pub use pool::{

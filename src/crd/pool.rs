@@ -7,7 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{DNS_LABEL_PATTERN, MONEY_PATTERN, SecretKeyRef, conditions_schema};
+use super::common::{DNS_LABEL_PATTERN, MONEY_PATTERN, Money, SecretKeyRef, conditions_schema};
 
 /// Default seconds an instance stays warm after its last job.
 pub const DEFAULT_IDLE_TIMEOUT_SECONDS: i64 = 300;
@@ -104,7 +104,7 @@ pub struct GpuPoolSpec {
     /// such as "5.00". No new instance is rented that would exceed it. Unset: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16), pattern(MONEY_PATTERN))]
-    pub max_hourly_spend: Option<String>,
+    pub max_hourly_spend: Option<Money>,
 
     /// Seconds an instance has to become Ready (provider running and worker healthy);
     /// after that it is destroyed and replaced. Between 1 and 86400.
@@ -381,7 +381,7 @@ pub struct GpuPoolStatus {
 
     /// Summed price per hour of the pool's instances that are billing, in USD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spend_per_hour: Option<String>,
+    pub spend_per_hour: Option<Money>,
 
     /// VideoJobs of the pool waiting for an instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]

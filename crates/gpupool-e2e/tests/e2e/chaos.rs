@@ -18,7 +18,6 @@ use std::{
 use futures::{StreamExt, TryStreamExt};
 use kube::{Api, ResourceExt, api::ListParams, runtime::watcher};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
@@ -297,14 +296,7 @@ async fn chaos(replicas: usize) {
     let finals = finals.lock().await;
     let accounted: f64 = finals
         .values()
-        .filter_map(|gi| {
-            gi.status
-                .as_ref()?
-                .accrued_cost
-                .as_deref()?
-                .parse::<Decimal>()
-                .ok()
-        })
+        .filter_map(|gi| Some(gi.status.as_ref()?.accrued_cost?.amount()))
         .map(|d| f64::try_from(d).unwrap_or(0.0))
         .sum();
     let calls = admin(&sim, "calls").await;

@@ -157,15 +157,7 @@ async fn a_job_on_an_empty_pool_runs_then_its_instance_is_reused_and_destroyed_a
 
     // The bill matches the operator's accounting within 1%.
     let billed: f64 = machine["cost"].as_f64().unwrap();
-    let accrued: Decimal = last
-        .status
-        .as_ref()
-        .unwrap()
-        .accrued_cost
-        .clone()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let accrued: Decimal = last.status.as_ref().unwrap().accrued_cost.unwrap().amount();
     let accrued: f64 = accrued.try_into().unwrap();
     eprintln!("simulator bill {billed:.6} USD, operator accrued {accrued:.6} USD");
     assert!(
