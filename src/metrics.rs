@@ -232,7 +232,23 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("gpupool");
         let mut names = Vec::new();
-        let m = Self {
+        let m = Self::unregistered();
+        // The groups register in this order, the order `names()` and `/metrics` keep.
+        m.register_pool_usage(&mut registry, &mut names);
+        m.register_job_timings(&mut registry, &mut names);
+        m.register_calls_and_failures(&mut registry, &mut names);
+        m.register_process(&mut registry, &mut names);
+        m.register_pool_state(&mut registry, &mut names);
+        Self {
+            registry,
+            names,
+            ..m
+        }
+    }
+
+    /// Every metric with no series, in an empty registry that [`Self::new`] replaces.
+    fn unregistered() -> Self {
+        Self {
             instances: Family::default(),
             spend_per_hour: Family::default(),
             spend_total: Family::default(),
@@ -262,173 +278,190 @@ impl Metrics {
             idle_deadline_set: Mutex::default(),
             registry: Registry::default(),
             names: Vec::new(),
-        };
+        }
+    }
+
+    /// Registers what a pool runs and spends: instances by phase, spend, pending jobs.
+    fn register_pool_usage(&self, registry: &mut Registry, names: &mut Vec<String>) {
         register(
-            &mut registry,
-            &mut names,
-            "instances",
-            "GpuInstances by pool, provider and phase",
-            m.instances.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "spend_dollars_per_hour",
-            "USD per hour over a pool's billing instances",
-            m.spend_per_hour.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "spend_dollars",
-            "USD billed for destroyed instances, as accounted by the operator",
-            m.spend_total.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "pending_jobs",
-            "VideoJobs waiting for an instance",
-            m.pending_jobs.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "jobs",
-            "Finished VideoJobs by outcome",
-            m.jobs.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "job_wait_seconds",
-            "From VideoJob creation to dispatch",
-            m.job_wait_seconds.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "job_run_seconds",
-            "From dispatch to the worker's answer",
-            m.job_run_seconds.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "dispatch_overhead_seconds",
-            "Operator time from a job's binding to the worker request on a warm instance",
-            m.dispatch_overhead_seconds.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "idle_teardown_lateness_seconds",
-            "Time from an instance's idle deadline to its deletion",
-            m.idle_teardown_lateness_seconds.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "provider_calls",
-            "Provider API calls by provider entry, operation and outcome",
-            m.provider_calls.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "provider_call_seconds",
-            "Provider API call latency",
-            m.provider_call_seconds.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "reconcile_errors",
-            "Failed reconciles by kind and error class",
-            m.reconcile_errors.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "teardown_failing",
-            "Instances whose teardown keeps failing (they may still bill)",
-            m.teardown_failing.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "orphans_destroyed",
-            "Provider machines with this cluster's label and no GpuInstance, destroyed by the sweep",
-            m.orphans_destroyed.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "events",
-            "Kubernetes events emitted, by reason",
-            m.events.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "kube_requests",
-            "Requests this process sent to the Kubernetes API server, by verb and resource",
-            m.kube_requests.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "leader",
-            "1 while this replica reconciles (holds the Lease, or runs without leader election), 0 on standby",
-            m.leader.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "max_hourly_spend_dollars",
-            "A pool's spec.maxHourlySpend in USD per hour (absent when unlimited)",
-            m.max_hourly_spend.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "jobs_by_phase",
-            "A pool's VideoJobs by phase, finished ones until their TTL removes them",
-            m.jobs_by_phase.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "idle_instances",
-            "Ready GpuInstances with no job: billing while they wait for their idle deadline",
-            m.idle_instances.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "instance_idle_deadline_timestamp_seconds",
-            "When an idle GpuInstance is due for teardown (Unix seconds); present only while it is idle",
-            m.idle_deadlines.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "provider_state",
-            "1 for the state each provider entry of a pool is in (Available, BackingOff, Unavailable), 0 for the others",
-            m.provider_state.clone(),
-        );
-        register(
-            &mut registry,
-            &mut names,
-            "provider_backoff_until_timestamp_seconds",
-            "When a backing-off or unavailable provider entry is tried again (Unix seconds)",
-            m.provider_backoff_until.clone(),
-        );
-        Self {
             registry,
             names,
-            ..m
-        }
+            "instances",
+            "GpuInstances by pool, provider and phase",
+            self.instances.clone(),
+        );
+        register(
+            registry,
+            names,
+            "spend_dollars_per_hour",
+            "USD per hour over a pool's billing instances",
+            self.spend_per_hour.clone(),
+        );
+        register(
+            registry,
+            names,
+            "spend_dollars",
+            "USD billed for destroyed instances, as accounted by the operator",
+            self.spend_total.clone(),
+        );
+        register(
+            registry,
+            names,
+            "pending_jobs",
+            "VideoJobs waiting for an instance",
+            self.pending_jobs.clone(),
+        );
+    }
+
+    /// Registers finished jobs and the latency histograms: wait, run, dispatch overhead, teardown
+    /// lateness.
+    fn register_job_timings(&self, registry: &mut Registry, names: &mut Vec<String>) {
+        register(
+            registry,
+            names,
+            "jobs",
+            "Finished VideoJobs by outcome",
+            self.jobs.clone(),
+        );
+        register(
+            registry,
+            names,
+            "job_wait_seconds",
+            "From VideoJob creation to dispatch",
+            self.job_wait_seconds.clone(),
+        );
+        register(
+            registry,
+            names,
+            "job_run_seconds",
+            "From dispatch to the worker's answer",
+            self.job_run_seconds.clone(),
+        );
+        register(
+            registry,
+            names,
+            "dispatch_overhead_seconds",
+            "Operator time from a job's binding to the worker request on a warm instance",
+            self.dispatch_overhead_seconds.clone(),
+        );
+        register(
+            registry,
+            names,
+            "idle_teardown_lateness_seconds",
+            "Time from an instance's idle deadline to its deletion",
+            self.idle_teardown_lateness_seconds.clone(),
+        );
+    }
+
+    /// Registers provider calls and their latency, failed reconciles, failing teardowns, orphans.
+    fn register_calls_and_failures(&self, registry: &mut Registry, names: &mut Vec<String>) {
+        register(
+            registry,
+            names,
+            "provider_calls",
+            "Provider API calls by provider entry, operation and outcome",
+            self.provider_calls.clone(),
+        );
+        register(
+            registry,
+            names,
+            "provider_call_seconds",
+            "Provider API call latency",
+            self.provider_call_seconds.clone(),
+        );
+        register(
+            registry,
+            names,
+            "reconcile_errors",
+            "Failed reconciles by kind and error class",
+            self.reconcile_errors.clone(),
+        );
+        register(
+            registry,
+            names,
+            "teardown_failing",
+            "Instances whose teardown keeps failing (they may still bill)",
+            self.teardown_failing.clone(),
+        );
+        register(
+            registry,
+            names,
+            "orphans_destroyed",
+            "Provider machines with this cluster's label and no GpuInstance, destroyed by the sweep",
+            self.orphans_destroyed.clone(),
+        );
+    }
+
+    /// Registers this process: events emitted, Kubernetes API requests, leadership.
+    fn register_process(&self, registry: &mut Registry, names: &mut Vec<String>) {
+        register(
+            registry,
+            names,
+            "events",
+            "Kubernetes events emitted, by reason",
+            self.events.clone(),
+        );
+        register(
+            registry,
+            names,
+            "kube_requests",
+            "Requests this process sent to the Kubernetes API server, by verb and resource",
+            self.kube_requests.clone(),
+        );
+        register(
+            registry,
+            names,
+            "leader",
+            "1 while this replica reconciles (holds the Lease, or runs without leader election), 0 on standby",
+            self.leader.clone(),
+        );
+    }
+
+    /// Registers the rest of a pool's gauges: spend limit, jobs by phase, idle instances and their
+    /// deadlines, provider entry states.
+    fn register_pool_state(&self, registry: &mut Registry, names: &mut Vec<String>) {
+        register(
+            registry,
+            names,
+            "max_hourly_spend_dollars",
+            "A pool's spec.maxHourlySpend in USD per hour (absent when unlimited)",
+            self.max_hourly_spend.clone(),
+        );
+        register(
+            registry,
+            names,
+            "jobs_by_phase",
+            "A pool's VideoJobs by phase, finished ones until their TTL removes them",
+            self.jobs_by_phase.clone(),
+        );
+        register(
+            registry,
+            names,
+            "idle_instances",
+            "Ready GpuInstances with no job: billing while they wait for their idle deadline",
+            self.idle_instances.clone(),
+        );
+        register(
+            registry,
+            names,
+            "instance_idle_deadline_timestamp_seconds",
+            "When an idle GpuInstance is due for teardown (Unix seconds); present only while it is idle",
+            self.idle_deadlines.clone(),
+        );
+        register(
+            registry,
+            names,
+            "provider_state",
+            "1 for the state each provider entry of a pool is in (Available, BackingOff, Unavailable), 0 for the others",
+            self.provider_state.clone(),
+        );
+        register(
+            registry,
+            names,
+            "provider_backoff_until_timestamp_seconds",
+            "When a backing-off or unavailable provider entry is tried again (Unix seconds)",
+            self.provider_backoff_until.clone(),
+        );
     }
 
     /// The name of every metric (as `# TYPE` gives it: a counter without `_total`, a
@@ -669,6 +702,37 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), m.names().len(), "a name registered twice");
+    }
+
+    #[test]
+    fn names_keep_their_registration_order() {
+        let expected = [
+            "instances",
+            "spend_dollars_per_hour",
+            "spend_dollars",
+            "pending_jobs",
+            "jobs",
+            "job_wait_seconds",
+            "job_run_seconds",
+            "dispatch_overhead_seconds",
+            "idle_teardown_lateness_seconds",
+            "provider_calls",
+            "provider_call_seconds",
+            "reconcile_errors",
+            "teardown_failing",
+            "orphans_destroyed",
+            "events",
+            "kube_requests",
+            "leader",
+            "max_hourly_spend_dollars",
+            "jobs_by_phase",
+            "idle_instances",
+            "instance_idle_deadline_timestamp_seconds",
+            "provider_state",
+            "provider_backoff_until_timestamp_seconds",
+        ]
+        .map(|n| format!("gpupool_{n}"));
+        assert_eq!(Metrics::new().names(), expected);
     }
 
     fn of(method: &str, path: &str, query: Option<&str>) -> (String, String) {

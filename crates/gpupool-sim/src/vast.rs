@@ -16,14 +16,14 @@ use axum::{
     routing::{get, post, put},
 };
 use jiff::Timestamp;
-use rand::Rng;
+use rand::{Rng, rngs::StdRng};
 use serde_json::{Map, Value, json};
 
 use super::{
     config::VastOfferSpec,
     http::{self, AuthMode, Family, OpSlot},
     instances, query,
-    state::{Instance, Phase, PortSpec, Provider, Sim, details},
+    state::{Instance, Phase, PortSpec, Provider, Sim, State as SimState, details},
     util,
 };
 
@@ -463,165 +463,255 @@ async fn create(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let invalid = |msg: String| {
-        util::json(
-            StatusCode::BAD_REQUEST,
-            &json!({"success": false, "error": "invalid_args", "msg": format!("error 400/3467: Invalid args: {msg}"), "ask_id": offer_id}),
-        )
+    let request = match CreateRequest::parse(offer_id, &body) {
+        Ok(r) => r,
+        Err(r) => return r,
     };
-    let str_field = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
-    let templated = str_field("template_hash_id").is_some()
-        || body.get("template_id").is_some_and(|v| !v.is_null());
-    let image = str_field("image").filter(|s| !s.is_empty());
-    if image.is_none() && !templated {
-        return invalid("'image' is required".into());
-    }
-    let image = image.unwrap_or_else(|| "vastai/base-image:@vastai-automatic-tag".into());
-    if image.len() > 1024 {
-        return invalid("image is longer than 1024 characters".into());
-    }
-    let label = str_field("label");
-    if label.as_ref().is_some_and(|l| l.chars().count() > 256) {
-        return invalid("label is longer than 256 characters".into());
-    }
-    let disk = match body.get("disk") {
-        None | Some(Value::Null) => 10.0,
-        Some(v) => match v.as_f64() {
-            Some(d) if d >= 8.0 => d,
-            _ => return invalid("disk must be a number of at least 8 (GB)".into()),
-        },
+    let now = util::now_ms();
+    let placed = {
+        let mut st = sim.lock();
+        let st = &mut *st;
+        pick_offer(st, offer_id).map(|spec| build_instance(st, offer_id, &spec, request, now))
     };
-    let bid = match body.get("price") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_f64() {
-            Some(p) if (0.001..=128.0).contains(&p) => Some(p),
-            _ => {
-                return util::json(
-                    StatusCode::BAD_REQUEST,
-                    &json!({"success": false, "error": "invalid_price", "msg": "error 400/3468: price must be between 0.001 and 128", "ask_id": offer_id}),
-                );
+    match placed {
+        Ok((inst, api_key)) => store_and_respond(&sim, &slot, inst, api_key),
+        Err(r) => r,
+    }
+}
+
+/// A create's body, checked as Vast checks it.
+struct CreateRequest {
+    label: Option<String>,
+    image: String,
+    disk: f64,
+    /// The bid of an interruptible instance; `None` for on-demand.
+    bid: Option<f64>,
+    env: Vec<(String, String)>,
+    runtype: String,
+    /// Created stopped (`target_state: "stopped"`).
+    stopped: bool,
+    onstart: Value,
+    args: Value,
+    template_hash_id: Value,
+}
+
+impl CreateRequest {
+    /// The first problem, in the order Vast checks, is the answer.
+    fn parse(offer_id: u64, body: &Map<String, Value>) -> Result<Self, Response> {
+        let invalid = |msg: String| invalid_create_args(offer_id, msg);
+        let str_field = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
+        let templated = str_field("template_hash_id").is_some()
+            || body.get("template_id").is_some_and(|v| !v.is_null());
+        let image = str_field("image").filter(|s| !s.is_empty());
+        if image.is_none() && !templated {
+            return Err(invalid("'image' is required".into()));
+        }
+        let image = image.unwrap_or_else(|| "vastai/base-image:@vastai-automatic-tag".into());
+        if image.len() > 1024 {
+            return Err(invalid("image is longer than 1024 characters".into()));
+        }
+        let label = str_field("label");
+        if label.as_ref().is_some_and(|l| l.chars().count() > 256) {
+            return Err(invalid("label is longer than 256 characters".into()));
+        }
+        let disk = requested_disk(body)
+            .ok_or_else(|| invalid("disk must be a number of at least 8 (GB)".into()))?;
+        let bid = requested_bid(offer_id, body)?;
+        let env = requested_env(body).map_err(invalid)?;
+        let runtype = str_field("runtype").unwrap_or_else(|| {
+            if body.get("args").is_some_and(|a| !a.is_null()) || str_field("args_str").is_some() {
+                "args".into()
+            } else {
+                "ssh".into()
             }
+        });
+        let stopped = str_field("target_state").as_deref() == Some("stopped");
+        let field = |k: &str| body.get(k).cloned().unwrap_or(Value::Null);
+        Ok(Self {
+            label,
+            image,
+            disk,
+            bid,
+            env,
+            runtype,
+            stopped,
+            onstart: field("onstart"),
+            args: field("args"),
+            template_hash_id: field("template_hash_id"),
+        })
+    }
+}
+
+/// A 400 `invalid_args` answer to a create of `offer_id`.
+fn invalid_create_args(offer_id: u64, msg: String) -> Response {
+    util::json(
+        StatusCode::BAD_REQUEST,
+        &json!({"success": false, "error": "invalid_args", "msg": format!("error 400/3467: Invalid args: {msg}"), "ask_id": offer_id}),
+    )
+}
+
+/// The container disk in GB: 10 when not given; `None` when it is not a number of at least 8.
+fn requested_disk(body: &Map<String, Value>) -> Option<f64> {
+    match body.get("disk") {
+        None | Some(Value::Null) => Some(10.0),
+        Some(v) => v.as_f64().filter(|d| *d >= 8.0),
+    }
+}
+
+/// The bid (`price`) of an interruptible create, between 0.001 and 128.
+fn requested_bid(offer_id: u64, body: &Map<String, Value>) -> Result<Option<f64>, Response> {
+    match body.get("price") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(p) if (0.001..=128.0).contains(&p) => Ok(Some(p)),
+            _ => Err(util::json(
+                StatusCode::BAD_REQUEST,
+                &json!({"success": false, "error": "invalid_price", "msg": "error 400/3468: price must be between 0.001 and 128", "ask_id": offer_id}),
+            )),
         },
-    };
-    let env = match parse_env(body.get("env")) {
-        Ok(e) => e,
-        Err(e) => return invalid(e),
-    };
+    }
+}
+
+/// The env entries, within Vast's limits: 256 characters each, 32768 in all.
+fn requested_env(body: &Map<String, Value>) -> Result<Vec<(String, String)>, String> {
+    let env = parse_env(body.get("env"))?;
     if env.iter().any(|(k, v)| k.len() + v.len() > 256)
         || env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > 32_768
     {
-        return invalid("env entries are limited to 256 characters, 32768 in total".into());
+        return Err("env entries are limited to 256 characters, 32768 in total".into());
     }
-    let runtype = str_field("runtype").unwrap_or_else(|| {
-        if body.get("args").is_some_and(|a| !a.is_null()) || str_field("args_str").is_some() {
-            "args".into()
-        } else {
-            "ssh".into()
-        }
-    });
-    let stopped = str_field("target_state").as_deref() == Some("stopped");
+    Ok(env)
+}
 
-    let now = util::now_ms();
-    let (inst, api_key) = {
-        let mut st = sim.lock();
-        let st = &mut *st;
-        let Some(spec) = st.offers.iter().find(|o| o.id == offer_id).cloned() else {
-            return no_such_ask(offer_id);
-        };
-        if !st.offer_available(&spec) {
-            return no_such_ask(offer_id);
-        }
-        let offer = offer_json(&spec, now, bid.is_some());
-        let id = st.next_vast_id;
-        st.next_vast_id += 1;
-        let api_key = util::hex_id(&mut st.rng, 64);
-        let mut fake_port = || st.rng.random_range(20_000..30_000u16);
-        let mut ports: Vec<PortSpec> = requested_ports(&env)
-            .into_iter()
-            .map(|(port, proto)| PortSpec {
-                port,
-                proto,
-                public: fake_port(),
-            })
-            .collect();
-        let worker_port = env
-            .iter()
-            .find(|(k, _)| k == crate::ENV_WORKER_PORT)
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .or_else(|| ports.iter().find(|p| p.proto == "tcp").map(|p| p.port))
-            .unwrap_or(8000);
-        if !ports
-            .iter()
-            .any(|p| p.port == worker_port && p.proto == "tcp")
-        {
-            ports.push(PortSpec {
-                port: worker_port,
-                proto: "tcp".into(),
-                public: fake_port(),
-            });
-        }
-        if runtype.contains("ssh") && !ports.iter().any(|p| p.port == 22) {
-            ports.push(PortSpec {
-                port: 22,
-                proto: "tcp".into(),
-                public: fake_port(),
-            });
-        }
-        if runtype.contains("jupyter") && !ports.iter().any(|p| p.port == 8080) {
-            ports.push(PortSpec {
-                port: 8080,
-                proto: "tcp".into(),
-                public: fake_port(),
-            });
-        }
-        let ssh_port = fake_port();
-        let jupyter_token = util::hex_id(&mut st.rng, 64);
-        let inst = Instance {
-            provider: Provider::Vast,
-            id: id.to_string(),
-            label,
-            gpu_name: spec.gpu_name.clone(),
-            num_gpus: spec.num_gpus,
-            price_per_hour: bid.unwrap_or(spec.dph_total),
-            image,
-            env,
-            ports,
-            worker_port,
-            phase: if stopped {
-                Phase::Stopped
-            } else {
-                Phase::Provisioning
-            },
-            created_at: now,
-            running_at: None,
-            last_started_at: None,
-            died_at: None,
-            destroyed_at: None,
-            last_status_change: now,
-            generation: 0,
-            worker: None,
-            worker_started: None,
-            die_on_next_job: false,
-            executions: 0,
-            details: details(json!({
-                "offer_id": offer_id,
-                "offer": offer,
-                "disk": disk,
-                "runtype": runtype,
-                "onstart": body.get("onstart").cloned().unwrap_or(Value::Null),
-                "args": body.get("args").cloned().unwrap_or(Value::Null),
-                "is_bid": bid.is_some(),
-                "ssh_port": ssh_port,
-                "jupyter_token": jupyter_token,
-                "template_hash_id": body.get("template_hash_id").cloned().unwrap_or(Value::Null),
-            })),
-        };
-        (inst, api_key)
+/// The offer a create asks for, if it exists and is still available.
+fn pick_offer(st: &SimState, offer_id: u64) -> Result<VastOfferSpec, Response> {
+    let Some(spec) = st.offers.iter().find(|o| o.id == offer_id).cloned() else {
+        return Err(no_such_ask(offer_id));
     };
+    if !st.offer_available(&spec) {
+        return Err(no_such_ask(offer_id));
+    }
+    Ok(spec)
+}
+
+/// The new instance on `spec` and its instance API key. Draws from the simulator's seeded
+/// generator in a fixed order (key, ports, SSH port, Jupyter token), so a seed gives the same
+/// instance every time.
+fn build_instance(
+    st: &mut SimState,
+    offer_id: u64,
+    spec: &VastOfferSpec,
+    request: CreateRequest,
+    now: Timestamp,
+) -> (Instance, String) {
+    let offer = offer_json(spec, now, request.bid.is_some());
+    let id = st.next_vast_id;
+    st.next_vast_id += 1;
+    let api_key = util::hex_id(&mut st.rng, 64);
+    let (ports, worker_port) = instance_ports(&mut st.rng, &request.env, &request.runtype);
+    let ssh_port = st.rng.random_range(20_000..30_000u16);
+    let jupyter_token = util::hex_id(&mut st.rng, 64);
+    let details = details(json!({
+        "offer_id": offer_id,
+        "offer": offer,
+        "disk": request.disk,
+        "runtype": request.runtype,
+        "onstart": request.onstart,
+        "args": request.args,
+        "is_bid": request.bid.is_some(),
+        "ssh_port": ssh_port,
+        "jupyter_token": jupyter_token,
+        "template_hash_id": request.template_hash_id,
+    }));
+    let inst = Instance {
+        provider: Provider::Vast,
+        id: id.to_string(),
+        label: request.label,
+        gpu_name: spec.gpu_name.clone(),
+        num_gpus: spec.num_gpus,
+        price_per_hour: request.bid.unwrap_or(spec.dph_total),
+        image: request.image,
+        env: request.env,
+        ports,
+        worker_port,
+        phase: if request.stopped {
+            Phase::Stopped
+        } else {
+            Phase::Provisioning
+        },
+        created_at: now,
+        running_at: None,
+        last_started_at: None,
+        died_at: None,
+        destroyed_at: None,
+        last_status_change: now,
+        generation: 0,
+        worker: None,
+        worker_started: None,
+        die_on_next_job: false,
+        executions: 0,
+        details,
+    };
+    (inst, api_key)
+}
+
+/// The ports of a new instance (each with a made-up public port) and its worker's port: the
+/// `-p` env entries, the worker port (from its env variable, else the first TCP port, else
+/// 8000), 22 for an SSH runtype and 8080 for Jupyter.
+fn instance_ports(
+    rng: &mut StdRng,
+    env: &[(String, String)],
+    runtype: &str,
+) -> (Vec<PortSpec>, u16) {
+    let mut fake_port = || rng.random_range(20_000..30_000u16);
+    let mut ports: Vec<PortSpec> = requested_ports(env)
+        .into_iter()
+        .map(|(port, proto)| PortSpec {
+            port,
+            proto,
+            public: fake_port(),
+        })
+        .collect();
+    let worker_port = env
+        .iter()
+        .find(|(k, _)| k == crate::ENV_WORKER_PORT)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .or_else(|| ports.iter().find(|p| p.proto == "tcp").map(|p| p.port))
+        .unwrap_or(8000);
+    if !ports
+        .iter()
+        .any(|p| p.port == worker_port && p.proto == "tcp")
+    {
+        ports.push(PortSpec {
+            port: worker_port,
+            proto: "tcp".into(),
+            public: fake_port(),
+        });
+    }
+    if runtype.contains("ssh") && !ports.iter().any(|p| p.port == 22) {
+        ports.push(PortSpec {
+            port: 22,
+            proto: "tcp".into(),
+            public: fake_port(),
+        });
+    }
+    if runtype.contains("jupyter") && !ports.iter().any(|p| p.port == 8080) {
+        ports.push(PortSpec {
+            port: 8080,
+            proto: "tcp".into(),
+            public: fake_port(),
+        });
+    }
+    (ports, worker_port)
+}
+
+/// Stores the new instance, then answers with its contract id and instance API key (unless a
+/// ghost-create fault drops the answer after the instance exists).
+fn store_and_respond(sim: &Arc<Sim>, slot: &OpSlot, inst: Instance, api_key: String) -> Response {
     let contract = inst.id.clone();
     slot.set_instance(contract.clone());
-    instances::create(&sim, inst);
-    if let Some(r) = http::ghost_create(&sim, "vast.create", Family::Vast) {
+    instances::create(sim, inst);
+    if let Some(r) = http::ghost_create(sim, "vast.create", Family::Vast) {
         return r;
     }
     let contract: u64 = contract.parse().unwrap_or_default();
