@@ -8,6 +8,7 @@
 
 pub mod context;
 pub mod dispatch;
+mod fanout;
 pub mod idle;
 pub mod instance;
 pub mod job;
@@ -23,16 +24,12 @@ use std::{sync::Arc, time::Duration};
 use futures::{StreamExt, future::join_all};
 use kube::{
     Api, Resource, ResourceExt,
-    runtime::{
-        Controller, WatchStreamExt,
-        controller::Action,
-        reflector::{self, ObjectRef, Store},
-        watcher,
-    },
+    runtime::{Controller, controller::Action, reflector::ObjectRef},
 };
 use tracing::{info, warn};
 
 pub use context::Context;
+use fanout::{channel_stream, watch_and_fan_out};
 
 use crate::{
     crd::{GpuInstance, GpuPool, VideoJob},
@@ -175,89 +172,6 @@ pub fn from_finalizer(
         Err(F::AddFinalizer(e) | F::RemoveFinalizer(e)) => Err(Error::Kube(e)),
         Err(e) => Err(Error::Finalizer(e.to_string())),
     }
-}
-
-/// A stream that yields what a channel receives, as a controller trigger.
-fn channel_stream<K: Send + Sync + 'static>(
-    rx: tokio::sync::mpsc::UnboundedReceiver<Arc<K>>,
-) -> impl futures::Stream<Item = Arc<K>> + Send {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (k, rx)) })
-}
-
-/// One watch per kind feeds one cache, then fans each object out to every controller that
-/// reacts to that kind. The cache is updated before any controller hears of the change, so
-/// a reconcile triggered by an event always sees that event in the cache (two watches of
-/// the same kind would race: a pool could be woken by a job its cache does not show yet).
-fn watch_and_fan_out<K>(
-    api: Api<K>,
-    consumers: usize,
-    on_event: impl Fn(&K) + Send + 'static,
-) -> (
-    Store<K>,
-    Vec<tokio::sync::mpsc::UnboundedReceiver<Arc<K>>>,
-    impl Future<Output = ()> + Send,
-)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store::<K>();
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..consumers)
-        .map(|_| tokio::sync::mpsc::unbounded_channel::<Arc<K>>())
-        .unzip();
-    let reader = store.clone();
-    let kind = K::kind(&()).to_string();
-    // The initial list is paginated (500 a page; kube-apiserver serves it from its watch
-    // cache): with `any_semantic` the whole list came in one response, so 10,000 jobs were
-    // decoded at once next to the cache being filled.
-    let driver = watcher(api, watcher::Config::default())
-        .default_backoff()
-        // managedFields are never read from the cache (status writes are server-side applies
-        // built from scratch); dropping them keeps a cache of 10,000 jobs much smaller.
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(writer)
-        .for_each(move |event| {
-            let send = |obj: Arc<K>| {
-                for tx in &senders {
-                    let _ = tx.send(obj.clone());
-                }
-            };
-            match event {
-                // The consumers get the cache's own Arc, so the fan-out holds no copies.
-                Ok(watcher::Event::Apply(obj)) => {
-                    on_event(&obj);
-                    send(
-                        reader
-                            .get(&ObjectRef::from_obj(&obj))
-                            .unwrap_or_else(|| Arc::new(obj)),
-                    );
-                }
-                Ok(watcher::Event::Delete(obj)) => {
-                    on_event(&obj);
-                    send(Arc::new(obj));
-                }
-                // A (re)list: the cache buffers its own copy of each object and swaps them in
-                // at InitDone; this copy goes now. Forwarding it instead (as before) kept a
-                // second copy of every object queued until the controllers started.
-                Ok(watcher::Event::InitApply(obj)) => on_event(&obj),
-                Ok(watcher::Event::Init) => {}
-                // The cache holds the whole list now: every object goes to the consumers, as
-                // the cache's own Arc.
-                Ok(watcher::Event::InitDone) => {
-                    for obj in reader.state() {
-                        send(obj);
-                    }
-                }
-                Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying"),
-            }
-            futures::future::ready(())
-        });
-    (store, receivers, driver)
 }
 
 /// Job reconciles at once, at most. Unbounded (kube-runtime's default), a restart with
