@@ -53,6 +53,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         }),
         worker_config,
     );
+    let (stores, writers) = controller::context::caches();
     let ctx = Arc::new(Context::new(
         client,
         config.controller(cluster_id.clone()),
@@ -60,6 +61,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         metrics,
         providers,
         config.pod_name.clone(),
+        stores,
     ));
     let (addr, server) = gpupool::http::serve(config.http_addr, ctx.clone()).await?;
     info!(%addr, cluster_id, namespace = ?config.namespace, "gpupool listening");
@@ -70,7 +72,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             ctx.set_standby(false);
             tokio::select! {
                 r = server => r??,
-                () = controller::run(ctx) => {}
+                () = controller::run(ctx, writers) => {}
             }
         }
         Some(leader) => {
@@ -81,7 +83,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             ctx.set_standby(false);
             tokio::select! {
                 r = server => r??,
-                () = controller::run(ctx) => {}
+                () = controller::run(ctx, writers) => {}
                 () = elector.keep_renewing() => {
                     // Exit rather than keep any in-memory state: the next leader starts clean.
                     return Err("lost the leader Lease; exiting so another replica leads".into());

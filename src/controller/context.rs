@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -15,7 +15,7 @@ use kube::{
     Client, Resource,
     runtime::{
         events::{Event, EventType, Recorder, Reporter},
-        reflector::{ObjectRef, Store},
+        reflector::{self, ObjectRef, Store, store::Writer},
     },
 };
 use tracing::debug;
@@ -107,6 +107,31 @@ pub struct Stores {
     pub jobs: Store<VideoJob>,
 }
 
+/// The writing ends of the caches, for the watches that fill them ([`super::run`]).
+pub struct Writers {
+    pub pools: Writer<GpuPool>,
+    pub instances: Writer<GpuInstance>,
+    pub jobs: Writer<VideoJob>,
+}
+
+/// Three empty caches: the Context reads them, the watches fill them.
+pub fn caches() -> (Stores, Writers) {
+    let (pools, pool_writer) = reflector::store();
+    let (instances, instance_writer) = reflector::store();
+    let (jobs, job_writer) = reflector::store();
+    let stores = Stores {
+        pools,
+        instances,
+        jobs,
+    };
+    let writers = Writers {
+        pools: pool_writer,
+        instances: instance_writer,
+        jobs: job_writer,
+    };
+    (stores, writers)
+}
+
 pub struct Context {
     pub client: Client,
     pub config: ControllerConfig,
@@ -123,7 +148,7 @@ pub struct Context {
     pub written_instances: Written<GpuInstance>,
     pub written_jobs: Written<VideoJob>,
     recorder: Recorder,
-    stores: OnceLock<Stores>,
+    stores: Stores,
     /// Provider entries skipped after failures.
     backoff: Registry<EntryKey, ProviderBackoff>,
     /// When each serverless entry's settings were last compared with the endpoint's.
@@ -148,6 +173,7 @@ impl Context {
         metrics: Arc<Metrics>,
         providers: Providers,
         instance: Option<String>,
+        stores: Stores,
     ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -165,7 +191,7 @@ impl Context {
             deadlines: Deadlines::default(),
             written_instances: Written::default(),
             written_jobs: Written::default(),
-            stores: OnceLock::new(),
+            stores,
             backoff: Registry::default(),
             endpoint_sync: Throttle::default(),
             failures: Registry::default(),
@@ -181,24 +207,9 @@ impl Context {
         self.clock.now()
     }
 
-    pub(super) fn set_stores(
-        &self,
-        pools: Store<GpuPool>,
-        instances: Store<GpuInstance>,
-        jobs: Store<VideoJob>,
-    ) {
-        let _ = self.stores.set(Stores {
-            pools,
-            instances,
-            jobs,
-        });
-    }
-
-    /// The caches. Only called from reconcilers, which run after [`super::run`] set them.
+    /// The caches the watches fill.
     pub fn stores(&self) -> &Stores {
-        self.stores
-            .get()
-            .expect("stores are set before any reconcile runs")
+        &self.stores
     }
 
     pub(super) async fn wait_until_synced(&self) {

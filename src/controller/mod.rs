@@ -9,6 +9,7 @@
 pub mod context;
 pub mod deadlines;
 pub mod dispatch;
+mod fanout;
 #[cfg(test)]
 mod fixtures;
 pub mod idle;
@@ -25,19 +26,20 @@ pub mod written;
 
 use std::{sync::Arc, time::Duration};
 
-use futures::{StreamExt, future::join_all};
+use futures::{FutureExt, StreamExt, TryFuture, future::join_all};
+use k8s_openapi::NamespaceResourceScope;
 use kube::{
     Api, Resource, ResourceExt,
     runtime::{
-        Controller, WatchStreamExt,
-        controller::Action,
-        reflector::{self, ObjectRef, Store},
-        watcher,
+        Controller,
+        controller::{self, Action},
+        reflector::ObjectRef,
     },
 };
 use tracing::{info, warn};
 
 pub use context::Context;
+use fanout::{Seen, channel_stream, watch_and_fan_out};
 
 use crate::{
     crd::{GpuInstance, GpuPool, VideoJob},
@@ -173,89 +175,6 @@ pub fn from_finalizer(
     }
 }
 
-/// A stream that yields what a channel receives, as a controller trigger.
-fn channel_stream<K: Send + Sync + 'static>(
-    rx: tokio::sync::mpsc::UnboundedReceiver<Arc<K>>,
-) -> impl futures::Stream<Item = Arc<K>> + Send {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (k, rx)) })
-}
-
-/// One watch per kind feeds one cache, then fans each object out to every controller that
-/// reacts to that kind. The cache is updated before any controller hears of the change, so
-/// a reconcile triggered by an event always sees that event in the cache (two watches of
-/// the same kind would race: a pool could be woken by a job its cache does not show yet).
-fn watch_and_fan_out<K>(
-    api: Api<K>,
-    consumers: usize,
-    on_event: impl Fn(&K) + Send + 'static,
-) -> (
-    Store<K>,
-    Vec<tokio::sync::mpsc::UnboundedReceiver<Arc<K>>>,
-    impl Future<Output = ()> + Send,
-)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store::<K>();
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..consumers)
-        .map(|_| tokio::sync::mpsc::unbounded_channel::<Arc<K>>())
-        .unzip();
-    let reader = store.clone();
-    let kind = K::kind(&()).to_string();
-    // The initial list is paginated (500 a page; kube-apiserver serves it from its watch
-    // cache): with `any_semantic` the whole list came in one response, so 10,000 jobs were
-    // decoded at once next to the cache being filled.
-    let driver = watcher(api, watcher::Config::default())
-        .default_backoff()
-        // managedFields are never read from the cache (status writes are server-side applies
-        // built from scratch); dropping them keeps a cache of 10,000 jobs much smaller.
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(writer)
-        .for_each(move |event| {
-            let send = |obj: Arc<K>| {
-                for tx in &senders {
-                    let _ = tx.send(obj.clone());
-                }
-            };
-            match event {
-                // The consumers get the cache's own Arc, so the fan-out holds no copies.
-                Ok(watcher::Event::Apply(obj)) => {
-                    on_event(&obj);
-                    send(
-                        reader
-                            .get(&ObjectRef::from_obj(&obj))
-                            .unwrap_or_else(|| Arc::new(obj)),
-                    );
-                }
-                Ok(watcher::Event::Delete(obj)) => {
-                    on_event(&obj);
-                    send(Arc::new(obj));
-                }
-                // A (re)list: the cache buffers its own copy of each object and swaps them in
-                // at InitDone; this copy goes now. Forwarding it instead (as before) kept a
-                // second copy of every object queued until the controllers started.
-                Ok(watcher::Event::InitApply(obj)) => on_event(&obj),
-                Ok(watcher::Event::Init) => {}
-                // The cache holds the whole list now: every object goes to the consumers, as
-                // the cache's own Arc.
-                Ok(watcher::Event::InitDone) => {
-                    for obj in reader.state() {
-                        send(obj);
-                    }
-                }
-                Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying"),
-            }
-            futures::future::ready(())
-        });
-    (store, receivers, driver)
-}
-
 /// Job reconciles at once, at most. Unbounded (kube-runtime's default), a restart with
 /// 10,000 jobs stored started all 10,000 reconciles at once. Dispatch runs in tasks of its
 /// own, outside this bound. Instance reconciles stay unbounded: one that waits for the
@@ -264,51 +183,39 @@ where
 const JOB_RECONCILE_CONCURRENCY: u16 = 64;
 
 /// Runs the three controllers and the orphan sweep until shutdown.
-pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
-    let (pools, instances, jobs): (Api<GpuPool>, Api<GpuInstance>, Api<VideoJob>) =
-        match &ctx.config.namespace {
-            Some(n) => (
-                Api::namespaced(client.clone(), n),
-                Api::namespaced(client.clone(), n),
-                Api::namespaced(client.clone(), n),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        };
-    let (pool_store, mut pool_rx, pool_watch) = watch_and_fan_out(pools, 1, |_| {});
+pub async fn run(ctx: Arc<Context>, writers: context::Writers) {
+    let seen = ctx.clone();
+    let (pool_store, mut pool_rx, pool_watch) =
+        watch_and_fan_out(api::<GpuPool>(&ctx), writers.pools, 1, move |how, pool| {
+            if how == Seen::Deleted {
+                seen.forget_object(&registry::ObjectKey::of(pool));
+                seen.forget_pool(&registry::PoolKey::of(pool));
+            }
+        });
     let seen = ctx.clone();
     let (inst_store, mut inst_rx, inst_watch) =
-        watch_and_fan_out(instances, 2, move |gi| seen.written_instances.observed(gi));
+        watch_and_fan_out(api(&ctx), writers.instances, 2, move |how, gi| {
+            seen.written_instances.observed(gi);
+            if how == Seen::Deleted {
+                seen.forget_object(&registry::ObjectKey::of(gi));
+                seen.forget_instance(&gi.uid().unwrap_or_default());
+            }
+        });
     let seen = ctx.clone();
     let (job_store, mut job_rx, job_watch) =
-        watch_and_fan_out(jobs, 3, move |job| seen.written_jobs.observed(job));
-    ctx.set_stores(pool_store.clone(), inst_store.clone(), job_store.clone());
-
+        watch_and_fan_out(api(&ctx), writers.jobs, 3, move |how, job| {
+            seen.written_jobs.observed(job);
+            if how == Seen::Deleted {
+                seen.forget_object(&registry::ObjectKey::of(job));
+            }
+        });
     let pool_ctrl = Controller::for_shared_stream(channel_stream(pool_rx.remove(0)), pool_store)
-        .watches_shared_stream(channel_stream(job_rx.remove(0)), |job: Arc<VideoJob>| {
-            job.metadata
-                .namespace
-                .clone()
-                .map(|ns| ObjectRef::new(&job.spec.pool).within(&ns))
-        })
-        .watches_shared_stream(channel_stream(inst_rx.remove(0)), |gi: Arc<GpuInstance>| {
-            gi.metadata
-                .namespace
-                .clone()
-                .map(|ns| ObjectRef::new(&gi.spec.pool).within(&ns))
-        })
+        .watches_shared_stream(channel_stream(job_rx.remove(0)), pool_of_job)
+        .watches_shared_stream(channel_stream(inst_rx.remove(0)), pool_of_instance)
         .shutdown_on_signal();
     let instance_ctrl =
         Controller::for_shared_stream(channel_stream(inst_rx.remove(0)), inst_store)
-            .watches_shared_stream(channel_stream(job_rx.remove(0)), |job: Arc<VideoJob>| {
-                let ns = job.metadata.namespace.clone()?;
-                let inst = job.status.as_ref()?.instance.clone()?;
-                Some(ObjectRef::new(&inst).within(&ns))
-            })
+            .watches_shared_stream(channel_stream(job_rx.remove(0)), instance_of_job)
             .shutdown_on_signal();
     let job_ctrl = Controller::for_shared_stream(channel_stream(job_rx.remove(0)), job_store)
         .with_config(
@@ -320,72 +227,117 @@ pub async fn run(ctx: Arc<Context>) {
     // yet its instances would rent machines it already has.
     let synced = {
         let ctx = ctx.clone();
-        futures::future::FutureExt::shared(Box::pin(async move {
+        async move {
             ctx.wait_until_synced().await;
             info!("caches synced; ready");
             ctx.set_ready();
-        }))
-    };
-    let pool_run = {
-        let (ctx, synced) = (ctx.clone(), synced.clone());
-        async move {
-            synced.await;
-            pool_ctrl
-                .run(pool::reconcile, error_policy, ctx)
-                .for_each(|r| async move { log_outcome("GpuPool", r) })
-                .await
         }
+        .boxed()
+        .shared()
     };
-    let inst_run = {
-        let (ctx, synced) = (ctx.clone(), synced.clone());
-        async move {
-            synced.await;
-            instance_ctrl
-                .run(instance::reconcile, error_policy, ctx)
-                .for_each(|r| async move { log_outcome("GpuInstance", r) })
-                .await
-        }
-    };
-    let job_run = {
-        let (ctx, synced) = (ctx.clone(), synced.clone());
-        async move {
-            synced.await;
-            job_ctrl
-                .run(job::reconcile, error_policy, ctx)
-                .for_each(|r| async move { log_outcome("VideoJob", r) })
-                .await
-        }
-    };
-    let ready = synced;
     info!(cluster_id = %ctx.config.cluster_id, "gpupool controllers starting");
     let controllers = join_all([
-        Box::pin(pool_run) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-        Box::pin(inst_run),
-        Box::pin(job_run),
-        Box::pin(ready),
+        run_controller(pool_ctrl, pool::reconcile, ctx.clone(), synced.clone()).boxed(),
+        run_controller(
+            instance_ctrl,
+            instance::reconcile,
+            ctx.clone(),
+            synced.clone(),
+        )
+        .boxed(),
+        run_controller(job_ctrl, job::reconcile, ctx.clone(), synced.clone()).boxed(),
+        synced.boxed(),
     ]);
     let watches = join_all([
-        Box::pin(pool_watch) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-        Box::pin(inst_watch),
-        Box::pin(job_watch),
-        Box::pin(sweep::run(ctx.clone())),
+        pool_watch.boxed(),
+        inst_watch.boxed(),
+        job_watch.boxed(),
+        sweep::run(ctx.clone()).boxed(),
     ]);
     // The controllers end on SIGTERM/SIGINT; the watches and the sweep never end by themselves.
-    futures::future::select(Box::pin(controllers), Box::pin(watches)).await;
+    futures::future::select(controllers, watches).await;
     info!("controllers stopped");
 }
 
-fn log_outcome<K, E: std::fmt::Display>(kind: &str, r: Result<(ObjectRef<K>, Action), E>)
+/// A job's changes wake its pool.
+fn pool_of_job(job: Arc<VideoJob>) -> Option<ObjectRef<GpuPool>> {
+    let ns = job.metadata.namespace.as_deref()?;
+    Some(ObjectRef::new(&job.spec.pool).within(ns))
+}
+
+/// An instance's changes wake its pool.
+fn pool_of_instance(gi: Arc<GpuInstance>) -> Option<ObjectRef<GpuPool>> {
+    let ns = gi.metadata.namespace.as_deref()?;
+    Some(ObjectRef::new(&gi.spec.pool).within(ns))
+}
+
+/// A job's changes wake the instance it is bound to, if any.
+fn instance_of_job(job: Arc<VideoJob>) -> Option<ObjectRef<GpuInstance>> {
+    let ns = job.metadata.namespace.as_deref()?;
+    let inst = job.status.as_ref()?.instance.as_deref()?;
+    Some(ObjectRef::new(inst).within(ns))
+}
+
+/// The namespace the operator watches (`config.namespace`), or every namespace.
+fn api<K>(ctx: &Context) -> Api<K>
 where
-    K: kube::Resource,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match &ctx.config.namespace {
+        Some(n) => Api::namespaced(ctx.client.clone(), n),
+        None => Api::all(ctx.client.clone()),
+    }
+}
+
+/// One controller: no reconcile before `synced` (every cache holds its first list), then
+/// `reconcile` with the shared error policy until shutdown, each outcome logged.
+async fn run_controller<K, F>(
+    controller: Controller<K>,
+    reconcile: impl FnMut(Arc<K>, Arc<Context>) -> F,
+    ctx: Arc<Context>,
+    synced: impl Future<Output = ()>,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: TryFuture<Ok = Action, Error = Error> + Send + 'static,
+{
+    synced.await;
+    let kind = K::kind(&());
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| {
+            log_outcome(&kind, r);
+            futures::future::ready(())
+        })
+        .await
+}
+
+/// A reconcile that will simply be retried: a write that lost to another writer (409), or a
+/// trigger for an object that is gone from the cache (expected after deletes).
+fn is_expected<Q>(e: &controller::Error<Error, Q>) -> bool {
+    match e {
+        controller::Error::ReconcilerFailed(err, _) => err.is_conflict(),
+        controller::Error::ObjectNotFound(_) => true,
+        _ => false,
+    }
+}
+
+fn log_outcome<K, Q>(kind: &str, r: Result<(ObjectRef<K>, Action), controller::Error<Error, Q>>)
+where
+    K: Resource,
+    Q: std::error::Error,
 {
     if let Err(e) = r {
         // Conflicts are retried at once and deleted objects are expected; neither is news.
-        let text = e.to_string();
-        if text.contains("Conflict") || text.contains("not found in local store") {
-            tracing::debug!(kind, error = %text, "reconcile will be retried");
+        if is_expected(&e) {
+            tracing::debug!(kind, error = %e, "reconcile will be retried");
         } else {
-            warn!(kind, error = %text, "reconcile failed");
+            warn!(kind, error = %e, "reconcile failed");
         }
     }
 }
@@ -394,18 +346,25 @@ where
 mod tests {
     use std::{sync::Arc, time::Duration};
 
-    use kube::{api::ObjectMeta, runtime::controller::Action};
+    use kube::{
+        api::ObjectMeta,
+        runtime::{
+            controller::{self, Action},
+            reflector::ObjectRef,
+            watcher,
+        },
+    };
 
     use super::{
         Context, Error, backoff,
         context::ControllerConfig,
-        error_policy,
+        error_policy, instance_of_job, is_expected, pool_of_instance, pool_of_job,
         providers::{ProviderFactory, Providers},
         settle,
     };
     use crate::{
         clock::SystemClock,
-        crd::{GpuInstance, GpuInstanceSpec, GpuPool, ProviderSpec},
+        crd::{GpuInstance, GpuInstanceSpec, GpuPool, ProviderSpec, VideoJob},
         metrics::Metrics,
         provider::{Credentials, InstanceProvider, ProviderError, ServerlessProvider},
         worker::WorkerClientConfig,
@@ -455,6 +414,7 @@ mod tests {
             Arc::new(Metrics::new()),
             providers,
             None,
+            super::context::caches().0,
         ))
     }
 
@@ -530,5 +490,93 @@ mod tests {
             ),
             "{errors}"
         );
+    }
+
+    fn conflict() -> Error {
+        Error::Kube(kube::Error::Api(
+            kube::core::Status::failure("the object has been modified", "Conflict")
+                .with_code(409)
+                .boxed(),
+        ))
+    }
+
+    #[test]
+    fn conflicts_and_vanished_objects_are_expected_outcomes_other_failures_are_not() {
+        type E = controller::Error<Error, watcher::Error>;
+        let obj = || Box::new(ObjectRef::<GpuPool>::new("p").within("media").erase());
+        assert!(is_expected(&E::ReconcilerFailed(conflict(), obj())));
+        assert!(is_expected(&E::ObjectNotFound(obj())));
+        assert!(!is_expected(&E::ReconcilerFailed(transient(), obj())));
+        // Classified by variant, not by text: a provider's message that says "Conflict" is
+        // no Kubernetes write conflict, and a 404 is not an object missing from the cache.
+        let provider = Error::Provider(ProviderError::Transient("409 Conflict".into()));
+        assert!(!is_expected(&E::ReconcilerFailed(provider, obj())));
+        let gone = Error::Kube(kube::Error::Api(
+            kube::core::Status::failure("not found in local store", "NotFound")
+                .with_code(404)
+                .boxed(),
+        ));
+        assert!(!is_expected(&E::ReconcilerFailed(gone, obj())));
+        assert!(!is_expected(&E::QueueError(
+            watcher::Error::NoResourceVersion
+        )));
+    }
+
+    #[test]
+    fn a_job_wakes_its_pool_and_its_instance_an_instance_its_pool() {
+        let job = |status: serde_json::Value| -> Arc<VideoJob> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "gpupool.dev/v1alpha1", "kind": "VideoJob",
+                    "metadata": {"name": "j", "namespace": "media"},
+                    "spec": {"pool": "p", "operation": "caption", "input": {}},
+                    "status": status,
+                }))
+                .unwrap(),
+            )
+        };
+        let bound = job(serde_json::json!({"instance": "gi-1"}));
+        assert_eq!(
+            pool_of_job(bound.clone()),
+            Some(ObjectRef::new("p").within("media"))
+        );
+        assert_eq!(
+            instance_of_job(bound),
+            Some(ObjectRef::new("gi-1").within("media"))
+        );
+        assert_eq!(instance_of_job(job(serde_json::json!({}))), None);
+        assert_eq!(
+            pool_of_instance(instance("gi-1")),
+            Some(ObjectRef::new("p").within("media"))
+        );
+    }
+
+    #[tokio::test]
+    async fn what_the_context_remembers_goes_with_the_deleted_object() {
+        use super::{
+            context::Cause,
+            registry::{ObjectKey, PoolKey},
+        };
+        let ctx = offline_context();
+        let pool = PoolKey::new("media", "p");
+        let other = PoolKey::new("media", "q");
+        ctx.back_off_provider(pool.entry("vast"), "no capacity".into(), Cause::Refused);
+        ctx.back_off_provider(other.entry("vast"), "no capacity".into(), Cause::Refused);
+        assert!(ctx.provider_backoff(&pool.entry("vast")).is_some());
+        assert!(ctx.endpoint_sync_due(pool.entry("rp"), Duration::from_secs(60)));
+        assert!(ctx.liveness_due("gi-1-uid"));
+        let gi = instance("gi-1");
+        error_policy(gi.clone(), &transient(), ctx.clone());
+        assert_eq!(ctx.remembered(), 5);
+
+        ctx.forget_pool(&pool);
+        assert!(ctx.provider_backoff(&pool.entry("vast")).is_none());
+        assert!(
+            ctx.provider_backoff(&other.entry("vast")).is_some(),
+            "other pools keep theirs"
+        );
+        ctx.forget_instance("gi-1-uid");
+        ctx.forget_object(&ObjectKey::of(gi.as_ref()));
+        assert_eq!(ctx.remembered(), 1);
     }
 }
