@@ -29,7 +29,7 @@ use crate::{
     },
     provider::{
         CreateRequest, Credentials, ENV_API_KEY, ENV_SESSION_TOKEN, ENV_WORKER_PORT,
-        InstanceProvider, ProviderError, RemoteInstance, RemoteState, instance_label,
+        InstanceProvider, Offer, ProviderError, RemoteInstance, RemoteState, instance_label,
         quota::teardown_lane,
     },
 };
@@ -362,47 +362,43 @@ async fn provision(
         return Ok(Action::requeue(ctx.config.provision_poll));
     }
 
-    let offers = match provider.offers().await {
-        Ok(o) => o,
-        Err(e) => return provider_failed(&gi, pool, ctx, api, e).await,
-    };
+    match rent(&gi, provider.as_ref(), &request).await {
+        Ok((remote, offer)) => {
+            ctx.provider_succeeded(&entry);
+            let note = format!(
+                "rented {} ({}, {} USD/h) from {}",
+                remote.id, offer.gpu_name, offer.price_per_hour, gi.spec.provider
+            );
+            let gi = record_created(gi, ctx, api, remote, Some(&offer)).await?;
+            ctx.event(&gi, false, "Provisioning", note).await;
+            Ok(Action::requeue(ctx.config.provision_poll))
+        }
+        Err(e) => provider_failed(&gi, pool, ctx, api, e).await,
+    }
+}
+
+/// Tries the provider's best offers in turn: the machine made and the offer it came from,
+/// or why none could be rented (out of capacity when every offer tried was taken).
+async fn rent(
+    gi: &GpuInstance,
+    provider: &dyn InstanceProvider,
+    request: &CreateRequest,
+) -> Result<(RemoteInstance, Offer), ProviderError> {
+    let offers = provider.offers().await?;
     if offers.is_empty() {
-        return provider_failed(
-            &gi,
-            pool,
-            ctx,
-            api,
-            ProviderError::InsufficientCapacity("no offer matches the pool's limits".into()),
-        )
-        .await;
+        let why = "no offer matches the pool's limits";
+        return Err(ProviderError::InsufficientCapacity(why.into()));
     }
     let mut last = None;
-    for offer in offers.iter().take(OFFERS_TRIED) {
-        match provider.create(offer, &request).await {
-            Ok(remote) => {
-                ctx.provider_succeeded(&entry);
-                let note = format!(
-                    "rented {} ({}, {} USD/h) from {}",
-                    remote.id, offer.gpu_name, offer.price_per_hour, gi.spec.provider
-                );
-                let gi = record_created(gi, ctx, api, remote, Some(offer)).await?;
-                ctx.event(&gi, false, "Provisioning", note).await;
-                return Ok(Action::requeue(ctx.config.provision_poll));
-            }
-            Err(ProviderError::InsufficientCapacity(m)) => {
-                last = Some(ProviderError::InsufficientCapacity(m))
-            }
-            Err(e) => return provider_failed(&gi, pool, ctx, api, e).await,
+    for offer in offers.into_iter().take(OFFERS_TRIED) {
+        match provider.create(&offer, request).await {
+            Ok(remote) => return Ok((remote, offer)),
+            Err(e @ ProviderError::InsufficientCapacity(_)) => last = Some(e),
+            Err(e) => return Err(e),
         }
     }
-    provider_failed(
-        &gi,
-        pool,
-        ctx,
-        api,
-        last.unwrap_or_else(|| ProviderError::InsufficientCapacity("every offer was taken".into())),
-    )
-    .await
+    tracing::debug!(instance = %gi.name_any(), "every offer tried was taken");
+    Err(last.unwrap_or_else(|| ProviderError::InsufficientCapacity("every offer was taken".into())))
 }
 
 /// A provider call failed while renting: transient errors are retried (the label lookup

@@ -727,119 +727,145 @@ async fn sync_endpoints(pool: &GpuPool, ctx: &Context) {
     }
 }
 
-fn pool_status(
-    pool: &GpuPool,
-    ctx: &Context,
-    jobs: &[Arc<VideoJob>],
-    instances: &[Arc<GpuInstance>],
-    now: Timestamp,
-) -> (GpuPoolStatus, Option<Timestamp>) {
-    let ns = pool.namespace().unwrap_or_default();
-    let name = pool.name_any();
-    let mut counts = InstanceCounts::default();
-    let mut spend = Decimal::ZERO;
-    let mut by_label: BTreeMap<(String, String), i64> = BTreeMap::new();
-    let mut idle: Vec<(String, f64)> = Vec::new();
-    for i in instances {
-        counts.total += 1;
+/// What the pool's instances and jobs add up to, for its status and its gauges.
+#[derive(Debug, Default, PartialEq)]
+pub struct Tally {
+    pub counts: InstanceCounts,
+    /// Summed price per hour of the instances that are billing.
+    pub spend: Decimal,
+    /// Instances by provider entry and phase.
+    pub by_label: BTreeMap<(String, String), i64>,
+    /// Idle instances and their deadlines (Unix seconds).
+    pub idle: Vec<(String, f64)>,
+    /// Jobs not being deleted, by phase.
+    pub jobs: BTreeMap<String, i64>,
+}
+
+impl Tally {
+    pub fn of(instances: &[Arc<GpuInstance>], jobs: &[Arc<VideoJob>]) -> Self {
+        let mut t = Tally::default();
+        for i in instances {
+            t.add_instance(i);
+        }
+        for j in jobs
+            .iter()
+            .filter(|j| j.metadata.deletion_timestamp.is_none())
+        {
+            *t.jobs.entry(format!("{:?}", job_phase(j))).or_default() += 1;
+        }
+        t
+    }
+
+    fn add_instance(&mut self, i: &GpuInstance) {
+        let c = &mut self.counts;
+        c.total += 1;
         let phase = if i.metadata.deletion_timestamp.is_some() {
             InstancePhase::Terminating
         } else {
             instance_phase(i)
         };
         match phase {
-            InstancePhase::Pending => counts.pending += 1,
-            InstancePhase::Provisioning => counts.provisioning += 1,
-            InstancePhase::Ready => counts.ready += 1,
-            InstancePhase::Terminating => counts.terminating += 1,
-            InstancePhase::Failed => counts.failed += 1,
+            InstancePhase::Pending => c.pending += 1,
+            InstancePhase::Provisioning => c.provisioning += 1,
+            InstancePhase::Ready => c.ready += 1,
+            InstancePhase::Terminating => c.terminating += 1,
+            InstancePhase::Failed => c.failed += 1,
         }
-        if phase == InstancePhase::Ready {
-            match i.status.as_ref() {
-                Some(s) if s.current_job.is_some() => counts.busy += 1,
-                Some(s) => {
-                    if let Some(deadline) = &s.idle_deadline {
-                        idle.push((i.name_any(), unix_seconds(deadline.0)));
-                    }
-                }
-                None => {}
+        if let (InstancePhase::Ready, Some(s)) = (phase, i.status.as_ref()) {
+            if s.current_job.is_some() {
+                c.busy += 1;
+            } else if let Some(deadline) = &s.idle_deadline {
+                self.idle.push((i.name_any(), unix_seconds(deadline.0)));
             }
         }
-        let billing = i
-            .status
+        if i.status
             .as_ref()
-            .is_some_and(|s| s.provider_instance_id.is_some());
-        if billing {
-            spend += instance_price(i).unwrap_or_default();
+            .is_some_and(|s| s.provider_instance_id.is_some())
+        {
+            self.spend += instance_price(i).unwrap_or_default();
         }
-        *by_label
+        *self
+            .by_label
             .entry((i.spec.provider.clone(), format!("{phase:?}")))
             .or_default() += 1;
     }
-    let mut by_phase: BTreeMap<String, i64> = BTreeMap::new();
-    for j in jobs
-        .iter()
-        .filter(|j| j.metadata.deletion_timestamp.is_none())
-    {
-        *by_phase.entry(format!("{:?}", job_phase(j))).or_default() += 1;
-    }
-    let pending = by_phase.get("Pending").copied().unwrap_or(0) as usize;
 
+    pub fn pending_jobs(&self) -> i64 {
+        self.jobs.get("Pending").copied().unwrap_or(0)
+    }
+}
+
+/// Each provider entry's state from the back-offs in force, and the earliest end of one.
+fn provider_statuses(pool: &GpuPool, ctx: &Context) -> (Vec<ProviderStatus>, Option<Timestamp>) {
+    let key = PoolKey::of(pool);
     let mut next_backoff: Option<Timestamp> = None;
-    let providers: Vec<ProviderStatus> = pool
+    let providers = pool
         .spec
         .providers
         .iter()
-        .map(
-            |p| match ctx.provider_backoff(&PoolKey::new(&ns, &name).entry(&p.name)) {
-                Some(b) => {
-                    next_backoff = Some(next_backoff.map_or(b.until, |n| n.min(b.until)));
-                    ProviderStatus {
-                        name: p.name.clone(),
-                        state: if b.unavailable {
-                            ProviderState::Unavailable
-                        } else {
-                            ProviderState::BackingOff
-                        },
-                        backoff_until: Some(Time(b.until)),
-                        consecutive_failures: b.failures as i32,
-                        message: Some(b.message.chars().take(512).collect()),
-                    }
-                }
-                None => ProviderStatus {
+        .map(|p| match ctx.provider_backoff(&key.entry(&p.name)) {
+            Some(b) => {
+                next_backoff = Some(next_backoff.map_or(b.until, |n| n.min(b.until)));
+                ProviderStatus {
                     name: p.name.clone(),
-                    state: ProviderState::Available,
-                    backoff_until: None,
-                    consecutive_failures: 0,
-                    message: None,
-                },
+                    state: if b.unavailable {
+                        ProviderState::Unavailable
+                    } else {
+                        ProviderState::BackingOff
+                    },
+                    backoff_until: Some(Time(b.until)),
+                    consecutive_failures: b.failures as i32,
+                    message: Some(b.message.chars().take(512).collect()),
+                }
+            }
+            None => ProviderStatus {
+                name: p.name.clone(),
+                state: ProviderState::Available,
+                backoff_until: None,
+                consecutive_failures: 0,
+                message: None,
             },
-        )
+        })
+        .collect();
+    (providers, next_backoff)
+}
+
+/// The pool's gauges (`Metrics::publish_pool`) from its tally and provider states.
+fn publish_gauges(ctx: &Context, pool: &GpuPool, tally: &Tally, providers: &[ProviderStatus]) {
+    let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let entries = providers
+        .iter()
+        .map(|p| {
+            let state = match p.state {
+                ProviderState::Available => "Available",
+                ProviderState::BackingOff => "BackingOff",
+                ProviderState::Unavailable => "Unavailable",
+            };
+            let until = p.backoff_until.as_ref().map(|t| unix_seconds(t.0));
+            (p.name.clone(), state, until)
+        })
         .collect();
     ctx.metrics.publish_pool(&PoolGauges {
         namespace: &ns,
         pool: &name,
-        entries: providers
-            .iter()
-            .map(|p| {
-                let state = match p.state {
-                    ProviderState::Available => "Available",
-                    ProviderState::BackingOff => "BackingOff",
-                    ProviderState::Unavailable => "Unavailable",
-                };
-                let until = p.backoff_until.as_ref().map(|t| unix_seconds(t.0));
-                (p.name.clone(), state, until)
-            })
-            .collect(),
-        instances: &by_label,
-        jobs: &by_phase,
-        idle: &idle,
-        spend_per_hour: spend.try_into().unwrap_or(0.0),
+        entries,
+        instances: &tally.by_label,
+        jobs: &tally.jobs,
+        idle: &tally.idle,
+        spend_per_hour: tally.spend.try_into().unwrap_or(0.0),
         max_hourly_spend: pool
             .spec
             .max_hourly_spend
             .map(|m| m.amount().try_into().unwrap_or(0.0)),
     });
+}
+
+/// The pool's Ready condition: true while some provider entry is available.
+fn ready_condition(
+    pool: &GpuPool,
+    providers: &[ProviderStatus],
+    now: Timestamp,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     let available = providers
         .iter()
         .filter(|p| p.state == ProviderState::Available)
@@ -849,32 +875,44 @@ fn pool_status(
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let ready = available > 0;
-    let message = if ready {
-        format!("{available} of {} providers available", providers.len())
+    let (ready, reason, message) = if available > 0 {
+        let message = format!("{available} of {} providers available", providers.len());
+        (true, "ProvidersAvailable", message)
     } else {
-        "every provider is backing off or misconfigured; jobs wait".to_string()
+        let message = "every provider is backing off or misconfigured; jobs wait".to_string();
+        (false, "NoProviderAvailable", message)
     };
     set_condition(
         &mut conditions,
         ConditionType::Ready,
         ready,
-        if ready {
-            "ProvidersAvailable"
-        } else {
-            "NoProviderAvailable"
-        },
+        reason,
         &message,
         pool.metadata.generation,
         now,
     );
+    conditions
+}
+
+/// The pool's status at `now` and when the earliest provider back-off ends; publishes the
+/// pool's gauges from the same figures.
+fn pool_status(
+    pool: &GpuPool,
+    ctx: &Context,
+    jobs: &[Arc<VideoJob>],
+    instances: &[Arc<GpuInstance>],
+    now: Timestamp,
+) -> (GpuPoolStatus, Option<Timestamp>) {
+    let tally = Tally::of(instances, jobs);
+    let (providers, next_backoff) = provider_statuses(pool, ctx);
+    publish_gauges(ctx, pool, &tally, &providers);
     let status = GpuPoolStatus {
         observed_generation: pool.metadata.generation,
-        instances: Some(counts),
-        spend_per_hour: Some(Money::new(spend)),
-        pending_jobs: Some(pending as i32),
+        instances: Some(tally.counts.clone()),
+        spend_per_hour: Some(Money::new(tally.spend)),
+        pending_jobs: Some(tally.pending_jobs() as i32),
+        conditions: ready_condition(pool, &providers, now),
         providers,
-        conditions,
     };
     (status, next_backoff)
 }
@@ -1040,5 +1078,58 @@ mod tests {
             ]
         );
         assert!(plan.create.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn the_tally_counts_phases_spend_idle_deadlines_and_live_jobs() {
+        use crate::controller::fixtures::{instance, job, time};
+        let billing = |phase: &str, job: Option<&str>| {
+            json!({"phase": phase, "providerInstanceId": "m", "currentJob": job,
+                   "offer": {"pricePerHour": "0.20"}, "idleDeadline": time(300)})
+        };
+        let mut going = instance("d", billing("Ready", None));
+        going.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+        );
+        let instances: Vec<Arc<GpuInstance>> = [
+            instance("a", billing("Ready", None)),
+            instance("b", billing("Ready", Some("j1"))),
+            instance("c", json!({"phase": "Pending"})),
+            going,
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let mut gone = job("j3", json!({"phase": "Pending"}));
+        gone.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+        );
+        let jobs: Vec<Arc<VideoJob>> = [
+            job("j1", json!({"phase": "Running", "instance": "b"})),
+            job("j2", json!({"phase": "Pending"})),
+            gone,
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let t = super::Tally::of(&instances, &jobs);
+        let c = &t.counts;
+        assert_eq!(
+            (c.total, c.ready, c.busy, c.pending, c.terminating),
+            (4, 2, 1, 1, 1)
+        );
+        // Three machines bill (the one being deleted still does until it is destroyed).
+        assert_eq!(t.spend, "0.60".parse().unwrap());
+        assert_eq!(
+            t.idle.len(),
+            1,
+            "only the idle Ready instance has a deadline to show"
+        );
+        assert_eq!(t.idle[0].0, "a");
+        assert_eq!(t.pending_jobs(), 1, "a job being deleted is not counted");
+        assert_eq!(
+            t.by_label.get(&("vast".into(), "Terminating".into())),
+            Some(&1)
+        );
     }
 }

@@ -8,8 +8,6 @@
 //! an instance provider gets a new instance if `maxInstances` and `maxHourlySpend` allow.
 //! One job per instance. Jobs that cannot be placed wait; they never fail here.
 
-use std::collections::HashSet;
-
 use jiff::Timestamp;
 use rust_decimal::Decimal;
 
@@ -101,34 +99,51 @@ pub fn schedule(
     providers: &[ProviderView],
     limits: &Limits,
 ) -> Plan {
-    let mut plan = Plan::default();
     let mut order: Vec<&PendingJob> = jobs.iter().collect();
     order.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
+    let mut room = Room::new(instances, providers, limits);
+    let mut plan = Plan::default();
+    for job in order {
+        room.place(job, &mut plan);
+    }
+    plan
+}
 
-    let mut idle: Vec<&InstanceView> = instances
-        .iter()
-        .filter(|i| i.phase == InstancePhase::Ready && !i.busy && !i.deleting)
-        .collect();
-    // Stable choice among idle instances: the one idle longest is not known here, so use
-    // name order; the pool reconciler may pre-sort by idleSince.
-    let mut starting: Vec<&InstanceView> = instances
-        .iter()
-        .filter(|i| {
-            !i.deleting
-                && (matches!(
-                    i.phase,
-                    InstancePhase::Pending | InstancePhase::Provisioning
-                ) || (i.phase == InstancePhase::Ready && i.busy && i.releasing))
-        })
-        .collect();
-    let mut total = instances
-        .iter()
-        .filter(|i| i.counts_against_limits())
-        .count();
-    let mut spend: Decimal = instances
-        .iter()
-        .filter(|i| i.counts_against_limits())
-        .map(|i| {
+/// What is left to place jobs on while a pass goes down the queue.
+struct Room<'a> {
+    /// Ready instances with no job, in name order.
+    idle: Vec<&'a InstanceView>,
+    /// Instances that will take a job soon: starting, or finishing their job.
+    starting: Vec<&'a InstanceView>,
+    /// Instances counted against `maxInstances`, and their summed price per hour.
+    total: usize,
+    spend: Decimal,
+    providers: &'a [ProviderView],
+    limits: &'a Limits,
+}
+
+impl<'a> Room<'a> {
+    fn new(
+        instances: &'a [InstanceView],
+        providers: &'a [ProviderView],
+        limits: &'a Limits,
+    ) -> Self {
+        let idle = instances
+            .iter()
+            .filter(|i| i.phase == InstancePhase::Ready && !i.busy && !i.deleting)
+            .collect();
+        let starting = instances
+            .iter()
+            .filter(|i| {
+                !i.deleting
+                    && (matches!(
+                        i.phase,
+                        InstancePhase::Pending | InstancePhase::Provisioning
+                    ) || (i.phase == InstancePhase::Ready && i.busy && i.releasing))
+            })
+            .collect();
+        let counted = || instances.iter().filter(|i| i.counts_against_limits());
+        let price = |i: &InstanceView| {
             i.price_per_hour
                 .or_else(|| {
                     providers
@@ -137,74 +152,96 @@ pub fn schedule(
                         .max_price_per_hour
                 })
                 .unwrap_or_default()
-        })
-        .sum();
-    let known: HashSet<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+        };
+        Self {
+            idle,
+            starting,
+            total: counted().count(),
+            spend: counted().map(price).sum(),
+            providers,
+            limits,
+        }
+    }
 
-    for job in order {
+    /// Places one job: an idle instance, else a serverless entry that comes first, else an
+    /// instance about to be free, else a new instance or serverless run from the first entry
+    /// that can take it; otherwise it waits, with the reason.
+    fn place(&mut self, job: &PendingJob, plan: &mut Plan) {
+        let name = job.name.clone();
         let allowed = |provider: &str| job.provider.as_deref().is_none_or(|pin| pin == provider);
         if let Some(pin) = &job.provider
-            && !known.contains(pin.as_str())
+            && !self.providers.iter().any(|p| &p.name == pin)
         {
             plan.waiting
-                .push((job.name.clone(), WaitReason::UnknownProvider(pin.clone())));
-            continue;
+                .push((name, WaitReason::UnknownProvider(pin.clone())));
+            return;
         }
-        if let Some(pos) = idle.iter().position(|i| allowed(&i.provider)) {
-            let inst = idle.remove(pos);
-            plan.bind.push((job.name.clone(), inst.name.clone()));
-            continue;
+        if let Some(pos) = self.idle.iter().position(|i| allowed(&i.provider)) {
+            let inst = self.idle.remove(pos);
+            plan.bind.push((name, inst.name.clone()));
+            return;
         }
         // A serverless endpoint that comes first in the pool's order runs the job now rather
         // than have it wait for a machine that is still starting.
-        if let Some(p) = providers.iter().find(|p| allowed(&p.name) && p.available)
+        if let Some(p) = self
+            .providers
+            .iter()
+            .find(|p| allowed(&p.name) && p.available)
             && p.kind == ProviderKind::RunpodServerless
         {
-            plan.serverless.push((job.name.clone(), p.name.clone()));
-            continue;
+            plan.serverless.push((name, p.name.clone()));
+            return;
         }
-        if let Some(pos) = starting.iter().position(|i| allowed(&i.provider)) {
-            starting.remove(pos);
-            plan.waiting
-                .push((job.name.clone(), WaitReason::InstanceStarting));
-            continue;
+        if let Some(pos) = self.starting.iter().position(|i| allowed(&i.provider)) {
+            self.starting.remove(pos);
+            plan.waiting.push((name, WaitReason::InstanceStarting));
+            return;
         }
+        if let Err(reason) = self.rent(&name, allowed, plan) {
+            plan.waiting.push((name, reason));
+        }
+    }
+
+    /// Runs the job at the first available entry it may use: a serverless run, or a new
+    /// instance within the pool's limits (the job then waits for it).
+    fn rent(
+        &mut self,
+        job: &str,
+        allowed: impl Fn(&str) -> bool,
+        plan: &mut Plan,
+    ) -> Result<(), WaitReason> {
         let mut reason = WaitReason::NoProviderAvailable;
-        let mut placed = false;
-        for p in providers.iter().filter(|p| allowed(&p.name)) {
-            if !p.available {
-                continue;
-            }
+        for p in self
+            .providers
+            .iter()
+            .filter(|p| allowed(&p.name) && p.available)
+        {
             if p.kind == ProviderKind::RunpodServerless {
-                plan.serverless.push((job.name.clone(), p.name.clone()));
-                placed = true;
-                break;
+                plan.serverless.push((job.to_string(), p.name.clone()));
+                return Ok(());
             }
-            if total >= limits.max_instances {
+            if self.total >= self.limits.max_instances {
                 reason = WaitReason::MaxInstances;
                 continue;
             }
             let cost = p.max_price_per_hour.unwrap_or_default();
-            if limits
+            if self
+                .limits
                 .max_hourly_spend
-                .is_some_and(|cap| spend + cost > cap)
+                .is_some_and(|cap| self.spend + cost > cap)
             {
                 reason = WaitReason::MaxHourlySpend;
                 continue;
             }
             plan.create.push(p.name.clone());
-            total += 1;
-            spend += cost;
+            self.total += 1;
+            self.spend += cost;
             plan.waiting
-                .push((job.name.clone(), WaitReason::InstanceStarting));
-            placed = true;
-            break;
+                .push((job.to_string(), WaitReason::InstanceStarting));
+            return Ok(());
         }
-        if !placed {
-            plan.waiting.push((job.name.clone(), reason));
-        }
+        Err(reason)
     }
-    plan
 }
 
 #[cfg(test)]
