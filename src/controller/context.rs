@@ -93,6 +93,15 @@ pub enum Cause {
     Unusable,
 }
 
+/// `Warning` when `warning`, else `Normal`.
+pub fn warning_if(warning: bool) -> EventType {
+    if warning {
+        EventType::Warning
+    } else {
+        EventType::Normal
+    }
+}
+
 /// Whether a provider's back-off grows with its failures in a row.
 enum Growth {
     Doubling,
@@ -399,7 +408,7 @@ impl Context {
 
     /// Publishes an event about `obj` in the background, as client-go's recorder does: an
     /// event is never on the path of a job, and failing to publish never fails a reconcile.
-    pub async fn event<K>(&self, obj: &K, warning: bool, reason: &str, note: String)
+    pub async fn event<K>(&self, obj: &K, type_: EventType, reason: &str, note: String)
     where
         K: Resource<DynamicType = ()>,
     {
@@ -419,11 +428,7 @@ impl Context {
             field_path: None,
         };
         let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
+            type_,
             reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
             action: reason.into(),

@@ -10,6 +10,7 @@
 use std::{collections::HashMap, sync::Arc, sync::Mutex};
 
 use jiff::Timestamp;
+use kube::runtime::events::EventType;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Preconditions},
@@ -176,7 +177,7 @@ pub async fn delete_idle(
                 "idle since {idle_since} ({} s); destroying the machine",
                 pool.spec.idle_timeout_seconds
             );
-            ctx.event(gi, false, "IdleTimeout", note).await;
+            ctx.event(gi, EventType::Normal, "IdleTimeout", note).await;
             Ok(true)
         }
         // A job claimed it first (or it changed): that write wins.

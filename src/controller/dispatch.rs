@@ -13,6 +13,7 @@ use std::{
 };
 
 use jiff::Timestamp;
+use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt, api::DeleteParams, runtime::controller::Action};
 use serde_json::Value;
 use tracing::{debug, info, warn};
@@ -237,8 +238,8 @@ async fn send(
 #[derive(Debug, PartialEq)]
 pub struct Recorded {
     pub status: VideoJobStatus,
-    /// Event reason, whether it is a warning, and its note.
-    pub event: (&'static str, bool, String),
+    /// Event type, reason and note.
+    pub event: (EventType, &'static str, String),
 }
 
 /// Decides how the outcome of attempt `attempt` on `instance` is recorded on `job` at `now`,
@@ -273,7 +274,7 @@ pub fn record(
                 now,
             );
             let note = format!("finished on {instance} in {run_secs:.2} s");
-            ("Succeeded", false, note)
+            (EventType::Normal, "Succeeded", note)
         }
         Err(e) if e.is_retryable() && attempt <= job.spec.max_retries => {
             let message = format!("attempt {attempt} failed: {}", e.label());
@@ -285,7 +286,7 @@ pub fn record(
                 now,
             );
             let note = format!("attempt {attempt} on {instance} failed ({e}); retrying");
-            ("Retrying", true, note)
+            (EventType::Warning, "Retrying", note)
         }
         Err(e) => {
             let reason = if e.is_retryable() {
@@ -294,7 +295,11 @@ pub fn record(
                 e.label()
             };
             s.fail(reason, e.to_string(), generation, now);
-            ("Failed", true, format!("failed on {instance}: {e}"))
+            (
+                EventType::Warning,
+                "Failed",
+                format!("failed on {instance}: {e}"),
+            )
         }
     };
     Some(Recorded { status: s, event })
@@ -370,8 +375,8 @@ async fn record_on_job(
                 if let Some(o) = recorded.status.outcome() {
                     count_outcome(ctx, &updated, o);
                 }
-                let (reason, warning, note) = recorded.event;
-                ctx.event(&updated, warning, reason, note).await;
+                let (kind, reason, note) = recorded.event;
+                ctx.event(&updated, kind, reason, note).await;
                 return Ok(());
             }
             Err(e) if e.is_conflict() => continue,
@@ -423,7 +428,7 @@ pub async fn release(
             info!(instance = %current.name_any(), "instance looks broken; replacing it");
             ctx.event(
                 &current,
-                true,
+                EventType::Warning,
                 "WorkerUnreachable",
                 format!(
                     "lost the connection to the worker during job {job}; replacing the machine"
@@ -471,6 +476,7 @@ mod tests {
         crd::{JobPhase, Money},
         worker::WorkerError,
     };
+    use kube::runtime::events::EventType;
 
     fn running(attempts: i32) -> crate::crd::VideoJob {
         job(
@@ -498,8 +504,7 @@ mod tests {
         assert_eq!(r.status.phase, Some(JobPhase::Succeeded));
         // 0.01 from an earlier attempt plus 100 s at 0.36 USD/h.
         assert_eq!(r.status.cost, Some("0.02".parse().unwrap()));
-        assert_eq!(r.event.0, "Succeeded");
-        assert!(!r.event.1);
+        assert_eq!((r.event.0, r.event.1), (EventType::Normal, "Succeeded"));
     }
 
     #[test]
@@ -507,13 +512,13 @@ mod tests {
         let err = Err(WorkerError::Connection("reset".into()));
         let r = record(&running(2), 2, "gi", price(), &err, at(10)).unwrap();
         assert_eq!(
-            (r.status.phase, r.event.0),
+            (r.status.phase, r.event.1),
             (Some(JobPhase::Pending), "Retrying")
         );
         assert_eq!(r.status.instance, None);
         let r = record(&running(3), 3, "gi", price(), &err, at(10)).unwrap();
         assert_eq!(
-            (r.status.phase, r.event.0),
+            (r.status.phase, r.event.1),
             (Some(JobPhase::Failed), "Failed")
         );
         assert_eq!(r.status.conditions[0].reason, "RetriesExhausted");

@@ -12,6 +12,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::runtime::events::EventType;
 use kube::{
     Api, ResourceExt,
     api::DeleteParams,
@@ -208,7 +209,7 @@ async fn report_blocked(
     ) {
         status.message = Some(message.clone());
         apply_status(api, gi, &status).await?;
-        ctx.event(gi, true, reason, message).await;
+        ctx.event(gi, EventType::Warning, reason, message).await;
     }
     Ok(Action::requeue(Duration::from_secs(30)))
 }
@@ -224,7 +225,7 @@ async fn fail(
     let mut status = status_of(gi);
     status.fail(reason, message.clone(), gi.metadata.generation, ctx.now());
     let gi = apply_status(api, gi, &status).await?;
-    ctx.event(&gi, true, reason, message).await;
+    ctx.event(&gi, EventType::Warning, reason, message).await;
     delete_self(&gi, ctx).await?;
     Ok(Action::await_change())
 }
@@ -358,7 +359,7 @@ async fn provision(
             found.id
         );
         let gi = record_created(gi, ctx, api, found, None).await?;
-        ctx.event(&gi, false, "Adopted", note).await;
+        ctx.event(&gi, EventType::Normal, "Adopted", note).await;
         return Ok(Action::requeue(ctx.config.provision_poll));
     }
 
@@ -370,7 +371,8 @@ async fn provision(
                 remote.id, offer.gpu_name, offer.price_per_hour, gi.spec.provider
             );
             let gi = record_created(gi, ctx, api, remote, Some(&offer)).await?;
-            ctx.event(&gi, false, "Provisioning", note).await;
+            ctx.event(&gi, EventType::Normal, "Provisioning", note)
+                .await;
             Ok(Action::requeue(ctx.config.provision_poll))
         }
         Err(e) => provider_failed(&gi, pool, ctx, api, e).await,
@@ -534,7 +536,7 @@ async fn check_worker(
         remote.id,
         seconds_between(started, now)
     );
-    ctx.event(&gi, false, "Ready", note).await;
+    ctx.event(&gi, EventType::Normal, "Ready", note).await;
     Ok(Action::requeue(Duration::from_secs(
         pool.spec.idle_timeout_seconds.max(1) as u64,
     )))
@@ -799,7 +801,7 @@ async fn account_final(
     if !ids.is_empty() && first {
         let cost = final_cost.unwrap_or_default();
         let note = format!("machine {ids} destroyed; accrued {cost} USD");
-        ctx.event(gi, false, "Destroyed", note).await;
+        ctx.event(gi, EventType::Normal, "Destroyed", note).await;
     }
 }
 
@@ -824,7 +826,8 @@ async fn teardown_failing(
         ctx.now(),
     ) {
         let _ = apply_status(api, gi, &s).await;
-        ctx.event(gi, true, "TeardownFailing", message).await;
+        ctx.event(gi, EventType::Warning, "TeardownFailing", message)
+            .await;
     }
     Err(error)
 }

@@ -8,6 +8,7 @@
 use std::{sync::Arc, time::Duration};
 
 use jiff::Timestamp;
+use kube::runtime::events::EventType;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
@@ -26,7 +27,7 @@ use crate::{
 
 use super::{
     Context, Error, Result,
-    context::Cause,
+    context::{Cause, warning_if},
     dispatch::{self, count_outcome, observe_wait},
     registry::PoolKey,
     settle,
@@ -149,7 +150,8 @@ async fn pool_missing(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>) -> Res
     ) || first
     {
         let job = apply_status(api, job, &s).await?;
-        ctx.event(&job, true, "PoolNotFound", msg).await;
+        ctx.event(&job, EventType::Warning, "PoolNotFound", msg)
+            .await;
     }
     Ok(Action::requeue(Duration::from_secs(30)))
 }
@@ -254,7 +256,8 @@ async fn lost_attempt(
     if let Some(outcome) = s.outcome() {
         count_outcome(ctx, &job, outcome);
     }
-    ctx.event(&job, true, reason, why.to_string()).await;
+    ctx.event(&job, EventType::Warning, reason, why.to_string())
+        .await;
     Ok(Action::await_change())
 }
 
@@ -331,7 +334,8 @@ async fn run_serverless(
             let outcome = s.outcome().unwrap_or("Failed");
             count_outcome(ctx, &job, outcome);
             let note = format!("finished at {provider_name} in {elapsed:.1} s");
-            ctx.event(&job, outcome == "Failed", outcome, note).await;
+            ctx.event(&job, warning_if(outcome == "Failed"), outcome, note)
+                .await;
             set_finalizer(&job, api, false).await?;
             Ok(Action::await_change())
         }
@@ -460,7 +464,7 @@ async fn cleanup(job: &VideoJob, ctx: &Context, api: &Api<VideoJob>) -> Result<A
         endpoint.cancel(remote).await?;
         ctx.event(
             job,
-            false,
+            EventType::Normal,
             "Cancelled",
             format!("cancelled {remote} at {provider}"),
         )

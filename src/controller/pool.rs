@@ -14,6 +14,7 @@ use std::{
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::runtime::events::EventType;
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, PostParams},
@@ -36,17 +37,16 @@ use crate::{
 };
 
 use super::{
-    Context, Error, Result, from_finalizer,
+    Context, Error, Result,
+    context::warning_if,
+    from_finalizer,
     registry::PoolKey,
     scheduling::{self, InstanceView, Limits, PendingJob, ProviderView, WaitReason},
     settle,
     status::{apply_own_status, apply_status, offer_price, set_condition},
 };
 
-/// Finalizer that holds a pool until its instances are gone.
-pub const POOL_FINALIZER: &str = "gpupool.dev/instances";
-/// Label on every GpuInstance naming its pool.
-pub const POOL_LABEL: &str = "gpupool.dev/pool";
+pub use crate::crd::{POOL_FINALIZER, POOL_LABEL};
 /// How often at most a pool's status is rewritten when only its counts changed.
 const STATUS_COUNTS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often serverless endpoint settings are compared with the pool.
@@ -425,7 +425,7 @@ async fn write_wait_reasons(
                     // Waiting for a machine that is starting or busy is normal
                     // operation: only the reasons that need a person get an event.
                     if !matches!(code.as_str(), "InstanceStarting" | "MaxInstances") {
-                        ctx.event(&job, code == "UnknownProvider", &code, message)
+                        ctx.event(&job, warning_if(code == "UnknownProvider"), &code, message)
                             .await;
                     }
                     Ok(true)
@@ -515,7 +515,7 @@ async fn check_references(pool: &GpuPool, ctx: &Context) {
         {
             ctx.event(
                 pool,
-                true,
+                EventType::Warning,
                 "ProviderUnavailable",
                 format!("provider {}: {message}", p.name),
             )
@@ -638,7 +638,7 @@ async fn bind_job(
             let job = written;
             ctx.event(
                 &job,
-                false,
+                EventType::Normal,
                 "Bound",
                 format!("bound to instance {instance}"),
             )
@@ -675,10 +675,10 @@ async fn create_instance(
     gi.metadata.generate_name = Some(format!("{}-", pool.name_any()));
     gi.metadata.labels = Some(BTreeMap::from([
         (POOL_LABEL.to_string(), pool.name_any()),
-        ("gpupool.dev/provider".to_string(), provider.to_string()),
+        (crate::crd::PROVIDER_LABEL.to_string(), provider.to_string()),
         (
-            "app.kubernetes.io/managed-by".to_string(),
-            "gpupool".to_string(),
+            crate::crd::MANAGED_BY_LABEL.to_string(),
+            crate::crd::MANAGED_BY.to_string(),
         ),
     ]));
     gi.metadata.finalizers = Some(vec![INSTANCE_FINALIZER.to_string()]);
@@ -718,7 +718,7 @@ async fn sync_endpoints(pool: &GpuPool, ctx: &Context) {
             ctx.endpoint_sync_failed(&PoolKey::of(pool).entry(&entry.name));
             ctx.event(
                 pool,
-                true,
+                EventType::Warning,
                 "EndpointSyncFailed",
                 format!("{}: {e}", entry.name),
             )

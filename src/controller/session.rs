@@ -15,16 +15,18 @@ use kube::{
 };
 use rand::RngCore;
 
-use crate::{crd::GpuInstance, provider::Credentials};
+use crate::{
+    crd::{GpuInstance, INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, SESSION_SECRET_PREFIX},
+    provider::Credentials,
+};
 
 use super::{Error, Result};
 
-/// Key of the session token in its Secret.
-pub const SESSION_TOKEN_KEY: &str = "token";
+pub use crate::crd::SESSION_TOKEN_KEY;
 
 /// Name of the Secret holding an instance's session token.
 pub fn secret_name(gi: &GpuInstance) -> String {
-    format!("gpupool-session-{}", gi.uid().unwrap_or_default())
+    format!("{SESSION_SECRET_PREFIX}{}", gi.uid().unwrap_or_default())
 }
 
 /// The tokens this process has read or made, by GpuInstance UID; an entry goes when its
@@ -124,7 +126,7 @@ fn token_secret(gi: &GpuInstance, token: &str) -> Result<Secret> {
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {
             "name": secret_name(gi),
-            "labels": {"app.kubernetes.io/managed-by": "gpupool", "gpupool.dev/instance": gi.name_any()},
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY, INSTANCE_LABEL: gi.name_any()},
         },
         "type": "Opaque",
         "stringData": {SESSION_TOKEN_KEY: token},

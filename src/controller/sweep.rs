@@ -8,10 +8,10 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::Instant,
 };
 
 use kube::ResourceExt;
+use kube::runtime::events::EventType;
 use tracing::{info, warn};
 
 use crate::{
@@ -25,7 +25,7 @@ use super::Context;
 
 /// Runs until the process ends.
 pub async fn run(ctx: Arc<Context>) {
-    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    let mut first_seen: HashMap<String, jiff::Timestamp> = HashMap::new();
     loop {
         tokio::time::sleep(ctx.config.sweep_interval).await;
         if !ctx.is_ready() {
@@ -36,7 +36,10 @@ pub async fn run(ctx: Arc<Context>) {
 }
 
 /// One pass of the sweep; returns the provider ids destroyed.
-pub async fn sweep_once(ctx: &Context, first_seen: &mut HashMap<String, Instant>) -> Vec<String> {
+pub async fn sweep_once(
+    ctx: &Context,
+    first_seen: &mut HashMap<String, jiff::Timestamp>,
+) -> Vec<String> {
     let prefix = cluster_label_prefix(&ctx.config.cluster_id);
     let known: HashSet<String> = ctx
         .stores()
@@ -100,15 +103,18 @@ pub async fn sweep_once(ctx: &Context, first_seen: &mut HashMap<String, Instant>
                     continue;
                 }
                 seen_now.insert(m.id.clone());
-                let since = *first_seen.entry(m.id.clone()).or_insert_with(Instant::now);
-                if since.elapsed() < ctx.config.orphan_grace {
+                let now = ctx.now();
+                let since = *first_seen.entry(m.id.clone()).or_insert(now);
+                let grace = jiff::SignedDuration::try_from(ctx.config.orphan_grace)
+                    .unwrap_or(jiff::SignedDuration::MAX);
+                if now.duration_since(since) < grace {
                     continue;
                 }
                 match teardown_lane(provider.delete(&m.id)).await {
                     Ok(()) | Err(ProviderError::NotFound(_)) => {
                         info!(id = %m.id, provider = %entry.name, "destroyed an orphan machine");
                         ctx.metrics.orphans_destroyed.inc();
-                        ctx.event(pool.as_ref(), true, "OrphanDestroyed", format!(
+                        ctx.event(pool.as_ref(), EventType::Warning, "OrphanDestroyed", format!(
                             "destroyed machine {} at {}: it carries this cluster's label but no GpuInstance has uid {uid}",
                             m.id, entry.name
                         ))

@@ -33,6 +33,21 @@ pub const MANAGER: &str = "gpupool";
 pub const INSTANCE_FINALIZER: &str = "gpupool.dev/destroy-machine";
 /// Finalizer that holds a VideoJob until its remote work is cancelled or finished.
 pub const JOB_FINALIZER: &str = "gpupool.dev/cancel-job";
+/// Finalizer that holds a pool until its instances are gone.
+pub const POOL_FINALIZER: &str = "gpupool.dev/instances";
+/// Label on every GpuInstance naming its pool.
+pub const POOL_LABEL: &str = "gpupool.dev/pool";
+/// Label on every GpuInstance naming its provider entry.
+pub const PROVIDER_LABEL: &str = "gpupool.dev/provider";
+/// Label on a session Secret naming its GpuInstance.
+pub const INSTANCE_LABEL: &str = "gpupool.dev/instance";
+/// The standard label saying gpupool manages an object, and its value.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "gpupool";
+/// Prefix of the Secret holding an instance's session token; the instance's UID follows.
+pub const SESSION_SECRET_PREFIX: &str = "gpupool-session-";
+/// Key of the session token in its Secret.
+pub const SESSION_TOKEN_KEY: &str = "token";
 
 /// The three CustomResourceDefinitions, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
