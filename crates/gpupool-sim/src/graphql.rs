@@ -64,27 +64,7 @@ impl<'a> Request<'a> {
                 Definition::Operation(o) => ops.push(o),
             }
         }
-        let name_of = |o: &OperationDefinition<'a, &'a str>| -> Option<&'a str> {
-            match o {
-                OperationDefinition::Query(q) => q.name,
-                OperationDefinition::Mutation(m) => m.name,
-                OperationDefinition::Subscription(s) => s.name,
-                OperationDefinition::SelectionSet(_) => None,
-            }
-        };
-        let op = match operation_name.filter(|n| !n.is_empty()) {
-            Some(name) => ops
-                .iter()
-                .find(|o| name_of(o) == Some(name))
-                .ok_or_else(|| format!("Unknown operation named \"{name}\"."))?,
-            None if ops.len() == 1 => &ops[0],
-            None if ops.is_empty() => return Err("No operation in the document.".into()),
-            None => {
-                return Err(
-                    "Must provide operation name if query contains multiple operations.".into(),
-                );
-            }
-        };
+        let op = pick_operation(&ops, operation_name)?;
         let (kind, selection, defs): (Kind, _, &[VariableDefinition<'a, &'a str>]) = match op {
             OperationDefinition::SelectionSet(s) => (Kind::Query, s, &[]),
             OperationDefinition::Query(q) => {
@@ -97,22 +77,10 @@ impl<'a> Request<'a> {
                 return Err("Subscriptions are not supported.".into());
             }
         };
-        let mut vars = Map::new();
-        for d in defs {
-            let v = match provided.get(d.name) {
-                Some(v) => v.clone(),
-                None => d
-                    .default_value
-                    .as_ref()
-                    .map(|dv| to_json(dv, &Map::new()))
-                    .unwrap_or(Value::Null),
-            };
-            vars.insert(d.name.to_string(), v);
-        }
         Ok(Self {
             kind,
             selection,
-            vars,
+            vars: variables(defs, provided),
             fragments,
         })
     }
@@ -192,6 +160,51 @@ impl<'a> Request<'a> {
             other => other.clone(),
         }
     }
+}
+
+/// The operation to run: the one named `operation_name`, else the only one.
+fn pick_operation<'a>(
+    ops: &[&'a OperationDefinition<'a, &'a str>],
+    operation_name: Option<&str>,
+) -> Result<&'a OperationDefinition<'a, &'a str>, String> {
+    let name_of = |o: &OperationDefinition<'a, &'a str>| -> Option<&'a str> {
+        match o {
+            OperationDefinition::Query(q) => q.name,
+            OperationDefinition::Mutation(m) => m.name,
+            OperationDefinition::Subscription(s) => s.name,
+            OperationDefinition::SelectionSet(_) => None,
+        }
+    };
+    match operation_name.filter(|n| !n.is_empty()) {
+        Some(name) => ops
+            .iter()
+            .find(|o| name_of(o) == Some(name))
+            .copied()
+            .ok_or_else(|| format!("Unknown operation named \"{name}\".")),
+        None if ops.len() == 1 => Ok(ops[0]),
+        None if ops.is_empty() => Err("No operation in the document.".into()),
+        None => Err("Must provide operation name if query contains multiple operations.".into()),
+    }
+}
+
+/// The operation's variables: as provided, else their default, else null.
+fn variables<'a>(
+    defs: &[VariableDefinition<'a, &'a str>],
+    provided: &Map<String, Value>,
+) -> Map<String, Value> {
+    let mut vars = Map::new();
+    for d in defs {
+        let v = match provided.get(d.name) {
+            Some(v) => v.clone(),
+            None => d
+                .default_value
+                .as_ref()
+                .map(|dv| to_json(dv, &Map::new()))
+                .unwrap_or(Value::Null),
+        };
+        vars.insert(d.name.to_string(), v);
+    }
+    vars
 }
 
 /// A GraphQL literal as JSON; enum literals become strings, variables their values.

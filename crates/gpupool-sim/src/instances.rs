@@ -38,30 +38,16 @@ async fn nap(sim: &Sim, seconds: f64) -> bool {
 
 /// Drives one instance from its current phase (provisioning or loading) to running.
 async fn lifecycle(sim: Arc<Sim>, provider: Provider, id: String, generation: u64) {
-    let still = |sim: &Sim, want: Phase| -> bool {
-        sim.lock()
-            .instance(provider, &id)
-            .is_some_and(|i| i.generation == generation && i.phase == want)
-    };
     let (provisioning, loading) = {
         let st = sim.lock();
         (st.timing.provisioning_seconds, st.timing.loading_seconds)
     };
-    if still(&sim, Phase::Provisioning) {
-        if !nap(&sim, provisioning).await {
-            return;
-        }
-        let mut st = sim.lock();
-        let Some(i) = st.instance_mut(provider, &id) else {
-            return;
-        };
-        if i.generation != generation || i.phase != Phase::Provisioning {
-            return;
-        }
-        i.phase = Phase::Loading;
-        i.last_status_change = util::now_ms();
+    if still(&sim, provider, &id, generation, Phase::Provisioning)
+        && !provision(&sim, provider, &id, generation, provisioning).await
+    {
+        return;
     }
-    if !still(&sim, Phase::Loading) || !nap(&sim, loading).await {
+    if !still(&sim, provider, &id, generation, Phase::Loading) || !nap(&sim, loading).await {
         return;
     }
     let listener = match TcpListener::bind(("127.0.0.1", 0)).await {
@@ -75,9 +61,47 @@ async fn lifecycle(sim: Arc<Sim>, provider: Provider, id: String, generation: u6
     let Ok(port) = listener.local_addr().map(|a| a.port()) else {
         return;
     };
+    run_worker(&sim, provider, &id, generation, listener, port);
+}
+
+/// Whether the instance is still in phase `want` of this life cycle's generation.
+fn still(sim: &Sim, provider: Provider, id: &str, generation: u64, want: Phase) -> bool {
+    sim.lock()
+        .instance(provider, id)
+        .is_some_and(|i| i.generation == generation && i.phase == want)
+}
+
+/// Provisions for `seconds`, then moves to loading; false when the life cycle must stop
+/// (shut down, gone, or changed from outside meanwhile).
+async fn provision(sim: &Sim, provider: Provider, id: &str, generation: u64, seconds: f64) -> bool {
+    if !nap(sim, seconds).await {
+        return false;
+    }
+    let mut st = sim.lock();
+    let Some(i) = st.instance_mut(provider, id) else {
+        return false;
+    };
+    if i.generation != generation || i.phase != Phase::Provisioning {
+        return false;
+    }
+    i.phase = Phase::Loading;
+    i.last_status_change = util::now_ms();
+    true
+}
+
+/// Starts the worker server on `listener` and marks the instance running, unless it
+/// changed from outside meanwhile.
+fn run_worker(
+    sim: &Arc<Sim>,
+    provider: Provider,
+    id: &str,
+    generation: u64,
+    listener: TcpListener,
+    port: u16,
+) {
     let mut st = sim.lock();
     let boot = st.timing.boot_seconds;
-    let Some(i) = st.instance_mut(provider, &id) else {
+    let Some(i) = st.instance_mut(provider, id) else {
         return;
     };
     if i.generation != generation || i.phase != Phase::Loading {
@@ -86,7 +110,7 @@ async fn lifecycle(sim: Arc<Sim>, provider: Provider, id: String, generation: u6
     let ctx = worker::WorkerCtx {
         sim: sim.clone(),
         provider,
-        instance_id: id.clone(),
+        instance_id: id.to_string(),
         started: Instant::now(),
         boot: util::secs(boot),
         api_key: i.env_value(crate::ENV_API_KEY).map(str::to_string),

@@ -8,13 +8,13 @@
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use rand::Rng;
+use rand::{Rng, rngs::StdRng};
 use serde_json::{Map, Value, json};
 
 use super::{
     config::GpuTypeSpec,
     instances,
-    state::{Instance, Phase, PortSpec, Provider, Sim, details},
+    state::{Instance, Phase, PortSpec, Provider, Sim, State as SimState, details},
     util,
 };
 
@@ -98,106 +98,163 @@ pub fn create(sim: &Arc<Sim>, req: &PodRequest) -> Result<String, CreateError> {
     let inst = {
         let mut st = sim.lock();
         let st = &mut *st;
-        // A GPU type that does not exist at all is a mistake in the request, not a lack
-        // of capacity (a typo would otherwise look like a sold-out market forever).
-        let known = |want: &String| {
-            st.gpu_types
-                .iter()
-                .any(|t| t.id == *want || t.display_name == *want)
-        };
-        if let Some(unknown) = req.gpu_type_ids.iter().find(|w| !known(w)) {
-            return Err(CreateError::Invalid(format!(
-                "unknown GPU type id {unknown:?}"
-            )));
-        }
-        let chosen = req.gpu_type_ids.iter().find_map(|want| {
-            let t = st
-                .gpu_types
-                .iter()
-                .find(|t| t.id == *want || t.display_name == *want)?;
-            let (price, cloud) = unit_price(t, &req.cloud_type)?;
-            (req.gpu_count <= t.max_gpu_count && st.gpus_free(t) >= req.gpu_count)
-                .then(|| (t.clone(), price, cloud))
-        });
-        let Some((gpu, unit, cloud)) = chosen else {
-            return Err(CreateError::NoCapacity);
-        };
+        let (gpu, unit, cloud) = choose_gpu(st, req)?;
         let unit = req.bid_per_gpu.unwrap_or(unit);
-        let id = util::alnum_id(&mut st.rng, 14);
-        let machine_id = util::alnum_id(&mut st.rng, 12);
-        let host_suffix: u32 = st.rng.random_range(10_000_000..99_999_999);
-        let docker_id = util::hex_id(&mut st.rng, 12);
+        let draws = PodDraws::draw(&mut st.rng, req);
+        pod_instance(req, &gpu, unit, cloud, draws, now)
+    };
+    let id = inst.id.clone();
+    instances::create(sim, inst);
+    Ok(id)
+}
+
+/// The first listed GPU type with the GPUs free, its unit price and cloud. A GPU type that
+/// does not exist at all is a mistake in the request, not a lack of capacity (a typo would
+/// otherwise look like a sold-out market forever).
+fn choose_gpu(
+    st: &SimState,
+    req: &PodRequest,
+) -> Result<(GpuTypeSpec, f64, &'static str), CreateError> {
+    let known = |want: &String| {
+        st.gpu_types
+            .iter()
+            .any(|t| t.id == *want || t.display_name == *want)
+    };
+    if let Some(unknown) = req.gpu_type_ids.iter().find(|w| !known(w)) {
+        return Err(CreateError::Invalid(format!(
+            "unknown GPU type id {unknown:?}"
+        )));
+    }
+    let chosen = req.gpu_type_ids.iter().find_map(|want| {
+        let t = st
+            .gpu_types
+            .iter()
+            .find(|t| t.id == *want || t.display_name == *want)?;
+        let (price, cloud) = unit_price(t, &req.cloud_type)?;
+        (req.gpu_count <= t.max_gpu_count && st.gpus_free(t) >= req.gpu_count)
+            .then(|| (t.clone(), price, cloud))
+    });
+    chosen.ok_or(CreateError::NoCapacity)
+}
+
+/// A new pod's ids, ports and address, drawn from the simulator's seeded generator in a
+/// fixed order (pod id, machine id, host suffix, docker id, the ports, the private ip), so a
+/// seed gives the same pod every time.
+struct PodDraws {
+    id: String,
+    machine_id: String,
+    host_suffix: u32,
+    docker_id: String,
+    ports: Vec<PortSpec>,
+    private_ip: String,
+}
+
+impl PodDraws {
+    /// Draws them for `req`.
+    fn draw(rng: &mut StdRng, req: &PodRequest) -> Self {
+        let id = util::alnum_id(rng, 14);
+        let machine_id = util::alnum_id(rng, 12);
+        let host_suffix: u32 = rng.random_range(10_000_000..99_999_999);
+        let docker_id = util::hex_id(rng, 12);
         let ports: Vec<PortSpec> = req
             .ports
             .iter()
             .map(|(port, proto)| PortSpec {
                 port: *port,
                 proto: proto.clone(),
-                public: st.rng.random_range(10_000..60_000),
+                public: rng.random_range(10_000..60_000),
             })
             .collect();
-        let worker_port = req
-            .env
-            .iter()
-            .find(|(k, _)| k == crate::ENV_WORKER_PORT)
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .or_else(|| ports.first().map(|p| p.port))
-            .unwrap_or(8000);
         let private_ip = format!(
             "100.65.{}.{}",
-            st.rng.random_range(0..255u8),
-            st.rng.random_range(2..255u8)
+            rng.random_range(0..255u8),
+            rng.random_range(2..255u8)
         );
-        Instance {
-            provider: Provider::RunPod,
-            id: id.clone(),
-            label: Some(req.name.clone()),
-            gpu_name: gpu.display_name.clone(),
-            num_gpus: req.gpu_count,
-            price_per_hour: unit * f64::from(req.gpu_count),
-            image: req.image.clone(),
-            env: req.env.clone(),
+        Self {
+            id,
+            machine_id,
+            host_suffix,
+            docker_id,
             ports,
-            worker_port,
-            phase: Phase::Provisioning,
-            created_at: now,
-            running_at: None,
-            last_started_at: None,
-            died_at: None,
-            destroyed_at: None,
-            last_status_change: now,
-            generation: 0,
-            worker: None,
-            worker_started: None,
-            die_on_next_job: false,
-            executions: 0,
-            details: details(json!({
-                "gpu_type_id": gpu.id,
-                "gpu_display_name": gpu.display_name,
-                "secure_price": gpu.secure_price,
-                "community_price": gpu.community_price,
-                "cloud": cloud,
-                "unit_price": unit,
-                "machine_id": machine_id,
-                "pod_host_id": format!("{id}-{host_suffix}"),
-                "docker_id": docker_id,
-                "docker_args": req.docker_args,
-                "container_disk_gb": req.container_disk_gb,
-                "volume_gb": req.volume_gb,
-                "volume_mount_path": req.volume_mount_path,
-                "data_center_id": req.data_center_id.clone().unwrap_or_else(|| "US-TX-3".into()),
-                "support_public_ip": req.support_public_ip,
-                "template_id": req.template_id,
-                "interruptible": req.interruptible || req.bid_per_gpu.is_some(),
-                "private_ip": private_ip,
-                "memory_gb": 62 * u64::from(req.gpu_count),
-                "vcpu": 16 * u64::from(req.gpu_count),
-            })),
+            private_ip,
         }
-    };
-    let id = inst.id.clone();
-    instances::create(sim, inst);
-    Ok(id)
+    }
+}
+
+/// The new pod, provisioning, on `gpu` at `unit` USD per GPU-hour.
+fn pod_instance(
+    req: &PodRequest,
+    gpu: &GpuTypeSpec,
+    unit: f64,
+    cloud: &str,
+    draws: PodDraws,
+    now: Timestamp,
+) -> Instance {
+    let worker_port = req
+        .env
+        .iter()
+        .find(|(k, _)| k == crate::ENV_WORKER_PORT)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .or_else(|| draws.ports.first().map(|p| p.port))
+        .unwrap_or(8000);
+    let details = pod_details(req, gpu, unit, cloud, &draws);
+    Instance {
+        provider: Provider::RunPod,
+        id: draws.id,
+        label: Some(req.name.clone()),
+        gpu_name: gpu.display_name.clone(),
+        num_gpus: req.gpu_count,
+        price_per_hour: unit * f64::from(req.gpu_count),
+        image: req.image.clone(),
+        env: req.env.clone(),
+        ports: draws.ports,
+        worker_port,
+        phase: Phase::Provisioning,
+        created_at: now,
+        running_at: None,
+        last_started_at: None,
+        died_at: None,
+        destroyed_at: None,
+        last_status_change: now,
+        generation: 0,
+        worker: None,
+        worker_started: None,
+        die_on_next_job: false,
+        executions: 0,
+        details,
+    }
+}
+
+/// What a pod keeps from its create: GPU type and prices, machine, container and volume.
+fn pod_details(
+    req: &PodRequest,
+    gpu: &GpuTypeSpec,
+    unit: f64,
+    cloud: &str,
+    d: &PodDraws,
+) -> Map<String, Value> {
+    details(json!({
+        "gpu_type_id": gpu.id,
+        "gpu_display_name": gpu.display_name,
+        "secure_price": gpu.secure_price,
+        "community_price": gpu.community_price,
+        "cloud": cloud,
+        "unit_price": unit,
+        "machine_id": d.machine_id,
+        "pod_host_id": format!("{}-{}", d.id, d.host_suffix),
+        "docker_id": d.docker_id,
+        "docker_args": req.docker_args,
+        "container_disk_gb": req.container_disk_gb,
+        "volume_gb": req.volume_gb,
+        "volume_mount_path": req.volume_mount_path,
+        "data_center_id": req.data_center_id.clone().unwrap_or_else(|| "US-TX-3".into()),
+        "support_public_ip": req.support_public_ip,
+        "template_id": req.template_id,
+        "interruptible": req.interruptible || req.bid_per_gpu.is_some(),
+        "private_ip": d.private_ip,
+        "memory_gb": 62 * u64::from(req.gpu_count),
+        "vcpu": 16 * u64::from(req.gpu_count),
+    }))
 }
 
 /// RunPod's `lastStatusChange` text.
@@ -241,42 +298,12 @@ fn uptime(i: &Instance, now: Timestamp) -> u64 {
 
 /// The GraphQL `Pod` object, every field the official clients select.
 pub fn graphql_pod(i: &Instance, now: Timestamp) -> Value {
-    let desired = match i.phase {
-        Phase::Stopped => "EXITED",
-        Phase::Dead => "DEAD",
-        Phase::Destroyed => "TERMINATED",
-        _ => "RUNNING",
-    };
-    let runtime = (i.phase == Phase::Running).then(|| {
-        let ports: Vec<Value> = i
-            .ports
-            .iter()
-            .map(|p| {
-                if p.proto == "http" {
-                    json!({"ip": i.detail_str("private_ip").unwrap_or("100.65.0.2"), "isIpPublic": false,
-                           "privatePort": p.port, "publicPort": p.public, "type": "http"})
-                } else {
-                    json!({"ip": "127.0.0.1", "isIpPublic": true, "privatePort": p.port,
-                           "publicPort": public_port(i, p), "type": "tcp"})
-                }
-            })
-            .collect();
-        let gpus: Vec<Value> = (0..i.num_gpus)
-            .map(|n| json!({"id": format!("GPU-{}-{n}", i.id), "gpuUtilPercent": 0, "memoryUtilPercent": 0}))
-            .collect();
-        json!({
-            "uptimeInSeconds": uptime(i, now),
-            "ports": ports,
-            "gpus": gpus,
-            "container": {"cpuPercent": 1, "memoryPercent": 2},
-        })
-    });
     let env: Vec<String> = i.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     json!({
         "__typename": "Pod",
         "id": i.id,
         "name": i.label.clone().unwrap_or_default(),
-        "desiredStatus": desired,
+        "desiredStatus": graphql_desired_status(i.phase),
         "imageName": i.image,
         "env": env,
         "ports": ports_string(i),
@@ -289,7 +316,7 @@ pub fn graphql_pod(i: &Instance, now: Timestamp) -> Value {
         "volumeMountPath": i.detail_str("volume_mount_path").unwrap_or("/workspace"),
         "costPerHr": i.price_per_hour,
         "adjustedCostPerHr": i.price_per_hour,
-        "podType": if i.details.get("interruptible").and_then(Value::as_bool).unwrap_or(false) { "INTERRUPTABLE" } else { "RESERVED" },
+        "podType": if interruptible(i) { "INTERRUPTABLE" } else { "RESERVED" },
         "machineId": i.detail_str("machine_id").unwrap_or_default(),
         "dockerId": i.detail_str("docker_id").unwrap_or_default(),
         "dockerArgs": i.detail_str("docker_args").unwrap_or_default(),
@@ -300,19 +327,68 @@ pub fn graphql_pod(i: &Instance, now: Timestamp) -> Value {
         "templateId": i.details.get("template_id").cloned().unwrap_or(Value::Null),
         "networkVolumeId": null,
         "gpuTypeId": i.detail_str("gpu_type_id"),
-        "machine": {
-            "__typename": "Machine",
-            "podHostId": i.detail_str("pod_host_id"),
-            "gpuDisplayName": i.gpu_name,
-            "gpuTypeId": i.detail_str("gpu_type_id"),
-            "location": "US",
-            "dataCenterId": i.detail_str("data_center_id"),
-            "secureCloud": i.detail_str("cloud") == Some("SECURE"),
-            "supportPublicIp": true,
-            "maxDownloadSpeedMbps": 1000,
-            "maxUploadSpeedMbps": 1000,
-        },
-        "runtime": runtime,
+        "machine": graphql_machine(i),
+        "runtime": (i.phase == Phase::Running).then(|| graphql_runtime(i, now)),
+    })
+}
+
+/// The GraphQL `desiredStatus` of a phase.
+fn graphql_desired_status(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Stopped => "EXITED",
+        Phase::Dead => "DEAD",
+        Phase::Destroyed => "TERMINATED",
+        _ => "RUNNING",
+    }
+}
+
+/// Whether the pod is a spot (interruptible) one.
+fn interruptible(i: &Instance) -> bool {
+    i.details
+        .get("interruptible")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// The GraphQL `Machine` of a pod.
+fn graphql_machine(i: &Instance) -> Value {
+    json!({
+        "__typename": "Machine",
+        "podHostId": i.detail_str("pod_host_id"),
+        "gpuDisplayName": i.gpu_name,
+        "gpuTypeId": i.detail_str("gpu_type_id"),
+        "location": "US",
+        "dataCenterId": i.detail_str("data_center_id"),
+        "secureCloud": i.detail_str("cloud") == Some("SECURE"),
+        "supportPublicIp": true,
+        "maxDownloadSpeedMbps": 1000,
+        "maxUploadSpeedMbps": 1000,
+    })
+}
+
+/// The GraphQL `runtime` of a running pod: uptime, port entries, GPUs and container load.
+fn graphql_runtime(i: &Instance, now: Timestamp) -> Value {
+    let ports: Vec<Value> = i
+        .ports
+        .iter()
+        .map(|p| {
+            if p.proto == "http" {
+                json!({"ip": i.detail_str("private_ip").unwrap_or("100.65.0.2"), "isIpPublic": false,
+                       "privatePort": p.port, "publicPort": p.public, "type": "http"})
+            } else {
+                json!({"ip": "127.0.0.1", "isIpPublic": true, "privatePort": p.port,
+                       "publicPort": public_port(i, p), "type": "tcp"})
+            }
+        })
+        .collect();
+    let gpus: Vec<Value> = (0..i.num_gpus)
+        .map(|n| json!({"id": format!("GPU-{}-{n}", i.id), "gpuUtilPercent": 0, "memoryUtilPercent": 0}))
+        .collect();
+    json!({
+        "uptimeInSeconds": uptime(i, now),
+        "ports": ports,
+        "gpus": gpus,
+        "container": {"cpuPercent": 1, "memoryPercent": 2},
     })
 }
 
@@ -325,19 +401,7 @@ pub fn rest_pod(i: &Instance) -> Value {
         Phase::Destroyed => "TERMINATED",
         _ => "RUNNING",
     };
-    let mut mappings = Map::new();
-    for p in i.ports.iter().filter(|p| p.proto == "tcp") {
-        mappings.insert(p.port.to_string(), json!(public_port(i, p)));
-    }
     let env: Map<String, Value> = i.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-    let gpu_type = i.detail_str("gpu_type_id").unwrap_or_default();
-    let prices = json!({
-        "id": gpu_type,
-        "count": i.num_gpus,
-        "displayName": i.gpu_name,
-        "securePrice": i.details.get("secure_price").and_then(Value::as_f64).unwrap_or(0.0),
-        "communityPrice": i.details.get("community_price").and_then(Value::as_f64).unwrap_or(0.0),
-    });
     let mut pod = json!({
         "id": i.id,
         "name": i.label.clone().unwrap_or_default(),
@@ -346,27 +410,15 @@ pub fn rest_pod(i: &Instance) -> Value {
         "imageName": i.image,
         "costPerHr": i.price_per_hour,
         "adjustedCostPerHr": i.price_per_hour,
-        "gpu": prices,
+        "gpu": rest_gpu_type(i),
         "gpuCount": i.num_gpus,
-        "machine": {
-            "gpuTypeId": gpu_type,
-            "gpuType": prices,
-            "location": "US",
-            "dataCenterId": i.detail_str("data_center_id").unwrap_or("US-TX-3"),
-            "gpuDisplayName": i.gpu_name,
-            "supportPublicIp": true,
-            "secureCloud": i.detail_str("cloud") == Some("SECURE"),
-            "costPerHr": i.price_per_hour,
-            "currentPricePerGpu": i.details.get("unit_price").and_then(Value::as_f64).unwrap_or(0.0),
-            "maxDownloadSpeedMbps": 1000,
-            "maxUploadSpeedMbps": 1000,
-        },
+        "machine": rest_machine(i),
         "machineId": i.detail_str("machine_id").unwrap_or_default(),
         "publicIp": if running { json!("127.0.0.1") } else { Value::Null },
-        "portMappings": if running { Value::Object(mappings) } else { Value::Null },
+        "portMappings": if running { Value::Object(port_mappings(i)) } else { Value::Null },
         "ports": i.ports.iter().map(|p| format!("{}/{}", p.port, p.proto)).collect::<Vec<_>>(),
         "env": env,
-        "interruptible": i.details.get("interruptible").and_then(Value::as_bool).unwrap_or(false),
+        "interruptible": interruptible(i),
         "lastStatusChange": status_text(i),
         "containerDiskInGb": i.detail_u64("container_disk_gb").unwrap_or(10),
         "volumeInGb": i.detail_u64("volume_gb").unwrap_or(0),
@@ -390,6 +442,43 @@ pub fn rest_pod(i: &Instance) -> Value {
         }
     }
     pod
+}
+
+/// The REST GPU type of a pod, with its prices.
+fn rest_gpu_type(i: &Instance) -> Value {
+    json!({
+        "id": i.detail_str("gpu_type_id").unwrap_or_default(),
+        "count": i.num_gpus,
+        "displayName": i.gpu_name,
+        "securePrice": i.details.get("secure_price").and_then(Value::as_f64).unwrap_or(0.0),
+        "communityPrice": i.details.get("community_price").and_then(Value::as_f64).unwrap_or(0.0),
+    })
+}
+
+/// The REST `machine` of a pod.
+fn rest_machine(i: &Instance) -> Value {
+    json!({
+        "gpuTypeId": i.detail_str("gpu_type_id").unwrap_or_default(),
+        "gpuType": rest_gpu_type(i),
+        "location": "US",
+        "dataCenterId": i.detail_str("data_center_id").unwrap_or("US-TX-3"),
+        "gpuDisplayName": i.gpu_name,
+        "supportPublicIp": true,
+        "secureCloud": i.detail_str("cloud") == Some("SECURE"),
+        "costPerHr": i.price_per_hour,
+        "currentPricePerGpu": i.details.get("unit_price").and_then(Value::as_f64).unwrap_or(0.0),
+        "maxDownloadSpeedMbps": 1000,
+        "maxUploadSpeedMbps": 1000,
+    })
+}
+
+/// `portMappings` of a running pod: each TCP port to its outside port.
+fn port_mappings(i: &Instance) -> Map<String, Value> {
+    let mut mappings = Map::new();
+    for p in i.ports.iter().filter(|p| p.proto == "tcp") {
+        mappings.insert(p.port.to_string(), json!(public_port(i, p)));
+    }
+    mappings
 }
 
 #[cfg(test)]

@@ -178,6 +178,8 @@ fn project_all(
     data
 }
 
+/// `POST /graphql`: authentication, the body, the document, the faults of the first root
+/// field's operation, then every root field resolved in order and projected.
 async fn handle(
     State(sim): State<Arc<Sim>>,
     Extension(slot): Extension<OpSlot>,
@@ -191,24 +193,14 @@ async fn handle(
     if let Err(r) = http::check_auth(&sim, Family::Graphql, key.as_deref(), AuthMode::Required) {
         return r;
     }
-    let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(&body) else {
-        return bad_request(
-            "POST body must be a JSON object with a \"query\" string.",
-            "BAD_REQUEST",
-        );
+    let GqlBody {
+        text,
+        vars,
+        op_name,
+    } = match parse_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    let Some(text) = req.get("query").and_then(Value::as_str).map(str::to_string) else {
-        return bad_request("POST body must contain a \"query\" string.", "BAD_REQUEST");
-    };
-    let vars = match req.get("variables") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => return bad_request("\"variables\" must be an object.", "BAD_REQUEST"),
-    };
-    let op_name = req
-        .get("operationName")
-        .and_then(Value::as_str)
-        .map(str::to_string);
     let (kind, calls) = match plan(&text, op_name.as_deref(), &vars) {
         Ok(p) => p,
         Err(r) => return r,
@@ -224,11 +216,72 @@ async fn handle(
     if let Err(r) = http::status_faults(&sim, &op, Family::Graphql) {
         return r;
     }
+    let (results, errors) = match resolve_all(&sim, &slot, &op, kind, &calls).await {
+        Ok(r) => r,
+        Err(ghost) => return ghost,
+    };
+    if !errors.is_empty() {
+        return util::json(StatusCode::OK, &json!({"errors": errors, "data": null}));
+    }
+    let data = project_all(&sim, &text, op_name.as_deref(), &vars, results);
+    util::json(StatusCode::OK, &json!({"data": data}))
+}
 
+/// A GraphQL request body: the document, its variables and the operation to run.
+struct GqlBody {
+    text: String,
+    vars: Map<String, Value>,
+    op_name: Option<String>,
+}
+
+/// The request body's `query`, `variables` and `operationName`.
+fn parse_body(body: &Bytes) -> Result<GqlBody, Response> {
+    let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
+        return Err(bad_request(
+            "POST body must be a JSON object with a \"query\" string.",
+            "BAD_REQUEST",
+        ));
+    };
+    let Some(text) = req.get("query").and_then(Value::as_str).map(str::to_string) else {
+        return Err(bad_request(
+            "POST body must contain a \"query\" string.",
+            "BAD_REQUEST",
+        ));
+    };
+    let vars = match req.get("variables") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => {
+            return Err(bad_request(
+                "\"variables\" must be an object.",
+                "BAD_REQUEST",
+            ));
+        }
+    };
+    let op_name = req
+        .get("operationName")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok(GqlBody {
+        text,
+        vars,
+        op_name,
+    })
+}
+
+/// Resolves every root field in order: the results (null where one failed) and the
+/// errors, or the ghost-create fault's answer once every field has been resolved.
+async fn resolve_all(
+    sim: &Arc<Sim>,
+    slot: &OpSlot,
+    op: &str,
+    kind: Kind,
+    calls: &[RootCall],
+) -> Result<(Vec<Value>, Vec<Value>), Response> {
     let mut results = Vec::new();
     let mut errors = Vec::new();
     let mut ghost = None;
-    for call in &calls {
+    for call in calls {
         if call.name == "__typename" {
             results.push(json!(kind.type_name()));
             continue;
@@ -239,13 +292,13 @@ async fn handle(
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        match resolve(&sim, &slot, &call.name, &call.args, &input).await {
+        match resolve(sim, slot, &call.name, &call.args, &input).await {
             Ok(v) => {
                 if matches!(
                     call.name.as_str(),
                     "podFindAndDeployOnDemand" | "podRentInterruptable"
                 ) {
-                    ghost = http::ghost_create(&sim, &op, Family::Graphql);
+                    ghost = http::ghost_create(sim, op, Family::Graphql);
                 }
                 results.push(v);
             }
@@ -255,14 +308,10 @@ async fn handle(
             }
         }
     }
-    if let Some(r) = ghost {
-        return r;
+    match ghost {
+        Some(r) => Err(r),
+        None => Ok((results, errors)),
     }
-    if !errors.is_empty() {
-        return util::json(StatusCode::OK, &json!({"errors": errors, "data": null}));
-    }
-    let data = project_all(&sim, &text, op_name.as_deref(), &vars, results);
-    util::json(StatusCode::OK, &json!({"data": data}))
 }
 
 /// Free GPUs per type id, taken once per request for `lowestPrice`.
@@ -407,71 +456,43 @@ fn str_of(input: &Map<String, Value>, key: &str) -> Option<String> {
     input.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
-/// A pod create input (GraphQL spelling) as a [`PodRequest`].
+/// A pod create input (GraphQL spelling) as a [`PodRequest`]; the first problem, in this
+/// order (ports, env, GPU type, count, cloud, bid), is the answer.
 fn pod_request(input: &Map<String, Value>, spot: bool) -> Result<PodRequest, GqlError> {
-    let invalid = |m: String| GqlError::new(m, "BAD_USER_INPUT");
-    let ports = match input.get("ports") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => pods::parse_ports(s).map_err(invalid)?,
-        Some(_) => {
-            return Err(invalid(
-                "ports must be a string like \"8000/http,22/tcp\"".into(),
-            ));
-        }
-    };
-    let env = match input.get("env") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|e| {
-                let k = e.get("key").and_then(Value::as_str);
-                let v = e.get("value").map(|v| match v {
-                    Value::String(s) => s.clone(),
-                    Value::Null => String::new(),
-                    other => other.to_string(),
-                });
-                match (k, v) {
-                    (Some(k), Some(v)) => Ok((k.to_string(), v)),
-                    _ => Err(invalid("env entries must be {key, value}".into())),
-                }
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(invalid("env must be a list of {key, value}".into())),
-    };
+    let ports = input_ports(input)?;
+    let env = input_env(input)?;
     let gpu_type = str_of(input, "gpuTypeId").filter(|s| !s.is_empty());
     let Some(gpu_type) = gpu_type else {
-        return Err(invalid("gpuTypeId is required".into()));
+        return Err(bad_input("gpuTypeId is required".into()));
     };
     let gpu_count = match input.get("gpuCount") {
         None | Some(Value::Null) => 1,
         Some(v) => {
             v.as_u64()
-                .ok_or_else(|| invalid("gpuCount must be an integer".into()))? as u32
+                .ok_or_else(|| bad_input("gpuCount must be an integer".into()))? as u32
         }
     };
     let cloud = str_of(input, "cloudType")
         .unwrap_or_else(|| "ALL".into())
         .to_ascii_uppercase();
     if !matches!(cloud.as_str(), "ALL" | "SECURE" | "COMMUNITY") {
-        return Err(invalid(format!(
+        return Err(bad_input(format!(
             "Value \"{cloud}\" does not exist in \"CloudTypeEnum\" enum."
         )));
     }
     let bid = input.get("bidPerGpu").and_then(Value::as_f64);
     if spot && bid.is_none() {
-        return Err(invalid("bidPerGpu is required".into()));
+        return Err(bad_input("bidPerGpu is required".into()));
     }
+    let num = |k: &str, d: u64| input.get(k).and_then(Value::as_u64).unwrap_or(d);
     Ok(PodRequest {
         name: str_of(input, "name").unwrap_or_default(),
         image: str_of(input, "imageName").unwrap_or_default(),
         gpu_type_ids: vec![gpu_type],
         gpu_count,
         cloud_type: cloud,
-        container_disk_gb: input
-            .get("containerDiskInGb")
-            .and_then(Value::as_u64)
-            .unwrap_or(10),
-        volume_gb: input.get("volumeInGb").and_then(Value::as_u64).unwrap_or(0),
+        container_disk_gb: num("containerDiskInGb", 10),
+        volume_gb: num("volumeInGb", 0),
         volume_mount_path: str_of(input, "volumeMountPath").unwrap_or_else(|| "/workspace".into()),
         ports,
         env,
@@ -485,6 +506,45 @@ fn pod_request(input: &Map<String, Value>, spot: bool) -> Result<PodRequest, Gql
         bid_per_gpu: bid,
         interruptible: spot,
     })
+}
+
+/// A `BAD_USER_INPUT` error.
+fn bad_input(m: String) -> GqlError {
+    GqlError::new(m, "BAD_USER_INPUT")
+}
+
+/// `ports`: a `"8000/http,22/tcp"` string.
+fn input_ports(input: &Map<String, Value>) -> Result<Vec<(u16, String)>, GqlError> {
+    match input.get("ports") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => pods::parse_ports(s).map_err(bad_input),
+        Some(_) => Err(bad_input(
+            "ports must be a string like \"8000/http,22/tcp\"".into(),
+        )),
+    }
+}
+
+/// `env`: a list of `{key, value}` (non-string values as their JSON text, null as empty).
+fn input_env(input: &Map<String, Value>) -> Result<Vec<(String, String)>, GqlError> {
+    match input.get("env") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|e| {
+                let k = e.get("key").and_then(Value::as_str);
+                let v = e.get("value").map(|v| match v {
+                    Value::String(s) => s.clone(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                });
+                match (k, v) {
+                    (Some(k), Some(v)) => Ok((k.to_string(), v)),
+                    _ => Err(bad_input("env entries must be {key, value}".into())),
+                }
+            })
+            .collect(),
+        Some(_) => Err(bad_input("env must be a list of {key, value}".into())),
+    }
 }
 
 fn pod_id(input: &Map<String, Value>) -> Result<String, GqlError> {
@@ -505,6 +565,7 @@ fn pod_view(sim: &Sim, id: &str) -> Option<Value> {
         .map(|i| pods::graphql_pod(i, now))
 }
 
+/// Resolves one root field to its whole entity.
 async fn resolve(
     sim: &Arc<Sim>,
     slot: &OpSlot,
@@ -514,25 +575,7 @@ async fn resolve(
 ) -> Result<Value, GqlError> {
     let now = util::now_ms();
     match field {
-        "gpuTypes" => {
-            let st = sim.lock();
-            let ids: Option<Vec<String>> = match (input.get("id"), input.get("ids")) {
-                (Some(Value::String(id)), _) => Some(vec![id.clone()]),
-                (_, Some(Value::Array(ids))) => Some(
-                    ids.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect(),
-                ),
-                _ => None,
-            };
-            Ok(Value::Array(
-                st.gpu_types
-                    .iter()
-                    .filter(|t| ids.as_ref().is_none_or(|ids| ids.contains(&t.id)))
-                    .map(|t| gpu_type_entity(&st, t))
-                    .collect(),
-            ))
-        }
+        "gpuTypes" => Ok(gpu_types(&sim.lock(), input)),
         "pod" => {
             let id = pod_id(input)?;
             slot.set_instance(id.clone());
@@ -540,18 +583,7 @@ async fn resolve(
         }
         "myself" => Ok(myself(&sim.lock(), now)),
         "podFindAndDeployOnDemand" | "podRentInterruptable" => {
-            let req = pod_request(input, field == "podRentInterruptable")?;
-            match pods::create(sim, &req) {
-                Ok(id) => {
-                    slot.set_instance(id.clone());
-                    pod_view(sim, &id)
-                        .ok_or_else(|| GqlError::new("pod vanished", "INTERNAL_SERVER_ERROR"))
-                }
-                Err(CreateError::NoCapacity) => {
-                    Err(GqlError::new(pods::NO_CAPACITY, "INTERNAL_SERVER_ERROR"))
-                }
-                Err(CreateError::Invalid(m)) => Err(GqlError::new(m, "BAD_USER_INPUT")),
-            }
+            deploy(sim, slot, input, field == "podRentInterruptable")
         }
         "deployCpuPod" => Err(GqlError::new(
             "CPU pods are not simulated.",
@@ -577,19 +609,57 @@ async fn resolve(
             instances::reap(task).await;
             Ok(Value::Null)
         }
-        "saveEndpoint" => {
-            serverless::save_endpoint(sim, input).map_err(|m| GqlError::new(m, "BAD_USER_INPUT"))
-        }
+        "saveEndpoint" => serverless::save_endpoint(sim, input).map_err(bad_input),
         "deleteEndpoint" => {
             let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
             serverless::delete_endpoint(sim, id)
                 .map(|()| Value::Null)
-                .map_err(|m| GqlError::new(m, "BAD_USER_INPUT"))
+                .map_err(bad_input)
         }
         other => Err(GqlError::new(
             format!("Cannot query field \"{other}\"."),
             "GRAPHQL_VALIDATION_FAILED",
         )),
+    }
+}
+
+/// `gpuTypes(input: {id} | {ids})`: the GPU types, all of them without a filter.
+fn gpu_types(st: &SimState, input: &Map<String, Value>) -> Value {
+    let ids: Option<Vec<String>> = match (input.get("id"), input.get("ids")) {
+        (Some(Value::String(id)), _) => Some(vec![id.clone()]),
+        (_, Some(Value::Array(ids))) => Some(
+            ids.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+        ),
+        _ => None,
+    };
+    Value::Array(
+        st.gpu_types
+            .iter()
+            .filter(|t| ids.as_ref().is_none_or(|ids| ids.contains(&t.id)))
+            .map(|t| gpu_type_entity(st, t))
+            .collect(),
+    )
+}
+
+/// `podFindAndDeployOnDemand` / `podRentInterruptable` (`spot`): the new pod.
+fn deploy(
+    sim: &Arc<Sim>,
+    slot: &OpSlot,
+    input: &Map<String, Value>,
+    spot: bool,
+) -> Result<Value, GqlError> {
+    let req = pod_request(input, spot)?;
+    match pods::create(sim, &req) {
+        Ok(id) => {
+            slot.set_instance(id.clone());
+            pod_view(sim, &id).ok_or_else(|| GqlError::new("pod vanished", "INTERNAL_SERVER_ERROR"))
+        }
+        Err(CreateError::NoCapacity) => {
+            Err(GqlError::new(pods::NO_CAPACITY, "INTERNAL_SERVER_ERROR"))
+        }
+        Err(CreateError::Invalid(m)) => Err(bad_input(m)),
     }
 }
 

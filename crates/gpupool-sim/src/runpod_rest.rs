@@ -94,14 +94,15 @@ fn strings(v: Option<&Value>, what: &str) -> Result<Vec<String>, Response> {
     }
 }
 
+/// A create body as a [`PodRequest`]; the first problem, in the order RunPod checks, is
+/// the answer.
 fn rest_request(b: &Map<String, Value>) -> Result<PodRequest, Response> {
-    let invalid = |m: &str| error(StatusCode::BAD_REQUEST, format!("Invalid input: {m}"));
     if b.get("computeType").and_then(Value::as_str) == Some("CPU") {
-        return Err(invalid("CPU pods are not simulated."));
+        return Err(invalid_input("CPU pods are not simulated."));
     }
     let gpu_type_ids = strings(b.get("gpuTypeIds"), "gpuTypeIds")?;
     if gpu_type_ids.is_empty() {
-        return Err(invalid("gpuTypeIds is required for GPU pods."));
+        return Err(invalid_input("gpuTypeIds is required for GPU pods."));
     }
     let name = b
         .get("name")
@@ -109,7 +110,7 @@ fn rest_request(b: &Map<String, Value>) -> Result<PodRequest, Response> {
         .unwrap_or("my pod")
         .to_string();
     if name.chars().count() > 191 {
-        return Err(invalid("name is longer than 191 characters."));
+        return Err(invalid_input("name is longer than 191 characters."));
     }
     let cloud = b
         .get("cloudType")
@@ -117,59 +118,31 @@ fn rest_request(b: &Map<String, Value>) -> Result<PodRequest, Response> {
         .unwrap_or("SECURE")
         .to_string();
     if cloud != "SECURE" && cloud != "COMMUNITY" {
-        return Err(invalid("cloudType must be SECURE or COMMUNITY."));
+        return Err(invalid_input("cloudType must be SECURE or COMMUNITY."));
     }
-    let gpu_count = match b.get("gpuCount") {
-        None | Some(Value::Null) => 1,
-        Some(v) => v
-            .as_u64()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| invalid("gpuCount must be an integer >= 1."))? as u32,
-    };
-    let mut ports = Vec::new();
-    for p in strings(b.get("ports"), "ports")? {
-        ports.extend(pods::parse_ports(&p).map_err(|e| invalid(&e))?);
-    }
+    let gpu_count = requested_gpu_count(b)?;
+    let ports = requested_ports(b)?;
     let env = match b.get("env") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Object(m)) => m
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string()),
-                )
-            })
-            .collect(),
-        Some(_) => return Err(invalid("env must be an object of strings.")),
+        Some(Value::Object(m)) => env_pairs(m),
+        Some(_) => return Err(invalid_input("env must be an object of strings.")),
     };
+    let str_or = |k: &str, d: &str| b.get(k).and_then(Value::as_str).unwrap_or(d).to_string();
     let num = |k: &str, d: u64| b.get(k).and_then(Value::as_u64).unwrap_or(d);
+    let flag = |k: &str, d: bool| b.get(k).and_then(Value::as_bool).unwrap_or(d);
     Ok(PodRequest {
         name,
-        image: b
-            .get("imageName")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        image: str_or("imageName", ""),
         gpu_type_ids,
         gpu_count,
         cloud_type: cloud,
         container_disk_gb: num("containerDiskInGb", 50),
         volume_gb: num("volumeInGb", 20),
-        volume_mount_path: b
-            .get("volumeMountPath")
-            .and_then(Value::as_str)
-            .unwrap_or("/workspace")
-            .to_string(),
+        volume_mount_path: str_or("volumeMountPath", "/workspace"),
         ports,
         env,
         docker_args: String::new(),
-        support_public_ip: b
-            .get("supportPublicIp")
-            .and_then(Value::as_bool)
-            .unwrap_or(true),
+        support_public_ip: flag("supportPublicIp", true),
         data_center_id: strings(b.get("dataCenterIds"), "dataCenterIds")?
             .into_iter()
             .next(),
@@ -178,11 +151,48 @@ fn rest_request(b: &Map<String, Value>) -> Result<PodRequest, Response> {
             .and_then(Value::as_str)
             .map(str::to_string),
         bid_per_gpu: None,
-        interruptible: b
-            .get("interruptible")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        interruptible: flag("interruptible", false),
     })
+}
+
+/// A 400 `Invalid input: {m}`.
+fn invalid_input(m: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, format!("Invalid input: {m}"))
+}
+
+/// `gpuCount`: 1 when not given, else an integer of at least 1.
+fn requested_gpu_count(b: &Map<String, Value>) -> Result<u32, Response> {
+    Ok(match b.get("gpuCount") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| invalid_input("gpuCount must be an integer >= 1."))?
+            as u32,
+    })
+}
+
+/// `ports`: a list of `"8000/http,22/tcp"`-style strings, flattened.
+fn requested_ports(b: &Map<String, Value>) -> Result<Vec<(u16, String)>, Response> {
+    let mut ports = Vec::new();
+    for p in strings(b.get("ports"), "ports")? {
+        ports.extend(pods::parse_ports(&p).map_err(|e| invalid_input(&e))?);
+    }
+    Ok(ports)
+}
+
+/// An `env` object as pairs (non-string values as their JSON text).
+fn env_pairs(m: &Map<String, Value>) -> Vec<(String, String)> {
+    m.iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            )
+        })
+        .collect()
 }
 
 fn pod_json(sim: &Sim, id: &str) -> Option<Value> {
@@ -383,17 +393,7 @@ async fn update(
             i.image = image.to_string();
         }
         if let Some(Value::Object(env)) = b.get("env") {
-            i.env = env
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string()),
-                    )
-                })
-                .collect();
+            i.env = env_pairs(env);
         }
     }
     match pod_json(&sim, &id) {

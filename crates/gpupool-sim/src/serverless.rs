@@ -226,26 +226,46 @@ async fn driver(sim: Arc<Sim>, endpoint_id: String, notify: Arc<Notify>, epoch: 
     }
 }
 
+/// An endpoint's scaling settings, read once per reconcile pass.
+struct Scaling {
+    cold: Duration,
+    idle_timeout: Duration,
+    min: usize,
+    max: usize,
+}
+
+impl Scaling {
+    /// The scaling settings of `s`.
+    fn of(s: &EndpointSpec) -> Self {
+        Self {
+            cold: util::secs(s.cold_start_seconds),
+            idle_timeout: Duration::from_secs(u64::from(s.idle_timeout)),
+            min: s.workers_min as usize,
+            max: s.workers_max as usize,
+        }
+    }
+}
+
 /// One pass over an endpoint; returns when it next needs attention without being notified.
 fn reconcile(sim: &Arc<Sim>, st: &mut SimState, idx: usize) -> Option<Instant> {
     let now = Instant::now();
     let now_ts = util::now_ms();
-    let (cold, idle_timeout, wmin, wmax) = {
-        let s = &st.endpoints[idx].spec;
-        (
-            util::secs(s.cold_start_seconds),
-            Duration::from_secs(u64::from(s.idle_timeout)),
-            s.workers_min as usize,
-            s.workers_max as usize,
-        )
-    };
+    let scaling = Scaling::of(&st.endpoints[idx].spec);
     for w in &mut st.endpoints[idx].workers {
         if w.state == WorkerState::Initializing && now >= w.ready_at {
             w.state = WorkerState::Idle;
             w.idle_since = now;
         }
     }
-    // Hand queued jobs to idle workers.
+    dispatch_queue(sim, st, idx, now, now_ts);
+    let ep = &mut st.endpoints[idx];
+    scale_up(ep, &scaling, now, now_ts);
+    let active = scale_down(ep, &scaling, now, now_ts);
+    next_wake(ep, &scaling, active)
+}
+
+/// Hands queued jobs to idle workers, in queue order, while there are both.
+fn dispatch_queue(sim: &Arc<Sim>, st: &mut SimState, idx: usize, now: Instant, now_ts: Timestamp) {
     loop {
         let ep = &mut st.endpoints[idx];
         let Some(widx) = ep.workers.iter().position(|w| w.state == WorkerState::Idle) else {
@@ -257,30 +277,19 @@ fn reconcile(sim: &Arc<Sim>, st: &mut SimState, idx: usize) -> Option<Instant> {
         let worker_id = ep.workers[widx].id.clone();
         let endpoint_id = ep.spec.id.clone();
         let times = ep.spec.operations.clone();
-        let Some(job) = st
-            .jobs
-            .iter_mut()
-            .find(|j| j.id == job_id && j.status == JobStatus::InQueue)
+        let Some((input, timeout_ms, cancel)) = claim_job(st, &job_id, &worker_id, now, now_ts)
         else {
             continue;
         };
-        job.status = JobStatus::InProgress;
-        job.started = Some(now);
-        job.started_at = Some(now_ts);
-        job.worker_id = Some(worker_id.clone());
-        let (tx, rx) = watch::channel(false);
-        job.cancel = Some(tx);
-        let input = job.input.clone();
-        let timeout = job.execution_timeout_ms;
         st.endpoints[idx].workers[widx].state = WorkerState::Busy(job_id.clone());
         let op = input
             .get("operation")
             .and_then(Value::as_str)
             .unwrap_or("default")
             .to_string();
-        let map = input.as_object().cloned().unwrap_or_default();
+        let input = input.as_object().cloned().unwrap_or_default();
         let mut plan = JobPlan::from_input(
-            &map,
+            &input,
             &op,
             &[&times, &st.timing.operations],
             st.timing.default_operation_seconds,
@@ -288,20 +297,44 @@ fn reconcile(sim: &Arc<Sim>, st: &mut SimState, idx: usize) -> Option<Instant> {
         plan.die |= st.faults.die_mid_job.fire(&mut st.rng);
         st.count_execution(&job_id, &worker_id);
         sim.notify_jobs();
-        tokio::spawn(run_job(
-            sim.clone(),
+        let run = JobRun {
             endpoint_id,
             job_id,
             worker_id,
             op,
-            map,
+            input,
             plan,
-            timeout,
-            rx,
-        ));
+            timeout_ms,
+        };
+        tokio::spawn(run_job(sim.clone(), run, cancel));
     }
-    let ep = &mut st.endpoints[idx];
-    // Scale up for the queue, and to the minimum.
+}
+
+/// Marks queued job `job_id` in progress on `worker_id`; its input, execution timeout and
+/// cancel signal, or `None` when it is no longer queued.
+fn claim_job(
+    st: &mut SimState,
+    job_id: &str,
+    worker_id: &str,
+    now: Instant,
+    now_ts: Timestamp,
+) -> Option<(Value, u64, watch::Receiver<bool>)> {
+    let job = st
+        .jobs
+        .iter_mut()
+        .find(|j| j.id == job_id && j.status == JobStatus::InQueue)?;
+    job.status = JobStatus::InProgress;
+    job.started = Some(now);
+    job.started_at = Some(now_ts);
+    job.worker_id = Some(worker_id.to_string());
+    let (tx, rx) = watch::channel(false);
+    job.cancel = Some(tx);
+    Some((job.input.clone(), job.execution_timeout_ms, rx))
+}
+
+/// Starts workers for the queue (beyond those ready or about to be), and up to the
+/// minimum, never past the maximum.
+fn scale_up(ep: &mut Endpoint, scaling: &Scaling, now: Instant, now_ts: Timestamp) {
     let waiting = ep.queue.len();
     let ready_soon = ep
         .workers
@@ -309,8 +342,8 @@ fn reconcile(sim: &Arc<Sim>, st: &mut SimState, idx: usize) -> Option<Instant> {
         .filter(|w| matches!(w.state, WorkerState::Idle | WorkerState::Initializing))
         .count();
     let mut to_start = waiting.saturating_sub(ready_soon);
-    to_start = to_start.max(wmin.saturating_sub(ep.active()));
-    to_start = to_start.min(wmax.saturating_sub(ep.active()));
+    to_start = to_start.max(scaling.min.saturating_sub(ep.active()));
+    to_start = to_start.min(scaling.max.saturating_sub(ep.active()));
     for _ in 0..to_start {
         let id = format!("{}-w{}", ep.spec.id, ep.next_worker);
         ep.next_worker += 1;
@@ -318,31 +351,42 @@ fn reconcile(sim: &Arc<Sim>, st: &mut SimState, idx: usize) -> Option<Instant> {
             id,
             state: WorkerState::Initializing,
             started_at: now_ts,
-            ready_at: now + cold,
+            ready_at: now + scaling.cold,
             idle_since: now,
             stopped_at: None,
             died: false,
         });
     }
-    // Scale down: idle past the timeout (keeping the minimum), or above a lowered maximum.
+}
+
+/// Stops workers idle past the timeout (keeping the minimum), or above a lowered maximum;
+/// returns how many are left active.
+fn scale_down(ep: &mut Endpoint, scaling: &Scaling, now: Instant, now_ts: Timestamp) -> usize {
     let mut active = ep.active();
     for w in &mut ep.workers {
-        let idle_expired = w.state == WorkerState::Idle && now >= w.idle_since + idle_timeout;
-        let surplus =
-            matches!(w.state, WorkerState::Idle | WorkerState::Initializing) && active > wmax;
-        if (idle_expired && active > wmin) || surplus {
+        let idle_expired =
+            w.state == WorkerState::Idle && now >= w.idle_since + scaling.idle_timeout;
+        let surplus = matches!(w.state, WorkerState::Idle | WorkerState::Initializing)
+            && active > scaling.max;
+        if (idle_expired && active > scaling.min) || surplus {
             w.state = WorkerState::Stopped;
             w.stopped_at = Some(now_ts);
             active -= 1;
         }
     }
-    // Next deadline: a worker becoming ready, or an idle one timing out.
+    active
+}
+
+/// The next deadline: a worker becoming ready, or an idle one timing out.
+fn next_wake(ep: &Endpoint, scaling: &Scaling, active: usize) -> Option<Instant> {
     let mut wake: Option<Instant> = None;
     let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
     for w in &ep.workers {
         match w.state {
             WorkerState::Initializing => consider(w.ready_at),
-            WorkerState::Idle if active > wmin => consider(w.idle_since + idle_timeout),
+            WorkerState::Idle if active > scaling.min => {
+                consider(w.idle_since + scaling.idle_timeout)
+            }
             _ => {}
         }
     }
@@ -357,9 +401,8 @@ async fn cancellable(d: Duration, cancel: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_job(
-    sim: Arc<Sim>,
+/// A job handed to a serverless worker: what it runs and how it will go.
+struct JobRun {
     endpoint_id: String,
     job_id: String,
     worker_id: String,
@@ -367,54 +410,42 @@ async fn run_job(
     input: Map<String, Value>,
     plan: JobPlan,
     timeout_ms: u64,
-    mut cancel: watch::Receiver<bool>,
-) {
-    let timeout = Duration::from_millis(timeout_ms.max(1));
-    let work = util::secs(plan.seconds);
-    let died = plan.die;
+}
+
+/// Runs a job on its worker: waits the planned time (half of it when the worker dies),
+/// then frees or loses the worker and records the job's outcome unless it was cancelled.
+async fn run_job(sim: Arc<Sim>, run: JobRun, mut cancel: watch::Receiver<bool>) {
+    let timeout = Duration::from_millis(run.timeout_ms.max(1));
+    let work = util::secs(run.plan.seconds);
+    let died = run.plan.die;
     let wait = if died { work / 2 } else { work.min(timeout) };
     let cancelled = cancellable(wait, &mut cancel).await;
     let mut st = sim.lock();
     let st = &mut *st;
-    let Some(ep) = st.endpoints.iter_mut().find(|e| e.spec.id == endpoint_id) else {
+    let Some(ep) = st
+        .endpoints
+        .iter_mut()
+        .find(|e| e.spec.id == run.endpoint_id)
+    else {
         return;
     };
     let notify = ep.notify.clone();
-    if let Some(w) = ep.workers.iter_mut().find(|w| w.id == worker_id) {
-        if died && !cancelled {
-            w.state = WorkerState::Stopped;
-            w.stopped_at = Some(util::now_ms());
-            w.died = true;
-        } else if w.state == WorkerState::Busy(job_id.clone()) {
-            w.state = WorkerState::Idle;
-            w.idle_since = Instant::now();
-        }
+    if let Some(w) = ep.workers.iter_mut().find(|w| w.id == run.worker_id) {
+        release_worker(w, &run.job_id, died && !cancelled);
     }
     let mut outcome = None;
-    if let Some(job) = st.jobs.iter_mut().find(|j| j.id == job_id)
+    if let Some(job) = st.jobs.iter_mut().find(|j| j.id == run.job_id)
         && !cancelled
         && job.status == JobStatus::InProgress
     {
-        job.cancel = None;
-        if died {
-            job.error = Some("worker exited unexpectedly (simulated)".into());
-            job.finish(JobStatus::Failed);
-        } else if work > timeout {
-            job.error = Some(format!("job timed out after {timeout_ms} ms"));
-            job.finish(JobStatus::TimedOut);
-        } else if let Some((_, msg)) = &plan.fail {
-            job.error = Some(msg.clone());
-            job.finish(JobStatus::Failed);
-        } else if plan.non_json {
-            job.output = Some(json!("<html><body>simulated non-JSON answer</body></html>"));
-            job.finish(JobStatus::Completed);
-        } else {
-            job.output = Some(job_result(&op, &job_id, &worker_id, &input, &plan));
-            job.finish(JobStatus::Completed);
-        }
+        conclude(job, &run, work > timeout);
         outcome = Some(job.status);
     }
-    if let Some(ep) = st.endpoints.iter_mut().find(|e| e.spec.id == endpoint_id) {
+    if let Some(ep) = st
+        .endpoints
+        .iter_mut()
+        .find(|e| e.spec.id == run.endpoint_id)
+    {
         match outcome {
             Some(JobStatus::Completed) => ep.completed += 1,
             Some(JobStatus::Failed | JobStatus::TimedOut) => ep.failed += 1,
@@ -423,6 +454,46 @@ async fn run_job(
     }
     notify.notify_one();
     sim.notify_jobs();
+}
+
+/// After a job: the worker died with it, or goes back to idle if still on that job.
+fn release_worker(w: &mut ServerlessWorker, job_id: &str, died: bool) {
+    if died {
+        w.state = WorkerState::Stopped;
+        w.stopped_at = Some(util::now_ms());
+        w.died = true;
+    } else if w.state == WorkerState::Busy(job_id.to_string()) {
+        w.state = WorkerState::Idle;
+        w.idle_since = Instant::now();
+    }
+}
+
+/// Finishes a job that ran to its end: failed with its worker, timed out, failed as
+/// planned, or completed with its output.
+fn conclude(job: &mut Job, run: &JobRun, timed_out: bool) {
+    job.cancel = None;
+    if run.plan.die {
+        job.error = Some("worker exited unexpectedly (simulated)".into());
+        job.finish(JobStatus::Failed);
+    } else if timed_out {
+        job.error = Some(format!("job timed out after {} ms", run.timeout_ms));
+        job.finish(JobStatus::TimedOut);
+    } else if let Some((_, msg)) = &run.plan.fail {
+        job.error = Some(msg.clone());
+        job.finish(JobStatus::Failed);
+    } else if run.plan.non_json {
+        job.output = Some(json!("<html><body>simulated non-JSON answer</body></html>"));
+        job.finish(JobStatus::Completed);
+    } else {
+        job.output = Some(job_result(
+            &run.op,
+            &run.job_id,
+            &run.worker_id,
+            &run.input,
+            &run.plan,
+        ));
+        job.finish(JobStatus::Completed);
+    }
 }
 
 pub fn routes() -> Router<Arc<Sim>> {
@@ -929,6 +1000,19 @@ fn int_field(input: &Map<String, Value>, key: &str, default: u64) -> Result<u64,
 /// `saveEndpoint`: create, or fully replace an existing endpoint's settings (omitted fields
 /// return to their defaults). Simulator knobs (cold start, price, operation times) are kept.
 pub fn save_endpoint(sim: &Arc<Sim>, input: &Map<String, Value>) -> Result<Value, String> {
+    let spec = endpoint_settings(input)?;
+    let id = input
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty());
+    match id {
+        Some(id) => replace_endpoint(sim, id, spec),
+        None => create_endpoint(sim, spec),
+    }
+}
+
+/// The settings a `saveEndpoint` input gives, checked in RunPod's order (no id yet).
+fn endpoint_settings(input: &Map<String, Value>) -> Result<EndpointSpec, String> {
     let name = input
         .get("name")
         .and_then(Value::as_str)
@@ -950,7 +1034,7 @@ pub fn save_endpoint(sim: &Arc<Sim>, input: &Map<String, Value>) -> Result<Value
     if workers_min > workers_max {
         return Err("workersMin cannot be greater than workersMax".into());
     }
-    let mut spec = EndpointSpec {
+    Ok(EndpointSpec {
         name,
         workers_min,
         workers_max,
@@ -962,37 +1046,35 @@ pub fn save_endpoint(sim: &Arc<Sim>, input: &Map<String, Value>) -> Result<Value
         scaler_value: int_field(input, "scalerValue", 4)? as u32,
         execution_timeout_ms: int_field(input, "executionTimeoutMs", 600_000)?,
         ..defaults
+    })
+}
+
+/// Replaces endpoint `id`'s settings with `spec`, keeping its simulator knobs.
+fn replace_endpoint(sim: &Sim, id: &str, mut spec: EndpointSpec) -> Result<Value, String> {
+    let mut st = sim.lock();
+    let Some(ep) = st.endpoints.iter_mut().find(|e| e.spec.id == id) else {
+        return Err(format!("Endpoint {id} not found."));
     };
-    let id = input
-        .get("id")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty());
-    match id {
-        Some(id) => {
-            let mut st = sim.lock();
-            let Some(ep) = st.endpoints.iter_mut().find(|e| e.spec.id == id) else {
-                return Err(format!("Endpoint {id} not found."));
-            };
-            spec.id = id.to_string();
-            spec.cold_start_seconds = ep.spec.cold_start_seconds;
-            spec.price_per_hour = ep.spec.price_per_hour;
-            spec.operations = ep.spec.operations.clone();
-            ep.spec = spec;
-            ep.version += 1;
-            ep.notify.notify_one();
-            Ok(graphql_endpoint(ep))
-        }
-        None => {
-            spec.id = util::alnum_id(&mut sim.lock().rng, 14);
-            install(sim, spec.clone());
-            let st = sim.lock();
-            st.endpoints
-                .iter()
-                .find(|e| e.spec.id == spec.id)
-                .map(graphql_endpoint)
-                .ok_or_else(|| "endpoint vanished".to_string())
-        }
-    }
+    spec.id = id.to_string();
+    spec.cold_start_seconds = ep.spec.cold_start_seconds;
+    spec.price_per_hour = ep.spec.price_per_hour;
+    spec.operations = ep.spec.operations.clone();
+    ep.spec = spec;
+    ep.version += 1;
+    ep.notify.notify_one();
+    Ok(graphql_endpoint(ep))
+}
+
+/// Installs a new endpoint with `spec` under a fresh id.
+fn create_endpoint(sim: &Arc<Sim>, mut spec: EndpointSpec) -> Result<Value, String> {
+    spec.id = util::alnum_id(&mut sim.lock().rng, 14);
+    install(sim, spec.clone());
+    let st = sim.lock();
+    st.endpoints
+        .iter()
+        .find(|e| e.spec.id == spec.id)
+        .map(graphql_endpoint)
+        .ok_or_else(|| "endpoint vanished".to_string())
 }
 
 /// `deleteEndpoint(id)`: only with no workers allowed (min and max 0), as on RunPod.

@@ -12,7 +12,7 @@ use axum::{
 };
 use jiff::Timestamp;
 use rand::{Rng, rngs::StdRng};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// Now, truncated to the millisecond so reported timestamps and billed time agree exactly.
 pub fn now_ms() -> Timestamp {
@@ -125,6 +125,14 @@ pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// The fields of a JSON object literal (anything else gives no fields).
+pub fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
 }
 
 /// A JSON response with `Content-Type: application/json` exactly.

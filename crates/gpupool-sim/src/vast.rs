@@ -116,129 +116,181 @@ fn gpu_facts(name: &str) -> GpuFacts {
     }
 }
 
+/// The figures an offer's fields derive from: the GPU facts scaled by the number of GPUs.
+struct OfferBasis {
+    facts: GpuFacts,
+    /// The number of GPUs as a factor (at least 1).
+    gpus: f64,
+    dph: f64,
+    dlperf: f64,
+    flops: f64,
+}
+
+impl OfferBasis {
+    /// The basis of `o`.
+    fn new(o: &VastOfferSpec) -> Self {
+        let facts = gpu_facts(&o.gpu_name);
+        let gpus = f64::from(o.num_gpus.max(1));
+        Self {
+            dlperf: facts.dlperf * gpus,
+            flops: facts.tflops * gpus,
+            facts,
+            gpus,
+            dph: o.dph_total,
+        }
+    }
+
+    /// `x` per dollar-hour (0 for a free offer).
+    fn per_dph(&self, x: f64) -> f64 {
+        if self.dph > 0.0 { x / self.dph } else { 0.0 }
+    }
+}
+
 /// The full offer object, shaped like the documented example, with catalogue overrides.
 pub fn offer_json(o: &VastOfferSpec, now: Timestamp, is_bid: bool) -> Map<String, Value> {
-    let f = gpu_facts(&o.gpu_name);
-    let n = f64::from(o.num_gpus.max(1));
-    let dph = o.dph_total;
-    let dlperf = f.dlperf * n;
-    let flops = f.tflops * n;
-    let per_dph = |x: f64| if dph > 0.0 { x / dph } else { 0.0 };
-    let start = util::epoch_secs(now) - 86_400.0;
-    let duration = 30.0 * 86_400.0;
+    let b = OfferBasis::new(o);
+    let mut m = offer_listing(o);
+    m.extend(offer_host(o, &b));
+    m.extend(offer_gpus(o, &b));
+    m.extend(offer_network(o));
+    m.extend(offer_pricing(o, &b));
+    m.extend(offer_rental(now, is_bid));
+    for (k, v) in &o.extra {
+        m.insert(k.clone(), v.clone());
+    }
+    m
+}
+
+/// Offer fields naming the offer, its host and where it is, and how far it is trusted.
+fn offer_listing(o: &VastOfferSpec) -> Map<String, Value> {
     let country = o
         .geolocation
         .rsplit(", ")
         .next()
         .unwrap_or("US")
         .to_string();
-    let v = json!({
+    util::object(json!({
         "id": o.id,
         "ask_contract_id": o.id,
         "bundle_id": o.id + 500_000,
         "bundled_results": null,
-        "bw_nvlink": 0.0,
-        "compute_cap": f.compute_cap,
+        "host_id": 90_000 + o.id,
+        "machine_id": 40_000 + o.id,
+        "hosting_type": 0,
+        "hostname": null,
+        "logo": "/static/logos/vastai_small2.png",
+        "webpage": null,
+        "resource_type": "gpu",
+        "external": false,
+        "geolocation": o.geolocation,
+        "geolocode": 1_000 + (o.id % 1000),
+        "country_code": country,
+        "reliability": o.reliability2,
+        "reliability2": o.reliability2,
+        "reliability_mult": 1.0,
+        "verification": o.verification,
+        "vericode": u8::from(o.verification == "verified"),
+    }))
+}
+
+/// Offer fields describing the machine around the GPUs: CPU, memory, disk, board, OS.
+fn offer_host(o: &VastOfferSpec, b: &OfferBasis) -> Map<String, Value> {
+    util::object(json!({
         "cpu_arch": "amd64",
         "cpu_cores": 32,
-        "cpu_cores_effective": 8.0 * n,
+        "cpu_cores_effective": 8.0 * b.gpus,
         "cpu_ghz": 3.5,
         "cpu_name": "AMD EPYC 7543 32-Core Processor",
         "cpu_ram": 64_000 * u64::from(o.num_gpus.max(1)),
-        "credit_discount_max": 0.4,
-        "cuda_max_good": 12.4,
-        "direct_port_count": o.direct_port_count,
         "disk_bw": 2500.0,
         "disk_name": "Samsung SSD 980 PRO 2TB",
         "disk_space": 500.0,
-        "dlperf": dlperf,
-        "dlperf_per_dphtotal": per_dph(dlperf),
-        "dph_base": dph * 0.97,
-        "dph_total": dph,
-        "discounted_dph_total": dph,
-        "driver_version": "550.54.14",
-        "driver_vers": 550_054_014,
-        "duration": duration,
-        "end_date": util::epoch_secs(now) + duration,
-        "external": false,
-        "flops_per_dphtotal": per_dph(flops),
-        "geolocation": o.geolocation,
-    });
-    // Split in two: one json! of this size exceeds the macro recursion limit.
-    let more = json!({
-        "geolocode": 1_000 + (o.id % 1000),
+        "mobo_name": "ROMED8-2T",
+        "os_version": "22.04",
+        "pci_gen": 4.0,
+        "pcie_bw": 25.0,
+        "has_avx": 1,
+        "vms_enabled": false,
+    }))
+}
+
+/// Offer fields describing the GPUs: model, memory, drivers and performance.
+fn offer_gpus(o: &VastOfferSpec, b: &OfferBasis) -> Map<String, Value> {
+    let f = &b.facts;
+    util::object(json!({
+        "num_gpus": o.num_gpus,
+        "gpu_name": o.gpu_name,
         "gpu_arch": "nvidia",
+        "gpu_ram": f.ram_mb,
+        "gpu_total_ram": f.ram_mb * u64::from(o.num_gpus.max(1)),
+        "gpu_mem_bw": 1000.0,
         "gpu_display_active": false,
         "gpu_frac": 1.0,
         "gpu_ids": [],
         "gpu_lanes": 16,
         "gpu_max_power": 450,
         "gpu_max_temp": 83,
-        "gpu_mem_bw": 1000.0,
-        "gpu_name": o.gpu_name,
-        "gpu_ram": f.ram_mb,
-        "gpu_total_ram": f.ram_mb * u64::from(o.num_gpus.max(1)),
-        "has_avx": 1,
-        "host_id": 90_000 + o.id,
-        "hosting_type": 0,
-        "hostname": null,
+        "bw_nvlink": 0.0,
+        "compute_cap": f.compute_cap,
+        "cuda_max_good": 12.4,
+        "driver_version": "550.54.14",
+        "driver_vers": 550_054_014,
+        "dlperf": b.dlperf,
+        "total_flops": b.flops,
+    }))
+}
+
+/// Offer fields describing the network: addresses, ports, bandwidth and its prices.
+fn offer_network(o: &VastOfferSpec) -> Map<String, Value> {
+    util::object(json!({
+        "public_ipaddr": "127.0.0.1",
+        "static_ip": true,
+        "direct_port_count": o.direct_port_count,
         "inet_down": 1000.0,
-        "inet_down_cost": 0.005,
         "inet_up": 800.0,
+        "inet_down_cost": 0.005,
         "inet_up_cost": 0.005,
         "internet_down_cost_per_tb": 5.0,
         "internet_up_cost_per_tb": 5.0,
-        "is_bid": is_bid,
-        "logo": "/static/logos/vastai_small2.png",
-        "machine_id": 40_000 + o.id,
+    }))
+}
+
+/// Offer fields about the price: per hour, per performance, bids, storage and the breakdowns.
+fn offer_pricing(o: &VastOfferSpec, b: &OfferBasis) -> Map<String, Value> {
+    let dph = b.dph;
+    util::object(json!({
+        "dph_base": dph * 0.97,
+        "dph_total": dph,
+        "discounted_dph_total": dph,
+        "dlperf_per_dphtotal": b.per_dph(b.dlperf),
+        "flops_per_dphtotal": b.per_dph(b.flops),
+        "vram_costperhour": dph / (b.facts.ram_mb as f64 * b.gpus / 1000.0),
+        "score": b.dlperf * o.reliability2 / dph.max(0.01),
         "min_bid": (dph * 0.5 * 10_000.0).round() / 10_000.0,
-        "mobo_name": "ROMED8-2T",
-        "num_gpus": o.num_gpus,
-        "os_version": "22.04",
-        "pci_gen": 4.0,
-        "pcie_bw": 25.0,
-        "public_ipaddr": "127.0.0.1",
-    });
-    let rest = json!({
-        "reliability": o.reliability2,
-        "reliability2": o.reliability2,
-        "reliability_mult": 1.0,
-        "rentable": true,
-        "rented": false,
-        "resource_type": "gpu",
-        "rn": 1,
-        "score": dlperf * o.reliability2 / dph.max(0.01),
-        "start_date": start,
-        "static_ip": true,
+        "credit_discount_max": 0.4,
         "storage_cost": 0.15,
         "storage_total_cost": 0.0,
-        "total_flops": flops,
-        "verification": o.verification,
-        "vericode": u8::from(o.verification == "verified"),
-        "vms_enabled": false,
-        "vram_costperhour": dph / (f.ram_mb as f64 * n / 1000.0),
-        "webpage": null,
-        "country_code": country,
-        "time_remaining": "",
-        "time_remaining_isbid": "",
         "search": {"gpuCostPerHour": dph * 0.97, "diskHour": dph * 0.03, "totalHour": dph,
                    "discountTotalHour": 0.0, "discountedTotalPerHour": dph},
         "instance": {"gpuCostPerHour": 0.0, "diskHour": dph * 0.03, "totalHour": dph * 0.03,
                      "discountTotalHour": 0.0, "discountedTotalPerHour": dph * 0.03},
-    });
-    let mut m = match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    for part in [more, rest] {
-        if let Value::Object(p) = part {
-            m.extend(p);
-        }
-    }
-    for (k, v) in &o.extra {
-        m.insert(k.clone(), v.clone());
-    }
-    m
+    }))
+}
+
+/// Offer fields about renting it: availability, the kind of rental and its period.
+fn offer_rental(now: Timestamp, is_bid: bool) -> Map<String, Value> {
+    let duration = 30.0 * 86_400.0;
+    util::object(json!({
+        "rentable": true,
+        "rented": false,
+        "rn": 1,
+        "is_bid": is_bid,
+        "start_date": util::epoch_secs(now) - 86_400.0,
+        "end_date": util::epoch_secs(now) + duration,
+        "duration": duration,
+        "time_remaining": "",
+        "time_remaining_isbid": "",
+    }))
 }
 
 /// Server-side spellings the CLI normally rewrites itself.
@@ -264,6 +316,7 @@ const CONTROL_KEYS: &[&str] = &[
     "q",
 ];
 
+/// An offer search: the available offers, filtered, ordered and cut to the limit.
 fn run_search(sim: &Sim, q: &Map<String, Value>) -> Result<Vec<Value>, Response> {
     let now = util::now_ms();
     let is_bid = matches!(
@@ -282,28 +335,46 @@ fn run_search(sim: &Sim, q: &Map<String, Value>) -> Result<Vec<Value>, Response>
         if CONTROL_KEYS.contains(&key.as_str()) {
             continue;
         }
-        let field = offer_alias(key);
-        let mut keep = Vec::with_capacity(rows.len());
-        for row in rows {
-            let actual = if field == "verified" {
-                Some(Value::Bool(
-                    row.get("verification").and_then(Value::as_str) == Some("verified"),
-                ))
-            } else {
-                row.get(field).cloned()
-            };
-            // A filter on a field offers do not carry is ignored rather than matching nothing.
-            let ok = match actual {
-                Some(a) => query::passes(field, &a, cond)
-                    .map_err(|e| vast_error(StatusCode::BAD_REQUEST, "invalid_request", e))?,
-                None => true,
-            };
-            if ok {
-                keep.push(row);
-            }
-        }
-        rows = keep;
+        rows = filter_offers(rows, offer_alias(key), cond)?;
     }
+    let keys = search_order(q)?;
+    query::sort_rows(&mut rows, &keys);
+    if let Some(l) = search_limit(q) {
+        rows.truncate(l);
+    }
+    Ok(rows.into_iter().map(Value::Object).collect())
+}
+
+/// The offers that pass the filter `cond` on `field`.
+fn filter_offers(
+    rows: Vec<Map<String, Value>>,
+    field: &str,
+    cond: &Value,
+) -> Result<Vec<Map<String, Value>>, Response> {
+    let mut keep = Vec::with_capacity(rows.len());
+    for row in rows {
+        let actual = if field == "verified" {
+            Some(Value::Bool(
+                row.get("verification").and_then(Value::as_str) == Some("verified"),
+            ))
+        } else {
+            row.get(field).cloned()
+        };
+        // A filter on a field offers do not carry is ignored rather than matching nothing.
+        let ok = match actual {
+            Some(a) => query::passes(field, &a, cond)
+                .map_err(|e| vast_error(StatusCode::BAD_REQUEST, "invalid_request", e))?,
+            None => true,
+        };
+        if ok {
+            keep.push(row);
+        }
+    }
+    Ok(keep)
+}
+
+/// The search's sort keys (field, descending): its `order`, by default the best score first.
+fn search_order(q: &Map<String, Value>) -> Result<Vec<(String, bool)>, Response> {
     let mut keys = Vec::new();
     match q.get("order") {
         Some(Value::Array(items)) => {
@@ -331,16 +402,16 @@ fn run_search(sim: &Sim, q: &Map<String, Value>) -> Result<Vec<Value>, Response>
             ));
         }
     }
-    query::sort_rows(&mut rows, &keys);
-    let limit = match q.get("limit") {
+    Ok(keys)
+}
+
+/// The search's `limit` (a number, or a numeric string), if any.
+fn search_limit(q: &Map<String, Value>) -> Option<usize> {
+    match q.get("limit") {
         Some(Value::Number(n)) => n.as_f64().map(|f| f.max(0.0) as usize),
         Some(Value::String(s)) => s.trim().parse::<f64>().ok().map(|f| f.max(0.0) as usize),
         _ => None,
-    };
-    if let Some(l) = limit {
-        rows.truncate(l);
     }
-    Ok(rows.into_iter().map(Value::Object).collect())
 }
 
 async fn search_bundles(
@@ -733,7 +804,19 @@ fn no_such_ask(offer_id: u64) -> Response {
     )
 }
 
-/// The instance object as `show instance(s)` returns it.
+/// Offer fields a rented instance does not carry.
+const OFFER_ONLY: &[&str] = &[
+    "ask_contract_id",
+    "rented",
+    "rn",
+    "bundled_results",
+    "hostname",
+    "gpu_ids",
+    "discounted_dph_total",
+];
+
+/// The instance object as `show instance(s)` returns it: the offer it was created on,
+/// overlaid with the instance's own fields.
 pub fn instance_json(i: &Instance, now: Timestamp) -> Map<String, Value> {
     let mut m = i
         .details
@@ -741,19 +824,24 @@ pub fn instance_json(i: &Instance, now: Timestamp) -> Map<String, Value> {
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    for k in [
-        "ask_contract_id",
-        "rented",
-        "rn",
-        "bundled_results",
-        "hostname",
-        "gpu_ids",
-        "discounted_dph_total",
-    ] {
-        m.remove(k);
+    for k in OFFER_ONLY {
+        m.remove(*k);
     }
-    let running = i.phase == Phase::Running;
-    let (actual, intended, cur, msg): (Value, &str, &str, Value) = match i.phase {
+    let gpu_ram = m.get("gpu_ram").cloned().unwrap_or(json!(0));
+    m.extend(instance_status(i, now));
+    m.extend(instance_container(i));
+    m.extend(instance_network(i));
+    m.extend(instance_usage(i, gpu_ram));
+    m.extend(instance_billing(i));
+    if i.phase == Phase::Running {
+        m.insert("ports".into(), Value::Object(running_ports(i)));
+    }
+    m
+}
+
+/// `actual_status`, `intended_status`, `cur_state` (also `next_state`) and `status_msg`.
+fn phase_status(i: &Instance) -> (Value, &'static str, &'static str, Value) {
+    match i.phase {
         Phase::Provisioning => (Value::Null, "running", "running", Value::Null),
         Phase::Loading => (
             json!("loading"),
@@ -780,16 +868,17 @@ pub fn instance_json(i: &Instance, now: Timestamp) -> Map<String, Value> {
             json!("Error: container exited unexpectedly (simulated)"),
         ),
         Phase::Destroyed => (json!("offline"), "stopped", "unloaded", json!("destroyed")),
-    };
-    let ssh_port = i.detail_u64("ssh_port").unwrap_or(22_000);
-    let start = util::epoch_secs(i.created_at);
+    }
+}
+
+/// Instance fields naming it and telling its state and how long it has been up.
+fn instance_status(i: &Instance, now: Timestamp) -> Map<String, Value> {
+    let (actual, intended, cur, msg) = phase_status(i);
     let uptime = i
         .last_started_at
-        .filter(|_| running)
+        .filter(|_| i.phase == Phase::Running)
         .map(|t| util::seconds_between(t, now) / 60.0);
-    let gpu_ram = m.get("gpu_ram").cloned().unwrap_or(json!(0));
-    let extra_env: Vec<Value> = i.env.iter().map(|(k, v)| json!([k, v])).collect();
-    let overlay = json!({
+    util::object(json!({
         "id": i.id.parse::<u64>().unwrap_or_default(),
         "label": i.label,
         "actual_status": actual,
@@ -797,6 +886,18 @@ pub fn instance_json(i: &Instance, now: Timestamp) -> Map<String, Value> {
         "cur_state": cur,
         "next_state": cur,
         "status_msg": msg,
+        "start_date": util::epoch_secs(i.created_at),
+        "uptime_mins": uptime,
+        "duration": util::seconds_between(i.created_at, now),
+        "client_run_time": 1.1,
+        "host_run_time": 2_592_000.0,
+    }))
+}
+
+/// Instance fields describing its container: template, image, how it runs, env, storage.
+fn instance_container(i: &Instance) -> Map<String, Value> {
+    let extra_env: Vec<Value> = i.env.iter().map(|(k, v)| json!([k, v])).collect();
+    util::object(json!({
         "template_id": null,
         "template_hash_id": i.details.get("template_hash_id").cloned().unwrap_or(Value::Null),
         "template_name": null,
@@ -806,61 +907,71 @@ pub fn instance_json(i: &Instance, now: Timestamp) -> Map<String, Value> {
         "extra_env": extra_env,
         "onstart": i.detail_str("onstart").unwrap_or(""),
         "jupyter_token": i.detail_str("jupyter_token").unwrap_or(""),
+        "disk_space": i.details.get("disk").cloned().unwrap_or(json!(10.0)),
+        "volume_info": [],
+    }))
+}
+
+/// Instance fields describing how to reach it: addresses, SSH and the direct port range.
+fn instance_network(i: &Instance) -> Map<String, Value> {
+    let ssh_port = i.detail_u64("ssh_port").unwrap_or(22_000);
+    util::object(json!({
         "public_ipaddr": "127.0.0.1",
         "local_ipaddrs": "127.0.0.1 172.17.0.1 \n",
         "ssh_host": "127.0.0.1",
         "ssh_idx": "1",
         "ssh_port": ssh_port,
         "machine_dir_ssh_port": ssh_port + 1,
-        "start_date": start,
-        "uptime_mins": uptime,
-    });
-    let overlay2 = json!({
-        "duration": util::seconds_between(i.created_at, now),
+        "direct_port_start": 20_000,
+        "direct_port_end": 29_999,
+    }))
+}
+
+/// Instance fields describing its machine and how busy it is (idle figures while running).
+fn instance_usage(i: &Instance, gpu_ram: Value) -> Map<String, Value> {
+    let running = i.phase == Phase::Running;
+    util::object(json!({
+        "num_gpus": i.num_gpus,
+        "gpu_name": i.gpu_name,
+        "gpu_totalram": gpu_ram,
         "cpu_util": if running { 0.05 } else { 0.0 },
         "mem_limit": null,
         "mem_usage": null,
         "vmem_usage": null,
         "gpu_util": if running { json!(0.0) } else { Value::Null },
         "gpu_temp": if running { json!(45.0) } else { Value::Null },
-        "gpu_totalram": gpu_ram,
-        "disk_space": i.details.get("disk").cloned().unwrap_or(json!(10.0)),
         "disk_util": 0.0,
         "disk_usage": 0.0,
-        "direct_port_start": 20_000,
-        "direct_port_end": 29_999,
+    }))
+}
+
+/// Instance fields about what it costs and how it is paid for.
+fn instance_billing(i: &Instance) -> Map<String, Value> {
+    util::object(json!({
         "is_bid": i.details.get("is_bid").and_then(Value::as_bool).unwrap_or(false),
         "dph_total": i.price_per_hour,
         "rentable": true,
         "credit_balance": null,
         "credit_discount": null,
-        "client_run_time": 1.1,
-        "host_run_time": 2_592_000.0,
-        "volume_info": [],
-        "num_gpus": i.num_gpus,
-        "gpu_name": i.gpu_name,
-    });
-    for part in [overlay, overlay2] {
-        if let Value::Object(o) = part {
-            m.extend(o);
-        }
+    }))
+}
+
+/// The `ports` of a running instance: each `{port}/{proto}` with its outside port (the
+/// worker's real loopback port for the worker's own).
+fn running_ports(i: &Instance) -> Map<String, Value> {
+    let mut ports = Map::new();
+    for p in &i.ports {
+        let host = if p.port == i.worker_port && p.proto == "tcp" {
+            i.worker_host_port().unwrap_or(p.public)
+        } else {
+            p.public
+        };
+        ports.insert(
+            format!("{}/{}", p.port, p.proto),
+            json!([{"HostIp": "0.0.0.0", "HostPort": host.to_string()}]),
+        );
     }
-    if running {
-        let mut ports = Map::new();
-        for p in &i.ports {
-            let host = if p.port == i.worker_port && p.proto == "tcp" {
-                i.worker_host_port().unwrap_or(p.public)
-            } else {
-                p.public
-            };
-            ports.insert(
-                format!("{}/{}", p.port, p.proto),
-                json!([{"HostIp": "0.0.0.0", "HostPort": host.to_string()}]),
-            );
-        }
-        m.insert("ports".into(), Value::Object(ports));
-    }
-    m
+    ports
 }
 
 async fn show(
@@ -928,6 +1039,7 @@ async fn destroy(
     }
 }
 
+/// `PUT /instances/{id}/`: a label change, a start or a stop, told apart by the body.
 async fn manage(
     State(sim): State<Arc<Sim>>,
     Extension(slot): Extension<OpSlot>,
@@ -942,15 +1054,7 @@ async fn manage(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let op = if body.contains_key("label") {
-        "vast.label"
-    } else {
-        match body.get("state").and_then(Value::as_str) {
-            Some("running") => "vast.start",
-            Some("stopped") => "vast.stop",
-            _ => "vast.manage",
-        }
-    };
+    let op = manage_op(&body);
     if let Err(r) = gate(&sim, &slot, op, &headers, &q, AuthMode::Required).await {
         return r;
     }
@@ -963,59 +1067,77 @@ async fn manage(
         );
     }
     slot.set_instance(id.clone());
-    let not_found = || {
-        vast_error(
-            StatusCode::NOT_FOUND,
-            "no_such_instance",
-            format!("Instance {id} not found."),
-        )
-    };
     match op {
-        "vast.label" => {
-            let label = match body.get("label") {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Null) => None,
-                Some(other) => Some(other.to_string()),
-                None => None,
-            };
-            if label.as_ref().is_some_and(|l| l.chars().count() > 1024) {
-                return vast_error(
-                    StatusCode::BAD_REQUEST,
-                    "label_too_long",
-                    "Please limit label length to 1024 characters, ideally less than 128.",
-                );
-            }
-            let mut st = sim.lock();
-            match st
-                .instance_mut(Provider::Vast, &id)
-                .filter(|i| !i.is_destroyed())
-            {
-                Some(i) => {
-                    i.label = label.clone();
-                    util::json(
-                        StatusCode::OK,
-                        &json!({"success": true, "msg": format!("label for {id} set to '{}'", label.unwrap_or_default())}),
-                    )
-                }
-                None => not_found(),
-            }
-        }
+        "vast.label" => set_label(&sim, &id, &body),
         "vast.stop" => match instances::stop(&sim, Provider::Vast, &id) {
             Some(task) => {
                 instances::reap(task).await;
                 util::json(StatusCode::OK, &json!({"success": true}))
             }
-            None => not_found(),
+            None => no_such_instance(&id),
         },
         "vast.start" => match instances::start(&sim, Provider::Vast, &id) {
             Some(()) => util::json(StatusCode::OK, &json!({"success": true})),
-            None => not_found(),
+            None => no_such_instance(&id),
         },
         _ => vast_error(
             StatusCode::BAD_REQUEST,
             "invalid_args",
             "expected {\"label\": ...} or {\"state\": \"running\"|\"stopped\"}",
         ),
+    }
+}
+
+/// The operation a manage body asks for: a `label` wins over a `state`.
+fn manage_op(body: &Map<String, Value>) -> &'static str {
+    if body.contains_key("label") {
+        "vast.label"
+    } else {
+        match body.get("state").and_then(Value::as_str) {
+            Some("running") => "vast.start",
+            Some("stopped") => "vast.stop",
+            _ => "vast.manage",
+        }
+    }
+}
+
+/// The 404 of a manage call on an unknown or destroyed instance.
+fn no_such_instance(id: &str) -> Response {
+    vast_error(
+        StatusCode::NOT_FOUND,
+        "no_such_instance",
+        format!("Instance {id} not found."),
+    )
+}
+
+/// Sets (or, with null, clears) the label of instance `id`.
+fn set_label(sim: &Sim, id: &str, body: &Map<String, Value>) -> Response {
+    let label = match body.get("label") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Null) => None,
+        Some(other) => Some(other.to_string()),
+        None => None,
+    };
+    if label.as_ref().is_some_and(|l| l.chars().count() > 1024) {
+        return vast_error(
+            StatusCode::BAD_REQUEST,
+            "label_too_long",
+            "Please limit label length to 1024 characters, ideally less than 128.",
+        );
+    }
+    let mut st = sim.lock();
+    match st
+        .instance_mut(Provider::Vast, id)
+        .filter(|i| !i.is_destroyed())
+    {
+        Some(i) => {
+            i.label = label.clone();
+            util::json(
+                StatusCode::OK,
+                &json!({"success": true, "msg": format!("label for {id} set to '{}'", label.unwrap_or_default())}),
+            )
+        }
+        None => no_such_instance(id),
     }
 }
 
@@ -1124,12 +1246,53 @@ async fn list_v1(
     }
 }
 
+/// One page of the v1 list: the query checked parameter by parameter (in this order), then
+/// the matching rows ordered, counted, resumed after `after_token` and cut to the limit.
 fn list_v1_page(sim: &Sim, q: &[(String, String)]) -> Result<Value, Response> {
-    let filters = match json_param(q, "select_filters")? {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m,
-        Some(_) => return Err(invalid_request("select_filters must be an object")),
+    let filters = v1_filters(q)?;
+    let keys = v1_order(q)?;
+    let limit = v1_limit(q)?;
+    let cols = v1_cols(q)?;
+    let mut rows = v1_matching(sim, &filters)?;
+    query::sort_rows(&mut rows, &keys);
+    let total = rows.len();
+    let label_counts = label_counts(&rows);
+    if let Some(token) = util::query_get(q, "after_token").filter(|t| !t.is_empty()) {
+        let values = token_values(token)?;
+        rows.retain(|r| query::row_cmp(r, &values, &keys) == std::cmp::Ordering::Greater);
+    }
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_token = if more {
+        rows.last().map(|last| page_token(last, &keys))
+    } else {
+        None
     };
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|r| select_cols(r, cols.as_deref()))
+        .collect();
+    Ok(json!({
+        "success": true,
+        "instances_found": rows.len(),
+        "total_instances": total,
+        "label_counts": label_counts,
+        "next_token": next_token,
+        "instances": rows,
+    }))
+}
+
+/// `select_filters`: column to condition (none when absent).
+fn v1_filters(q: &[(String, String)]) -> Result<Map<String, Value>, Response> {
+    match json_param(q, "select_filters")? {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => Ok(m),
+        Some(_) => Err(invalid_request("select_filters must be an object")),
+    }
+}
+
+/// `order_by` as sort keys (column, descending), ending with `id` when it is not there.
+fn v1_order(q: &[(String, String)]) -> Result<Vec<(String, bool)>, Response> {
     let mut keys: Vec<(String, bool)> = Vec::new();
     match json_param(q, "order_by")? {
         None | Some(Value::Null) => {}
@@ -1148,7 +1311,12 @@ fn list_v1_page(sim: &Sim, q: &[(String, String)]) -> Result<Value, Response> {
     if !keys.iter().any(|(c, _)| c == "id") {
         keys.push(("id".into(), false));
     }
-    let limit = match json_param(q, "limit")? {
+    Ok(keys)
+}
+
+/// The page size: 25 by default and at most, 5 for a limit of zero or less.
+fn v1_limit(q: &[(String, String)]) -> Result<usize, Response> {
+    Ok(match json_param(q, "limit")? {
         None | Some(Value::Null) => 25,
         Some(v) => {
             let n = v
@@ -1157,23 +1325,33 @@ fn list_v1_page(sim: &Sim, q: &[(String, String)]) -> Result<Value, Response> {
                 .ok_or_else(|| invalid_request("limit must be an integer"))?;
             if n <= 0 { 5 } else { n.min(25) as usize }
         }
-    };
-    let cols = match json_param(q, "select_cols")? {
-        None | Some(Value::Null) => None,
+    })
+}
+
+/// `select_cols`: the columns to return, `None` for all (absent, or `*` among them).
+fn v1_cols(q: &[(String, String)]) -> Result<Option<Vec<String>>, Response> {
+    match json_param(q, "select_cols")? {
+        None | Some(Value::Null) => Ok(None),
         Some(Value::Array(items)) => {
             let cols: Vec<String> = items
                 .iter()
                 .filter_map(|c| c.as_str().map(str::to_string))
                 .collect();
-            (!cols.iter().any(|c| c == "*")).then_some(cols)
+            Ok((!cols.iter().any(|c| c == "*")).then_some(cols))
         }
-        Some(_) => return Err(invalid_request("select_cols must be a list")),
-    };
+        Some(_) => Err(invalid_request("select_cols must be a list")),
+    }
+}
 
+/// The alive rows that pass every filter; a filter on a computed column is refused.
+fn v1_matching(
+    sim: &Sim,
+    filters: &Map<String, Value>,
+) -> Result<Vec<Map<String, Value>>, Response> {
     let mut rows = Vec::new();
     for row in alive_rows(sim) {
         let mut ok = true;
-        for (col, cond) in &filters {
+        for (col, cond) in filters {
             if COMPUTED.contains(&col.as_str()) {
                 return Err(invalid_request(format!("{col} is not a valid search key")));
             }
@@ -1187,71 +1365,62 @@ fn list_v1_page(sim: &Sim, q: &[(String, String)]) -> Result<Value, Response> {
             rows.push(row);
         }
     }
-    query::sort_rows(&mut rows, &keys);
-    let total = rows.len();
-    let mut label_counts = Map::new();
-    for row in &rows {
+    Ok(rows)
+}
+
+/// How many rows carry each label (no label counts as `""`).
+fn label_counts(rows: &[Map<String, Value>]) -> Map<String, Value> {
+    let mut counts = Map::new();
+    for row in rows {
         let label = row
             .get("label")
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        let n = label_counts
-            .get(&label)
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        label_counts.insert(label, json!(n + 1));
+        let n = counts.get(&label).and_then(Value::as_u64).unwrap_or(0);
+        counts.insert(label, json!(n + 1));
     }
-    if let Some(token) = util::query_get(q, "after_token").filter(|t| !t.is_empty()) {
-        let bad = || {
-            util::json(
-                StatusCode::BAD_REQUEST,
-                &json!({"success": false, "error": "invalid_token", "msg": "Error in query parameters: invalid after_token"}),
-            )
-        };
-        let decoded = util::b64_decode(token).ok_or_else(bad)?;
-        let values = serde_json::from_slice::<Value>(&decoded)
-            .ok()
-            .and_then(|v| v.get("values").and_then(Value::as_object).cloned())
-            .ok_or_else(bad)?;
-        rows.retain(|r| query::row_cmp(r, &values, &keys) == std::cmp::Ordering::Greater);
-    }
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next_token = if more {
-        rows.last().map(|last| {
-            let values: Map<String, Value> = keys
-                .iter()
-                .map(|(c, _)| (c.clone(), last.get(c).cloned().unwrap_or(Value::Null)))
-                .collect();
-            util::b64_encode(json!({"values": values}).to_string().as_bytes())
-        })
-    } else {
-        None
+    counts
+}
+
+/// The sort-key values an `after_token` carries (base64 of `{"values": {...}}`).
+fn token_values(token: &str) -> Result<Map<String, Value>, Response> {
+    let bad = || {
+        util::json(
+            StatusCode::BAD_REQUEST,
+            &json!({"success": false, "error": "invalid_token", "msg": "Error in query parameters: invalid after_token"}),
+        )
     };
-    let rows: Vec<Value> = rows
-        .into_iter()
-        .map(|r| match &cols {
-            None => Value::Object(r),
-            Some(cols) => {
-                let mut m = Map::new();
-                for c in cols.iter().chain(std::iter::once(&"id".to_string())) {
-                    if let Some(v) = r.get(c) {
-                        m.insert(c.clone(), v.clone());
-                    }
-                }
-                Value::Object(m)
-            }
-        })
+    let decoded = util::b64_decode(token).ok_or_else(bad)?;
+    serde_json::from_slice::<Value>(&decoded)
+        .ok()
+        .and_then(|v| v.get("values").and_then(Value::as_object).cloned())
+        .ok_or_else(bad)
+}
+
+/// The `next_token` that resumes after `last`: its values of the sort keys.
+fn page_token(last: &Map<String, Value>, keys: &[(String, bool)]) -> String {
+    let values: Map<String, Value> = keys
+        .iter()
+        .map(|(c, _)| (c.clone(), last.get(c).cloned().unwrap_or(Value::Null)))
         .collect();
-    Ok(json!({
-        "success": true,
-        "instances_found": rows.len(),
-        "total_instances": total,
-        "label_counts": label_counts,
-        "next_token": next_token,
-        "instances": rows,
-    }))
+    util::b64_encode(json!({"values": values}).to_string().as_bytes())
+}
+
+/// A row cut to the selected columns (and `id`), or whole when no columns are selected.
+fn select_cols(r: Map<String, Value>, cols: Option<&[String]>) -> Value {
+    match cols {
+        None => Value::Object(r),
+        Some(cols) => {
+            let mut m = Map::new();
+            for c in cols.iter().chain(std::iter::once(&"id".to_string())) {
+                if let Some(v) = r.get(c) {
+                    m.insert(c.clone(), v.clone());
+                }
+            }
+            Value::Object(m)
+        }
+    }
 }
 
 #[cfg(test)]

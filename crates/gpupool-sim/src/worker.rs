@@ -154,6 +154,8 @@ fn error(status: StatusCode, msg: &str) -> Response {
     util::json(status, &json!({"error": msg}))
 }
 
+/// The worker's one handler: `/video/{operation}` runs a job, any other GET is the health
+/// check. Whether the worker has booted is decided on arrival, before any fault delay.
 async fn handle(
     State(ctx): State<WorkerCtx>,
     Extension(slot): Extension<OpSlot>,
@@ -163,87 +165,132 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     slot.set_instance(ctx.instance_id.clone());
-    let path = uri.path();
     let booted = ctx.started.elapsed() >= ctx.boot;
-    let Some(op) = path.strip_prefix("/video/") else {
-        if method != Method::GET {
-            slot.set("worker.other");
-            return error(StatusCode::NOT_FOUND, "not found");
-        }
-        let op = "worker.health";
-        slot.set(op);
-        if let Err(r) = http::delay_faults(&ctx.sim, op, Family::Worker).await {
-            return r;
-        }
-        if let Err(r) = http::status_faults(&ctx.sim, op, Family::Worker) {
-            return r;
-        }
-        return if booted {
-            util::json(StatusCode::OK, &json!({"status": "ok"}))
-        } else {
-            util::json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "starting"}),
-            )
-        };
+    let Some(op) = uri.path().strip_prefix("/video/") else {
+        return health(&ctx, &slot, &method, booted).await;
     };
+    match video(&ctx, &slot, &method, op, &headers, &body, booted).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// The health check: 200 once booted, 503 before (after the health faults).
+async fn health(ctx: &WorkerCtx, slot: &OpSlot, method: &Method, booted: bool) -> Response {
+    if method != Method::GET {
+        slot.set("worker.other");
+        return error(StatusCode::NOT_FOUND, "not found");
+    }
+    let op = "worker.health";
+    slot.set(op);
+    if let Err(r) = http::delay_faults(&ctx.sim, op, Family::Worker).await {
+        return r;
+    }
+    if let Err(r) = http::status_faults(&ctx.sim, op, Family::Worker) {
+        return r;
+    }
+    if booted {
+        util::json(StatusCode::OK, &json!({"status": "ok"}))
+    } else {
+        util::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "starting"}),
+        )
+    }
+}
+
+/// `POST /video/{op}`: the request checked (path, method, faults, boot, credentials, job
+/// id, body, in this order), its execution counted, then the job run.
+async fn video(
+    ctx: &WorkerCtx,
+    slot: &OpSlot,
+    method: &Method,
+    op: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    booted: bool,
+) -> Result<Response, Response> {
     slot.set("worker.video");
     if op.is_empty() || op.contains('/') {
-        return error(
+        return Err(error(
             StatusCode::NOT_FOUND,
             "unknown path: use /video/{operation}",
-        );
+        ));
     }
     if method != Method::POST {
-        return error(
+        return Err(error(
             StatusCode::METHOD_NOT_ALLOWED,
             "use POST /video/{operation}",
-        );
+        ));
     }
-    if let Err(r) = http::delay_faults(&ctx.sim, "worker.video", Family::Worker).await {
-        return r;
-    }
-    if let Err(r) = http::status_faults(&ctx.sim, "worker.video", Family::Worker) {
-        return r;
-    }
+    http::delay_faults(&ctx.sim, "worker.video", Family::Worker).await?;
+    http::status_faults(&ctx.sim, "worker.video", Family::Worker)?;
     if !booted {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "worker is starting");
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "worker is starting"));
     }
+    let job_id = job_credentials(ctx, headers)?;
+    let input = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => m,
+        _ => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "the body must be a JSON object",
+            ));
+        }
+    };
+    let plan = plan_execution(ctx, &input, op, &job_id);
+    Ok(execute(ctx, op, &job_id, &input, &plan).await)
+}
+
+/// Checks `X-API-Key` and `X-Session-Token` (when the instance has them); the `X-Job-Id`.
+fn job_credentials(ctx: &WorkerCtx, headers: &HeaderMap) -> Result<String, Response> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(want) = &ctx.api_key
         && header("x-api-key") != Some(want.as_str())
     {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong X-API-Key");
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong X-API-Key",
+        ));
     }
     if let Some(want) = &ctx.session_token
         && header("x-session-token") != Some(want.as_str())
     {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong X-Session-Token");
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong X-Session-Token",
+        ));
     }
-    let Some(job_id) = header("x-job-id")
+    header("x-job-id")
         .filter(|j| !j.is_empty())
         .map(str::to_string)
-    else {
-        return error(StatusCode::BAD_REQUEST, "missing X-Job-Id header");
-    };
-    let input = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        _ => return error(StatusCode::BAD_REQUEST, "the body must be a JSON object"),
-    };
-    let plan = {
-        let mut st = ctx.sim.lock();
-        let st = &mut *st;
-        let mut plan = JobPlan::for_worker(&input, op, &st.timing);
-        st.count_execution(&job_id, &ctx.instance_id);
-        let mut die_on_demand = false;
-        if let Some(i) = st.instance_mut(ctx.provider, &ctx.instance_id) {
-            i.executions += 1;
-            die_on_demand = std::mem::take(&mut i.die_on_next_job);
-        }
-        let die_fault = st.faults.die_mid_job.fire(&mut st.rng);
-        plan.die |= die_on_demand || die_fault;
-        plan
-    };
+        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "missing X-Job-Id header"))
+}
+
+/// Counts the execution and decides how the job goes (dying on demand, or by the fault).
+fn plan_execution(ctx: &WorkerCtx, input: &Map<String, Value>, op: &str, job_id: &str) -> JobPlan {
+    let mut st = ctx.sim.lock();
+    let st = &mut *st;
+    let mut plan = JobPlan::for_worker(input, op, &st.timing);
+    st.count_execution(job_id, &ctx.instance_id);
+    let mut die_on_demand = false;
+    if let Some(i) = st.instance_mut(ctx.provider, &ctx.instance_id) {
+        i.executions += 1;
+        die_on_demand = std::mem::take(&mut i.die_on_next_job);
+    }
+    let die_fault = st.faults.die_mid_job.fire(&mut st.rng);
+    plan.die |= die_on_demand || die_fault;
+    plan
+}
+
+/// Runs a planned job: waits its time and answers the planned failure, the non-JSON
+/// answer or the result. A dying job never answers.
+async fn execute(
+    ctx: &WorkerCtx,
+    op: &str,
+    job_id: &str,
+    input: &Map<String, Value>,
+    plan: &JobPlan,
+) -> Response {
     if plan.die {
         // Half-way through, the machine goes away: this very connection is dropped with the
         // worker, so the killing runs in its own task and this handler never answers.
@@ -268,7 +315,7 @@ async fn handle(
     }
     util::json(
         StatusCode::OK,
-        &job_result(op, &job_id, &ctx.instance_id, &input, &plan),
+        &job_result(op, job_id, &ctx.instance_id, input, plan),
     )
 }
 
