@@ -176,6 +176,7 @@ pub struct Metrics {
     pub reconcile_errors: Family<ReconcileLabels, Counter>,
     pub teardown_failing: Gauge,
     pub orphans_destroyed: Counter,
+    pub preemptions: Family<ProviderEntryLabels, Counter>,
     pub events: Family<EventLabels, Counter>,
     pub kube_requests: Family<KubeRequestLabels, Counter>,
     pub leader: Gauge,
@@ -265,6 +266,7 @@ impl Metrics {
             reconcile_errors: Family::default(),
             teardown_failing: Gauge::default(),
             orphans_destroyed: Counter::default(),
+            preemptions: Family::default(),
             events: Family::default(),
             kube_requests: Family::default(),
             leader: Gauge::default(),
@@ -389,6 +391,13 @@ impl Metrics {
             "orphans_destroyed",
             "Provider machines with this cluster's label and no GpuInstance, destroyed by the sweep",
             self.orphans_destroyed.clone(),
+        );
+        register(
+            registry,
+            names,
+            "preemptions",
+            "Interruptible machines the provider took back, by pool and provider entry",
+            self.preemptions.clone(),
         );
     }
 
@@ -721,6 +730,7 @@ mod tests {
             "reconcile_errors",
             "teardown_failing",
             "orphans_destroyed",
+            "preemptions",
             "events",
             "kube_requests",
             "leader",

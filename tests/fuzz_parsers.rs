@@ -620,6 +620,7 @@ fn vast(base: &str, http: HttpConfig) -> VastClient {
             min_reliability: 0.9,
             num_gpus: 1,
             countries: vec!["US".into()],
+            bid_per_hour: None,
             credentials_secret_ref: SecretKeyRef::new("vast", "key"),
         },
         WorkerShape {

@@ -205,6 +205,7 @@ fn vast_entry() -> VastProvider {
         min_reliability: 0.95,
         num_gpus: 1,
         countries: vec![],
+        bid_per_hour: None,
         credentials_secret_ref: SecretKeyRef::new("vast", "key"),
     }
 }

@@ -26,7 +26,7 @@ use crate::{
 };
 
 use super::{
-    Context, Error, Result, deadlines,
+    Context, Error, Result, deadlines, preemption,
     status::{apply_status, offer_price, seconds_between},
 };
 
@@ -251,6 +251,7 @@ pub fn record(
     instance: &str,
     price: Money,
     outcome: &Result<Value, WorkerError>,
+    preempted: bool,
     now: Timestamp,
 ) -> Option<Recorded> {
     let mut s = job.status.clone().unwrap_or_default();
@@ -265,6 +266,12 @@ pub fn record(
         .unwrap_or(0.0);
     s.cost = Some(s.cost.unwrap_or_default() + Money::for_seconds(price, run_secs));
     let event = match outcome {
+        // The provider took the machine back: not the job's fault, no retry spent.
+        Err(e) if preempted => {
+            let why = format!("attempt {attempt} on {instance} lost to a preemption ({e})");
+            let reason = s.preempt(why.clone(), generation, now);
+            (EventType::Warning, reason, why)
+        }
         Ok(output) => {
             s.succeed(
                 output.clone(),
@@ -276,7 +283,7 @@ pub fn record(
             let note = format!("finished on {instance} in {run_secs:.2} s");
             (EventType::Normal, "Succeeded", note)
         }
-        Err(e) if e.is_retryable() && attempt <= job.spec.max_retries => {
+        Err(e) if e.is_retryable() && s.may_retry(job.spec.max_retries) => {
             let message = format!("attempt {attempt} failed: {}", e.label());
             s.retry(
                 format!("attempt {attempt} on {instance}: {e}"),
@@ -317,19 +324,62 @@ async fn finish(
     let instances: Api<GpuInstance> =
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let broken = matches!(&outcome, Err(e) if e.instance_looks_broken());
+    // A dropped connection to an interruptible machine: ask its provider whether it took
+    // the machine back before blaming the job.
+    let preempted = broken && preemption::check(ctx, pool, instance).await;
+    let how = match (broken, preempted) {
+        (_, true) => {
+            let why = format!(
+                "{} took back the interruptible machine",
+                instance.spec.provider
+            );
+            preemption::count(ctx, instance);
+            Release::Replace("Preempted", why)
+        }
+        (true, false) => {
+            let note = format!(
+                "lost the connection to the worker during job {}; replacing the machine",
+                job.name_any()
+            );
+            Release::Replace("WorkerUnreachable", note)
+        }
+        (false, false) => Release::Free,
+    };
     // A failed attempt that will be retried frees (or replaces) its instance first, so the
     // pool never sees the job Pending while the instance still claims it (which it would
     // take for a binding to complete). Any other outcome is recorded on the job first.
-    let retrying =
-        matches!(&outcome, Err(e) if e.is_retryable() && attempt <= job.spec.max_retries);
+    let charged = job
+        .status
+        .as_ref()
+        .map_or(attempt, |s| attempt - s.preemptions);
+    let retrying = preempted
+        || matches!(&outcome, Err(e) if e.is_retryable() && charged <= job.spec.max_retries);
     if retrying {
-        release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
+        release(
+            ctx,
+            &instances,
+            instance,
+            &job.name_any(),
+            pool,
+            how.clone(),
+        )
+        .await?;
     }
-    record_on_job(ctx, job, instance, attempt, &outcome).await?;
+    record_on_job(ctx, job, instance, attempt, &outcome, preempted).await?;
     if !retrying {
-        release(ctx, &instances, instance, &job.name_any(), pool, broken).await?;
+        release(ctx, &instances, instance, &job.name_any(), pool, how).await?;
     }
     Ok(())
+}
+
+/// What becomes of an instance when its job is done with it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Release {
+    /// Idle from now, for the next job.
+    Free,
+    /// Deleted (its machine destroyed; the pool rents another), with the event's reason and
+    /// note.
+    Replace(&'static str, String),
 }
 
 /// Writes the outcome on the job, from the copy the attempt started with (nothing else
@@ -340,6 +390,7 @@ async fn record_on_job(
     instance: &GpuInstance,
     attempt: i32,
     outcome: &Result<Value, WorkerError>,
+    preempted: bool,
 ) -> Result<()> {
     let jobs: Api<VideoJob> =
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
@@ -366,6 +417,7 @@ async fn record_on_job(
             &instance.name_any(),
             price,
             outcome,
+            preempted,
             ctx.now(),
         ) else {
             return Ok(()); // a newer attempt or a finished job: this outcome is stale
@@ -399,15 +451,15 @@ pub fn count_outcome(ctx: &Context, job: &VideoJob, outcome: &str) {
         .inc();
 }
 
-/// Frees `instance` from `job` (idle from now, deadline set) or, when `broken`, deletes it
-/// so its machine is destroyed and the pool rents another.
+/// Frees `instance` from `job` (idle from now, deadline set) or replaces it (deleted, so its
+/// machine is destroyed and the pool rents another), as `how` says.
 pub async fn release(
     ctx: &Arc<Context>,
     api: &Api<GpuInstance>,
     instance: &GpuInstance,
     job: &str,
     pool: &GpuPool,
-    broken: bool,
+    how: Release,
 ) -> Result<()> {
     // From the copy the attempt started with first (its claim is the last write unless a
     // liveness check came between), then fresh reads on conflicts.
@@ -424,17 +476,10 @@ pub async fn release(
         if s.current_job.as_deref() != Some(job) {
             return Ok(());
         }
-        if broken {
-            info!(instance = %current.name_any(), "instance looks broken; replacing it");
-            ctx.event(
-                &current,
-                EventType::Warning,
-                "WorkerUnreachable",
-                format!(
-                    "lost the connection to the worker during job {job}; replacing the machine"
-                ),
-            )
-            .await;
+        if let Release::Replace(reason, note) = &how {
+            info!(instance = %current.name_any(), reason, "replacing the instance");
+            ctx.event(&current, EventType::Warning, reason, note.clone())
+                .await;
             match api
                 .delete(&current.name_any(), &DeleteParams::default())
                 .await
@@ -498,6 +543,7 @@ mod tests {
             "gi",
             price(),
             &Ok(json!({"ok": 1})),
+            false,
             at(100),
         )
         .unwrap();
@@ -510,13 +556,13 @@ mod tests {
     #[test]
     fn a_retryable_failure_requeues_until_the_retries_are_used_then_fails() {
         let err = Err(WorkerError::Connection("reset".into()));
-        let r = record(&running(2), 2, "gi", price(), &err, at(10)).unwrap();
+        let r = record(&running(2), 2, "gi", price(), &err, false, at(10)).unwrap();
         assert_eq!(
             (r.status.phase, r.event.1),
             (Some(JobPhase::Pending), "Retrying")
         );
         assert_eq!(r.status.instance, None);
-        let r = record(&running(3), 3, "gi", price(), &err, at(10)).unwrap();
+        let r = record(&running(3), 3, "gi", price(), &err, false, at(10)).unwrap();
         assert_eq!(
             (r.status.phase, r.event.1),
             (Some(JobPhase::Failed), "Failed")
@@ -527,10 +573,34 @@ mod tests {
     #[test]
     fn a_stale_outcome_changes_nothing() {
         assert_eq!(
-            record(&running(2), 1, "gi", price(), &Ok(json!(1)), at(1)),
+            record(&running(2), 1, "gi", price(), &Ok(json!(1)), false, at(1)),
             None
         );
         let done = job("j", json!({"phase": "Succeeded", "attempts": 1}));
-        assert_eq!(record(&done, 1, "gi", price(), &Ok(json!(1)), at(1)), None);
+        assert_eq!(
+            record(&done, 1, "gi", price(), &Ok(json!(1)), false, at(1)),
+            None
+        );
+    }
+
+    #[test]
+    fn an_attempt_lost_to_a_preemption_spends_no_retry() {
+        let err = Err(WorkerError::Connection("reset".into()));
+        // The last allowed attempt: a worker failure would fail the job...
+        let r = record(&running(3), 3, "gi", price(), &err, false, at(10)).unwrap();
+        assert_eq!(r.status.phase, Some(JobPhase::Failed));
+        // ...a preemption puts it back in the queue, counted apart.
+        let r = record(&running(3), 3, "gi", price(), &err, true, at(10)).unwrap();
+        assert_eq!(
+            (r.status.phase, r.event.1),
+            (Some(JobPhase::Pending), "Preempted")
+        );
+        assert_eq!((r.status.attempts, r.status.preemptions), (3, 1));
+        assert!(r.status.may_retry(2), "the next attempt is allowed");
+        assert_eq!(
+            r.status.cost,
+            Some("0.011".parse().unwrap()),
+            "the lost attempt's share is billed"
+        );
     }
 }

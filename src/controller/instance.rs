@@ -40,6 +40,7 @@ use super::{
     context::Cause,
     deadlines, from_finalizer,
     idle::IdleDecision,
+    preemption,
     registry::PoolKey,
     settle,
     status::{apply_status, offer_price, remove_condition, seconds_between, set_condition},
@@ -180,7 +181,14 @@ async fn apply(gi: Arc<GpuInstance>, ctx: &Arc<Context>, api: &Api<GpuInstance>)
             apply_status(api, &gi, &s).await?;
             Ok(Action::requeue(Duration::ZERO))
         }
-        Step::Busy => Ok(Action::requeue(ctx.config.liveness_interval)),
+        Step::Busy => {
+            // A busy interruptible machine is checked too: its job must not wait for a
+            // machine the provider took back.
+            if preemption::interruptible(&gi) && ctx.liveness_due(&gi.uid().unwrap_or_default()) {
+                check_alive(&gi, &pool, ctx, api).await?;
+            }
+            Ok(Action::requeue(ctx.config.liveness_interval))
+        }
         Step::Idle => idle(gi, &pool, ctx, api).await,
         Step::Delete => {
             delete_self(&gi, ctx).await?;
@@ -645,6 +653,9 @@ async fn check_alive(
         Err(e) => return Err(e.into()),
     };
     if let Some(message) = gone {
+        if preemption::interruptible(gi) {
+            return preempted(gi, ctx, api, message).await;
+        }
         fail(gi, ctx, api, "MachineLost", message).await?;
         return Ok(());
     }
@@ -656,6 +667,24 @@ async fn check_alive(
         s.accrued_cost = Some(accrued);
         apply_status(api, gi, &s).await?;
     }
+    Ok(())
+}
+
+/// The provider took this interruptible machine back: its job (if any) goes back to the
+/// queue without spending a retry, then the instance fails and is deleted.
+async fn preempted(
+    gi: &GpuInstance,
+    ctx: &Context,
+    api: &Api<GpuInstance>,
+    message: String,
+) -> Result<()> {
+    let why = format!("{} took back interruptible {message}", gi.spec.provider);
+    if let Some(job) = status_of(gi).current_job {
+        let ns = gi.namespace().unwrap_or_default();
+        preemption::requeue_job(ctx, &ns, &job, &gi.name_any(), &why).await?;
+    }
+    preemption::count(ctx, gi);
+    fail(gi, ctx, api, "Preempted", why).await?;
     Ok(())
 }
 

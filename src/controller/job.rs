@@ -199,6 +199,22 @@ async fn run_on_instance(
     let usable = instance.metadata.deletion_timestamp.is_none()
         && inst_status.phase == Some(InstancePhase::Ready)
         && inst_status.current_job.as_deref() == Some(job.name_any().as_str());
+    let preempted = inst_status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == ConditionType::Ready.as_str() && c.reason == "Preempted");
+    if !usable && running && preempted {
+        // Its provider took the machine back: not the job's fault.
+        let why = format!("instance {instance_name} was preempted during the attempt");
+        let mut s = status_of(&job);
+        let reason = s.preempt(why.clone(), job.metadata.generation, ctx.now());
+        let job = apply_status(api, &job, &s).await?;
+        if let Some(outcome) = s.outcome() {
+            count_outcome(ctx, &job, outcome);
+        }
+        ctx.event(&job, EventType::Warning, reason, why).await;
+        return Ok(Action::await_change());
+    }
     if !usable && running {
         // The attempt was under way when the instance went: count it as a lost attempt.
         let why = format!("instance {instance_name} went away during the attempt");
@@ -234,7 +250,7 @@ async fn run_on_instance(
 pub fn lose_attempt(job: &VideoJob, why: &str, now: Timestamp) -> (VideoJobStatus, &'static str) {
     let mut s = status_of(job);
     let generation = job.metadata.generation;
-    if s.attempts <= job.spec.max_retries {
+    if s.may_retry(job.spec.max_retries) {
         s.retry(why.to_string(), "Retrying", why, generation, now);
         (s, "Retrying")
     } else {

@@ -16,6 +16,7 @@ pub mod idle;
 pub mod instance;
 pub mod job;
 pub mod pool;
+pub mod preemption;
 pub mod providers;
 pub mod registry;
 pub mod scheduling;
@@ -428,6 +429,7 @@ mod tests {
             spec: GpuInstanceSpec {
                 pool: "p".into(),
                 provider: "vast".into(),
+                capacity_type: Default::default(),
             },
             status: None,
         })

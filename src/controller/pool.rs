@@ -669,6 +669,13 @@ async fn create_instance(
         GpuInstanceSpec {
             pool: pool.name_any(),
             provider: provider.into(),
+            capacity_type: pool
+                .spec
+                .providers
+                .iter()
+                .find(|p| p.name == provider)
+                .map(|p| p.capacity_type)
+                .unwrap_or_default(),
         },
     );
     gi.metadata.name = None;

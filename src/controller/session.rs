@@ -153,6 +153,7 @@ mod tests {
             crate::crd::GpuInstanceSpec {
                 pool: "p".into(),
                 provider: "vast".into(),
+                capacity_type: Default::default(),
             },
         );
         gi.metadata.uid = Some("u-1".into());

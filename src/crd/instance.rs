@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::common::{
     ConditionType, DNS_LABEL_PATTERN, MONEY_PATTERN, Money, conditions_schema, set_condition,
 };
+use super::pool::CapacityType;
 use jiff::{SignedDuration, Timestamp};
 
 /// One GPU machine rented for a GpuPool.
@@ -59,6 +60,12 @@ use jiff::{SignedDuration, Timestamp};
         description = "Price per hour in USD"
     ),
     printcolumn(
+        name = "Capacity",
+        type_ = "string",
+        json_path = ".spec.capacityType",
+        description = "OnDemand, or Interruptible (the provider may take the machine back)"
+    ),
+    printcolumn(
         name = "Job",
         type_ = "string",
         json_path = ".status.currentJob",
@@ -95,6 +102,12 @@ pub struct GpuInstanceSpec {
     #[schemars(length(min = 1, max = 63), pattern(DNS_LABEL_PATTERN))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("provider is immutable"))]
     pub provider: String,
+
+    /// The entry's capacityType when the instance was created: an Interruptible machine
+    /// may be taken back by the provider. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("capacityType is immutable"))]
+    pub capacity_type: CapacityType,
 }
 
 /// Life-cycle phase of a GpuInstance.

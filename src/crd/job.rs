@@ -22,6 +22,9 @@ pub const OPERATION_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 pub const DEFAULT_JOB_TIMEOUT_SECONDS: i64 = 600;
 /// Default retries after infrastructure failures.
 pub const DEFAULT_MAX_RETRIES: i32 = 2;
+/// Preemptions a job survives; the next one fails it (a bound apart from maxRetries, so a
+/// job on machines that keep being taken back does not loop for ever).
+pub const MAX_PREEMPTIONS: i32 = 5;
 
 /// A unit of video work: the operator runs it on a warm instance of the pool, or rents one.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -213,6 +216,11 @@ pub struct VideoJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 
+    /// Attempts lost because an interruptible machine was taken back by its provider. They
+    /// do not count against maxRetries; a job preempted more than 5 times fails.
+    #[serde(default)]
+    pub preemptions: i32,
+
     /// This job's share of the machine bill in USD, decimal string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(MONEY_PATTERN))]
@@ -337,6 +345,37 @@ impl VideoJobStatus {
         self.error = Some(error);
     }
 
+    /// Attempts that count against maxRetries: all but those lost to a preemption.
+    pub fn charged_attempts(&self) -> i32 {
+        self.attempts - self.preemptions
+    }
+
+    /// Whether another attempt is allowed after this one failed through the job's own fault
+    /// (or its machine's), given `max_retries`.
+    pub fn may_retry(&self, max_retries: i32) -> bool {
+        self.charged_attempts() <= max_retries
+    }
+
+    /// The attempt was lost because the provider took an interruptible machine back: back to
+    /// Pending without spending a retry, unless the job was preempted too often already. The
+    /// event reason comes back.
+    pub fn preempt(
+        &mut self,
+        why: String,
+        generation: Option<i64>,
+        now: Timestamp,
+    ) -> &'static str {
+        self.preemptions += 1;
+        if self.preemptions > MAX_PREEMPTIONS {
+            let error = format!("{why} (preempted {} times)", self.preemptions);
+            self.fail("PreemptedTooOften", error, generation, now);
+            "Failed"
+        } else {
+            self.retry(why.clone(), "Preempted", &why, generation, now);
+            "Preempted"
+        }
+    }
+
     /// The outcome's name for metrics and events, once the job is finished.
     pub fn outcome(&self) -> Option<&'static str> {
         match self.phase {
@@ -453,5 +492,23 @@ mod transitions {
         assert_eq!(s.attempts, 1, "an attempt used stays used");
         s.bind(None, "rp-serverless", now);
         assert_eq!(s.instance, None);
+    }
+
+    #[test]
+    fn preemptions_do_not_spend_retries_but_are_bounded() {
+        let now: jiff::Timestamp = "2026-12-01T10:00:00Z".parse().unwrap();
+        let mut s = VideoJobStatus::default();
+        for n in 1..=super::MAX_PREEMPTIONS {
+            s.start_attempt(Some("gi"), "vast", "Dispatched", "sent", None, now);
+            assert_eq!(s.preempt("outbid".into(), None, now), "Preempted");
+            assert_eq!(s.preemptions, n);
+            assert_eq!(s.charged_attempts(), 0);
+            assert!(s.may_retry(0), "a job with no retries still runs again");
+            assert_eq!(s.phase, Some(JobPhase::Pending));
+        }
+        s.start_attempt(Some("gi"), "vast", "Dispatched", "sent", None, now);
+        assert_eq!(s.preempt("outbid".into(), None, now), "Failed");
+        assert_eq!(s.phase, Some(JobPhase::Failed));
+        assert_eq!(cond(&s, ConditionType::Complete).1, "PreemptedTooOften");
     }
 }

@@ -138,10 +138,20 @@ fn default_provision_timeout() -> i64 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("[has(self.vast), has(self.runpod), has(self.runpodServerless)].filter(x, x).size() == 1").message("exactly one of vast, runpod or runpodServerless must be set"))]
+#[x_kube(validation = Rule::new("self.capacityType != 'Interruptible' || has(self.vast)").message("capacityType Interruptible is offered for vast entries only: RunPod's REST v2 API rents no interruptible pods, and a serverless endpoint runs its own workers").field_path(".capacityType"))]
+#[x_kube(validation = Rule::new("!has(self.vast) || (self.capacityType == 'Interruptible') == has(self.vast.bidPerHour)").message("vast.bidPerHour is required with capacityType Interruptible and only allowed with it").field_path(".vast.bidPerHour"))]
 pub struct ProviderSpec {
     /// Name of this entry, unique in the pool; VideoJobs and GpuInstances refer to it.
     #[schemars(length(min = 1, max = 63), pattern(DNS_LABEL_PATTERN))]
     pub name: String,
+
+    /// OnDemand (default): machines rented at the listed price, kept until gpupool destroys
+    /// them. Interruptible: Vast.ai machines rented with a bid (`vast.bidPerHour`), far
+    /// cheaper, which the provider may stop when outbid; gpupool then destroys the machine
+    /// and runs its job again elsewhere without spending one of the job's maxRetries. List an
+    /// interruptible entry first and an on-demand one after it for "spot, then on-demand".
+    #[serde(default)]
+    pub capacity_type: CapacityType,
 
     /// Rent machines on the Vast.ai marketplace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,6 +164,14 @@ pub struct ProviderSpec {
     /// Send jobs to an existing RunPod Serverless endpoint instead of renting machines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runpod_serverless: Option<RunpodServerlessProvider>,
+}
+
+/// Whether an entry rents machines that stay or machines the provider may take back.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub enum CapacityType {
+    #[default]
+    OnDemand,
+    Interruptible,
 }
 
 /// Which kind of provider an entry is.
@@ -217,6 +235,14 @@ pub struct VastProvider {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(pattern(r"^[A-Z]{2}$")))]
     pub countries: Vec<String>,
+
+    /// With capacityType Interruptible: the bid, in USD per hour for the whole machine
+    /// (Vast.ai's `price`, between 0.001 and 128). Offers whose minimum bid is higher are
+    /// skipped; the machine bills at this price while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), pattern(MONEY_PATTERN))]
+    #[x_kube(validation = Rule::new("self.matches('[1-9]') && double(self) <= 128.0").message("must be greater than zero and at most 128"))]
+    pub bid_per_hour: Option<Money>,
 
     /// Secret key holding the Vast.ai API key.
     pub credentials_secret_ref: SecretKeyRef,

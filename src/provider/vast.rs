@@ -70,6 +70,8 @@ pub struct VastClient {
     base: Url,
     gpu_names: Vec<String>,
     max_price: Decimal,
+    /// Interruptible entries: the bid per machine-hour (Vast's `price`).
+    bid: Option<Decimal>,
     min_reliability: f64,
     num_gpus: u32,
     countries: BTreeSet<String>,
@@ -105,6 +107,7 @@ impl VastClient {
             base,
             gpu_names: entry.gpu_names.clone(),
             max_price,
+            bid: entry.bid_per_hour.map(|b| b.amount()),
             min_reliability: entry.min_reliability,
             num_gpus,
             countries: entry
@@ -131,7 +134,7 @@ impl VastClient {
             "rentable": {"eq": true},
             "verified": {"eq": true},
             "rented": {"eq": false},
-            "type": "on-demand",
+            "type": if self.bid.is_some() { "bid" } else { "on-demand" },
             "allocated_storage": self.worker.disk_gb,
             "order": [["dph_total", "asc"]],
             "limit": OFFER_LIMIT,
@@ -158,10 +161,18 @@ impl VastClient {
         if dto.num_gpus? != u64::from(self.num_gpus) {
             return None;
         }
-        let price = money(dto.dph_total?)?;
-        if price > self.max_price {
+        let listed = money(dto.dph_total?)?;
+        if listed > self.max_price {
             return None;
         }
+        // An interruptible machine bills at the bid, which must reach the host's floor.
+        let price = match self.bid {
+            Some(bid) if dto.min_bid.and_then(money).is_some_and(|floor| floor > bid) => {
+                return None;
+            }
+            Some(bid) => bid,
+            None => listed,
+        };
         let reliability = dto.reliability.or(dto.reliability2);
         match reliability {
             Some(r) if r < self.min_reliability => return None,
@@ -317,7 +328,10 @@ impl InstanceProvider for VastClient {
                 offer.id
             ))
         })?;
-        let body = create_body(req)?;
+        let mut body = create_body(req)?;
+        if let (Some(bid), Some(map)) = (self.bid, body.as_object_mut()) {
+            map.insert("price".into(), json!(bid.to_f64().unwrap_or(0.0)));
+        }
         let call = Call {
             op: "vast.create_instance",
             method: Method::PUT,
@@ -700,6 +714,8 @@ struct OfferDto {
     #[serde(deserialize_with = "lenient::opt_f64")]
     dph_total: Option<f64>,
     #[serde(deserialize_with = "lenient::opt_f64")]
+    min_bid: Option<f64>,
+    #[serde(deserialize_with = "lenient::opt_f64")]
     reliability: Option<f64>,
     #[serde(deserialize_with = "lenient::opt_f64")]
     reliability2: Option<f64>,
@@ -816,6 +832,7 @@ mod tests {
             min_reliability: 0.99,
             num_gpus,
             countries: countries.iter().map(|c| c.to_string()).collect(),
+            bid_per_hour: None,
             credentials_secret_ref: SecretKeyRef::new("s", "k"),
         };
         VastClient::new(
@@ -885,6 +902,25 @@ mod tests {
                 .accept_offer(&dto)
                 .is_some()
         );
+    }
+
+    #[test]
+    fn an_interruptible_entry_searches_bids_prices_at_its_bid_and_sends_it() {
+        let mut c = client("Imaginary RTX 9999", "0.25", 4, &["AT"], 8000);
+        c.bid = Some("0.09".parse().unwrap());
+        assert_eq!(c.search_body()["type"], "bid");
+        let found: SearchDto =
+            serde_json::from_str(fixture!("search_offers.200.json")).expect("parse");
+        let mut dto: OfferDto = serde_json::from_value(found.offers[0].clone()).expect("offer");
+        dto.min_bid = Some(0.05);
+        let offer = c.accept_offer(&dto).expect("the bid reaches the floor");
+        assert_eq!(
+            offer.price_per_hour.to_string(),
+            "0.09",
+            "billed at the bid"
+        );
+        dto.min_bid = Some(0.1);
+        assert!(c.accept_offer(&dto).is_none(), "a floor above the bid");
     }
 
     #[test]

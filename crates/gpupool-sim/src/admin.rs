@@ -206,7 +206,8 @@ async fn put_timing(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 struct KillRequest {
-    /// `now` (default) or `next_job` (die half-way through the next job).
+    /// `now` (default), `next_job` (die half-way through the next job) or `outbid` (an
+    /// interruptible instance is stopped by a higher bid, as Vast.ai does).
     when: Option<String>,
 }
 
@@ -234,6 +235,13 @@ async fn kill(State(sim): State<Arc<Sim>>, Path(id): Path<String>, body: Bytes) 
         i.provider
     };
     match req.when.as_deref() {
+        Some("outbid") => match instances::outbid(&sim, provider, &id) {
+            Some(task) => {
+                instances::reap(task).await;
+                ok(&json!({"outbid": id}))
+            }
+            None => bad(format!("instance {id} cannot be outbid")),
+        },
         None | Some("now") => {
             let task = instances::die(&sim, provider, &id, "killed by the admin API");
             instances::reap(task).await;

@@ -91,6 +91,10 @@ pub struct Timing {
     pub hang_seconds: f64,
     /// The RunPod HTTP proxy cuts requests after this long with a 524 (100 s on the real one).
     pub proxy_timeout_seconds: f64,
+    /// Interruptible (bid) Vast instances are outbid at this rate once running, per
+    /// machine-hour, each after an exponentially distributed time drawn from the seeded RNG.
+    /// 0 (default): only the admin API outbids.
+    pub interruptible_preemptions_per_hour: f64,
 }
 
 impl Default for Timing {
@@ -103,6 +107,7 @@ impl Default for Timing {
             operations: BTreeMap::new(),
             hang_seconds: 600.0,
             proxy_timeout_seconds: 100.0,
+            interruptible_preemptions_per_hour: 0.0,
         }
     }
 }

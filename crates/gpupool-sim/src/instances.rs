@@ -129,6 +129,44 @@ fn run_worker(
     i.last_started_at = Some(now);
     i.last_status_change = now;
     info!(provider = provider.name(), id = %id, port, "instance running");
+    let (bid, generation) = (i.is_bid(), i.generation);
+    let rate = st.timing.interruptible_preemptions_per_hour;
+    if bid && rate > 0.0 {
+        // Exponential time to the next higher bid, from the one seeded RNG.
+        let u: f64 = rand::Rng::random_range(&mut st.rng, f64::MIN_POSITIVE..1.0);
+        let after = -u.ln() / rate * 3600.0;
+        tokio::spawn(outbid_later(
+            sim.clone(),
+            provider,
+            id.to_string(),
+            generation,
+            after,
+        ));
+    }
+}
+
+/// Outbids a running interruptible instance after `seconds`, unless it changed meanwhile.
+async fn outbid_later(
+    sim: Arc<Sim>,
+    provider: Provider,
+    id: String,
+    generation: u64,
+    seconds: f64,
+) {
+    if nap(&sim, seconds).await && still(&sim, provider, &id, generation, Phase::Running) {
+        reap(outbid(&sim, provider, &id).flatten()).await;
+    }
+}
+
+/// A higher bid takes an interruptible instance: stopped (no worker, open connections cut),
+/// billed until destroyed, shown as outbid. `None` if unknown or destroyed.
+pub fn outbid(sim: &Sim, provider: Provider, id: &str) -> Option<Option<JoinHandle<()>>> {
+    let task = stop(sim, provider, id)?;
+    if let Some(i) = sim.lock().instance_mut(provider, id) {
+        i.outbid = true;
+        warn!(provider = provider.name(), id, "instance outbid");
+    }
+    Some(task)
 }
 
 /// Stops the worker of `i` (closing its port and open connections); returns the task to

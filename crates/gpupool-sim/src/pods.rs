@@ -220,6 +220,7 @@ fn pod_instance(
         worker: None,
         worker_started: None,
         die_on_next_job: false,
+        outbid: false,
         executions: 0,
         details,
     }

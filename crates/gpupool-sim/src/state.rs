@@ -167,6 +167,8 @@ pub struct Instance {
     /// When the worker started serving (for the boot delay).
     pub worker_started: Option<Instant>,
     pub die_on_next_job: bool,
+    /// Stopped because a higher bid took the machine (interruptible instances only).
+    pub outbid: bool,
     pub executions: u64,
     /// Provider-specific fields fixed at create (Vast offer snapshot, RunPod input...).
     pub details: Map<String, Value>,
@@ -175,6 +177,14 @@ pub struct Instance {
 impl Instance {
     pub fn is_destroyed(&self) -> bool {
         self.phase == Phase::Destroyed
+    }
+
+    /// Whether it was rented with a bid (Vast interruptible).
+    pub fn is_bid(&self) -> bool {
+        self.details
+            .get("is_bid")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
 
     /// Seconds billed so far: from create until destroy (or now).

@@ -720,6 +720,7 @@ fn build_instance(
         worker: None,
         worker_started: None,
         die_on_next_job: false,
+        outbid: false,
         executions: 0,
         details,
     };
@@ -854,6 +855,12 @@ fn phase_status(i: &Instance) -> (Value, &'static str, &'static str, Value) {
             "running",
             "running",
             json!(format!("success, running {}/ssh", i.image)),
+        ),
+        Phase::Stopped if i.outbid => (
+            json!("stopped"),
+            "stopped",
+            "stopped",
+            json!("stopped: outbid by a higher bid (simulated)"),
         ),
         Phase::Stopped => (
             json!("stopped"),

@@ -2356,3 +2356,52 @@ fn the_yaml_examples_in_the_manual_are_valid_configurations() {
         "typos are refused"
     );
 }
+
+#[tokio::test]
+async fn interruptible_vast_instances_bill_at_the_bid_and_are_outbid_by_the_admin_or_by_rate() {
+    let s = fast().await;
+    let bid_create = |label: &'static str| {
+        let req = json!({
+            "client_id": "me", "image": "ghcr.io/gpupool/worker:test", "env": {}, "price": 0.05,
+            "disk": 10, "label": label, "extra": null, "onstart": null, "runtype": "args",
+        });
+        s.vast(Method::PUT, "/api/v0/asks/1001/").json(&req).send()
+    };
+    let (st, v) = body(bid_create("spot-1").await.unwrap()).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let id = v["new_contract"].as_u64().unwrap();
+    let port = host_port(&s.vast_running(id).await, "8000/tcp");
+    let shown = s.vast_show(id).await;
+    assert_eq!(
+        (shown["is_bid"].clone(), shown["dph_total"].clone()),
+        (json!(true), json!(0.05))
+    );
+
+    let (st, _) = body(
+        s.c.post(s.url(&format!("/admin/instances/{id}/kill")))
+            .json(&json!({"when": "outbid"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let shown = s.vast_show(id).await;
+    assert_eq!(shown["actual_status"], "stopped");
+    assert!(
+        shown["status_msg"].as_str().unwrap().contains("outbid"),
+        "{shown}"
+    );
+    assert!(!port_open(port), "the worker's port closes");
+
+    // By rate: with a high rate every running bid instance is outbid within seconds.
+    let mut timing = s.admin("/admin/timing").await;
+    timing["interruptible_preemptions_per_hour"] = json!(3600.0);
+    s.admin_put("/admin/timing", timing).await;
+    let (_, v) = body(bid_create("spot-2").await.unwrap()).await;
+    let id = v["new_contract"].as_u64().unwrap();
+    eventually("the rate outbids it", || async {
+        (s.vast_show(id).await["actual_status"] == "stopped").then_some(())
+    })
+    .await;
+}

@@ -1022,3 +1022,117 @@ async fn dispatch_overhead_on_a_warm_instance_is_measured() {
     assert!(ready.status().is_success());
     ns.cleanup().await;
 }
+
+/// An interruptible machine outbid in the middle of a job: the job runs again on another
+/// machine and succeeds although it allows no retry (a preemption is not its fault), the
+/// preemption is recorded on the job, in an event and in gpupool_preemptions_total, the
+/// outbid machine is destroyed, and the bill of every machine equals the operator's
+/// accounting.
+#[tokio::test]
+async fn an_outbid_interruptible_machine_is_replaced_and_its_job_spends_no_retry() {
+    let ns = namespace_with_secrets("spot").await;
+    let client = ns.client();
+    let mut config = SimConfig::fast();
+    config.timing.operations.insert("transcode".into(), 6.0);
+    let sim = sim_with(config).await;
+    let op = Operator::start(&ns.name, &sim, &[]);
+    let mut spec = vast_pool(2);
+    spec["providers"][0]["capacityType"] = json!("Interruptible");
+    spec["providers"][0]["vast"]["bidPerHour"] = json!("0.05");
+    create_pool(&client, &ns.name, "default", spec).await;
+    create_job(
+        &client,
+        &ns.name,
+        "spot-job",
+        json!({"operation": "transcode", "maxRetries": 0}),
+    )
+    .await;
+
+    // Outbid its machine while the job runs there.
+    let jobs: Api<VideoJob> = Api::namespaced(client.clone(), &ns.name);
+    let first = eventually(
+        Duration::from_secs(60),
+        "the job running",
+        Some(&op),
+        || {
+            let jobs = jobs.clone();
+            async move {
+                let s = jobs.get("spot-job").await.ok()?.status?;
+                (s.phase == Some(JobPhase::Running)).then_some(s.instance?)
+            }
+        },
+    )
+    .await;
+    let gi = instance_named(&client, &ns.name, &first).await;
+    assert_eq!(
+        gi.spec.capacity_type,
+        gpupool::crd::CapacityType::Interruptible
+    );
+    let machine = gi.status.unwrap().provider_instance_id.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let outbid = http()
+        .post(format!("{}/admin/instances/{machine}/kill", sim.base_url))
+        .json(&json!({"when": "outbid"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(outbid.status().is_success());
+
+    let job = finished_job(&client, &ns.name, "spot-job", Duration::from_secs(90), &op).await;
+    let st = job.status.unwrap();
+    assert_eq!(
+        (st.phase, st.attempts, st.preemptions),
+        (Some(JobPhase::Succeeded), 2, 1),
+        "{st:?}"
+    );
+    assert_ne!(
+        st.instance.as_deref(),
+        Some(first.as_str()),
+        "it ran elsewhere"
+    );
+
+    // Every machine destroyed (the outbid one at once, the other at its idle deadline), and
+    // billed what the operator accounted.
+    eventually(
+        Duration::from_secs(60),
+        "every machine destroyed",
+        Some(&op),
+        || {
+            let sim = &sim;
+            async move { (alive(sim).await == 0).then_some(()) }
+        },
+    )
+    .await;
+    let addr = op.http_addr().expect("the operator's address");
+    let machines = sim_instances(&sim).await;
+    assert_eq!(machines.len(), 2, "{machines:?}");
+    let billed: f64 = machines.iter().map(|m| m["cost"].as_f64().unwrap()).sum();
+    let price: f64 = machines[0]["price_per_hour"].as_f64().unwrap();
+    assert_eq!(price, 0.05, "billed at the bid");
+    let metrics = eventually(
+        Duration::from_secs(10),
+        "both costs counted",
+        Some(&op),
+        || {
+            let addr = addr.clone();
+            async move {
+                let m = metrics_at(&addr).await;
+                let spent: f64 = m
+                    .lines()
+                    .filter(|l| l.starts_with("gpupool_spend_dollars_total"))
+                    .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                    .sum();
+                ((billed - spent).abs() <= billed * 0.01 + 1e-6).then_some(m)
+            }
+        },
+    )
+    .await;
+    let preemptions: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("gpupool_preemptions_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(preemptions, 1.0, "{metrics}");
+    assert_event_reasons(&client, &ns.name, &["Preempted", "Destroyed"]).await;
+    ns.cleanup().await;
+}
