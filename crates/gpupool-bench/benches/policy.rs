@@ -1,4 +1,5 @@
-//! `cargo bench --bench policy` (or `make bench`): prints one table per arrival trace.
+//! `cargo bench --bench policy` (or `make bench-policy`): prints one table per arrival trace,
+//! then one per trace for gpupool on interruptible machines.
 
 use gpupool_bench::{report, sim::Params, trace};
 

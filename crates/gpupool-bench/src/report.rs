@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use super::{
     sim::{self, Outcome, Params},
-    trace::Trace,
+    spot::{self, Interruptible},
+    trace::{HOUR, SECOND, Trace},
 };
 
 /// The pool manager's monitor loop period and its idle threshold.
@@ -17,10 +18,31 @@ pub fn sweep_timeouts() -> impl Iterator<Item = i64> {
     (0..=1800).step_by(30)
 }
 
+/// Interruptible machines: the bid as a fraction of on-demand (a typical Vast.ai
+/// interruptible bid), the preemption rates run (per machine-hour) and their seed.
+pub const BID_FRACTION: f64 = 0.35;
+pub const PREEMPTION_RATES: [f64; 4] = [0.0, 0.05, 0.2, 0.5];
+pub const PREEMPTION_SEED: u64 = 21;
+/// Interruptible outages: mean spells with and without capacity, their seed, and the
+/// preemption rate the outage variants run at.
+pub const OUTAGE_MEAN_UP: i64 = 9 * HOUR;
+pub const OUTAGE_MEAN_DOWN: i64 = HOUR;
+pub const OUTAGE_SEED: u64 = 22;
+pub const OUTAGE_RATE: f64 = 0.2;
+
 /// One policy's outcome on one trace.
 pub struct Row {
     pub policy: String,
     pub outcome: Outcome,
+}
+
+/// One interruptible variant (or the on-demand reference) on one trace.
+pub struct SpotRow {
+    pub policy: String,
+    /// Preemptions per machine-hour; `None` for on-demand.
+    pub per_hour: Option<f64>,
+    pub outcome: Outcome,
+    pub dollars_per_1000: f64,
 }
 
 /// One swept idle timeout.
@@ -41,6 +63,8 @@ pub struct TraceReport {
     pub cheapest: Point,
     /// The cheapest whose p50 and p99 waits are no worse than at the default 300 s.
     pub cheapest_no_slower: Point,
+    /// gpupool on-demand, then interruptible at each rate, then the outage variants.
+    pub spot: Vec<SpotRow>,
 }
 
 pub fn run_trace(t: &Trace, p: &Params) -> TraceReport {
@@ -86,6 +110,7 @@ pub fn run_trace(t: &Trace, p: &Params) -> TraceReport {
             .copied()
             .expect("the sweep has points")
     };
+    let spot = spot_rows(t, p, &rows[0].outcome);
     let default_p50 = rows[0].outcome.wait_percentile_s(50.0);
     let default_p99 = rows[0].outcome.wait_percentile_s(99.0);
     TraceReport {
@@ -94,7 +119,41 @@ pub fn run_trace(t: &Trace, p: &Params) -> TraceReport {
         rows,
         cheapest: best(&|_| true),
         cheapest_no_slower: best(&|x| x.p50_s <= default_p50 && x.p99_s <= default_p99),
+        spot,
     }
+}
+
+/// The interruptible variants on `t`, after the on-demand gpupool `on_demand` (same trace).
+fn spot_rows(t: &Trace, p: &Params, on_demand: &Outcome) -> Vec<SpotRow> {
+    let row = |policy: &str, s: &Interruptible, per_hour: f64| {
+        let outcome = sim::gpupool_interruptible(t, p, DEFAULT_IDLE_S, s);
+        SpotRow {
+            policy: policy.into(),
+            per_hour: Some(per_hour),
+            dollars_per_1000: outcome.dollars_per_1000_jobs_at(p.price_per_hour, s.bid(p)),
+            outcome,
+        }
+    };
+    let mut rows = vec![SpotRow {
+        policy: "gpupool on-demand".into(),
+        per_hour: None,
+        outcome: on_demand.clone(),
+        dollars_per_1000: on_demand.dollars_per_1000_jobs(p.price_per_hour),
+    }];
+    for rate in PREEMPTION_RATES {
+        let s = Interruptible::at_rate(BID_FRACTION, rate, PREEMPTION_SEED);
+        rows.push(row("gpupool interruptible", &s, rate));
+    }
+    let mut s = Interruptible::at_rate(BID_FRACTION, OUTAGE_RATE, PREEMPTION_SEED);
+    s.outages = spot::outage_windows(t.horizon, OUTAGE_MEAN_UP, OUTAGE_MEAN_DOWN, OUTAGE_SEED);
+    rows.push(row("interruptible only, with outages", &s, OUTAGE_RATE));
+    s.on_demand_fallback = true;
+    rows.push(row(
+        "interruptible, then on-demand, outages",
+        &s,
+        OUTAGE_RATE,
+    ));
+    rows
 }
 
 pub fn render(reports: &[TraceReport], p: &Params) -> String {
@@ -155,5 +214,58 @@ pub fn render(reports: &[TraceReport], p: &Params) -> String {
             n.idle_s, n.dollars_per_1000, n.p50_s, n.p99_s
         );
     }
+    render_spot(&mut s, reports, p);
     s
+}
+
+/// The interruptible section: its assumptions, then one table per trace.
+fn render_spot(s: &mut String, reports: &[TraceReport], p: &Params) {
+    let hours = |ms: i64| ms as f64 / HOUR as f64;
+    let _ = writeln!(
+        s,
+        "interruptible machines: gpupool's rules (idle {DEFAULT_IDLE_S} s) at a bid of {BID_FRACTION} x on-demand (${:.4}/h);\n\
+         each machine is preempted after an exponential time (rate per machine-hour, seed {PREEMPTION_SEED}); its job goes\n\
+         back to the queue at once and runs again from the start; the machine bills at the bid until destroyed\n\
+         {} s later (one liveness interval). Outages: no interruptible capacity for spells of mean {} h\n\
+         between spells of mean {} h (exponential, seed {OUTAGE_SEED}).\n",
+        BID_FRACTION * p.price_per_hour,
+        spot::LIVENESS_INTERVAL / SECOND,
+        hours(OUTAGE_MEAN_DOWN),
+        hours(OUTAGE_MEAN_UP),
+    );
+    for r in reports {
+        let _ = writeln!(s, "{} ({} jobs)", r.trace, r.jobs);
+        let _ = writeln!(
+            s,
+            "  {:<40} {:>12} {:>13} {:>12} {:>12} {:>12} {:>12} {:>10} {:>15}",
+            "policy",
+            "per mach-h",
+            "$/1000 jobs",
+            "x on-demand",
+            "p50 wait s",
+            "p99 wait s",
+            "preemptions",
+            "re-runs",
+            "cold/100 jobs"
+        );
+        let base = r.spot[0].dollars_per_1000;
+        for row in &r.spot {
+            let o = &row.outcome;
+            let rate = row.per_hour.map_or("-".into(), |x| format!("{x:.2}"));
+            let _ = writeln!(
+                s,
+                "  {:<40} {:>12} {:>13.2} {:>12.2} {:>12.1} {:>12.1} {:>12} {:>10} {:>15.1}",
+                row.policy,
+                rate,
+                row.dollars_per_1000,
+                row.dollars_per_1000 / base,
+                o.wait_percentile_s(50.0),
+                o.wait_percentile_s(99.0),
+                o.preemptions,
+                o.reruns,
+                o.cold_starts_per_100()
+            );
+        }
+        let _ = writeln!(s);
+    }
 }

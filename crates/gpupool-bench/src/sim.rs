@@ -1,11 +1,14 @@
-//! The discrete-event simulation of four ways to run GPU jobs, in simulated time.
+//! The discrete-event simulation of the ways to run GPU jobs, in simulated time.
 //!
 //! Every policy sees the same trace and the same machine: a job takes `job` ms, a new machine
 //! is billed from the moment it is asked for and takes `cold_start` ms to take work, at most
 //! `max_instances` machines at once. Nothing sleeps; events are processed in time order (ties
 //! in the order they were queued). The gpupool policy calls the controller's own pure
 //! functions, [`scheduling::schedule`] on every event and [`idle::decide`] at
-//! [`idle::deadline`], so the figures are those of the code that runs in the cluster.
+//! [`idle::deadline`], so the figures are those of the code that runs in the cluster. The
+//! same gpupool run also rents interruptible machines ([`gpupool_interruptible`], the model in
+//! [`crate::spot`]): preempted machines leave the scheduler's view at once and bill until
+//! destroyed.
 
 use std::{
     cmp::Reverse,
@@ -15,7 +18,10 @@ use std::{
 use jiff::Timestamp;
 use rust_decimal::Decimal;
 
-use super::trace::{DAY, SECOND, SplitMix64, Trace};
+use super::{
+    spot::{Draws, Interruptible},
+    trace::{DAY, SECOND, SplitMix64, Trace},
+};
 use gpupool::{
     controller::{
         idle::{self, IdleDecision, IdleInstance},
@@ -60,10 +66,17 @@ pub struct Outcome {
     /// Time machines spent starting.
     pub booting: i64,
     pub cold_starts: usize,
-    /// Jobs killed by a restart of the pool manager and run again.
+    /// Running jobs killed by a restart of the pool manager, or by a preemption, and run again.
     pub reruns: usize,
-    /// Machines destroyed by a restart while still starting (their jobs start over).
+    /// Machines destroyed by a restart, or preempted, while still starting (their jobs start
+    /// over).
     pub lost_starts: usize,
+    /// Interruptible only: machines the provider took back.
+    pub preemptions: usize,
+    /// Interruptible only: time preempted machines billed until destroyed (detection delay).
+    pub dead: i64,
+    /// The part of `billed` on interruptible machines, billed at the bid.
+    pub billed_spot: i64,
     /// Arrival to (final) start, per job, sorted.
     pub waits: Vec<i64>,
     /// Most machines alive at once.
@@ -96,6 +109,14 @@ impl Outcome {
     pub fn dollars_per_1000_jobs(&self, price_per_hour: f64) -> f64 {
         self.billed as f64 / 3_600_000.0 * price_per_hour * 1000.0 / self.jobs.max(1) as f64
     }
+    /// Dollars per 1000 jobs with interruptible time (`billed_spot`) at `bid_per_hour` and
+    /// the rest at `price_per_hour`.
+    pub fn dollars_per_1000_jobs_at(&self, price_per_hour: f64, bid_per_hour: f64) -> f64 {
+        let hours = |ms: i64| ms as f64 / 3_600_000.0;
+        let dollars = hours(self.billed - self.billed_spot) * price_per_hour
+            + hours(self.billed_spot) * bid_per_hour;
+        dollars * 1000.0 / self.jobs.max(1) as f64
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -109,6 +130,12 @@ enum Ev {
     Tick,
     /// The pool manager restarts.
     Restart,
+    /// Interruptible only: the provider takes the machine back.
+    Preempt(usize),
+    /// Interruptible only: the operator notices the preemption and destroys the machine.
+    Detected(usize),
+    /// Interruptible only: interruptible capacity can (true) or cannot be rented from now.
+    Capacity(bool),
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +148,12 @@ struct Machine {
     idle_since: Option<i64>,
     /// Pool manager only: the job this machine was started for.
     reserved: Option<usize>,
+    /// gpupool only: the index of its provider entry.
+    provider: usize,
+    /// Interruptible: billed at the bid, may be preempted.
+    spot: bool,
+    /// When the provider took it back; it has worked no more since.
+    preempted: Option<i64>,
 }
 
 /// Machines, clock, event queue and accounting, shared by the pay-per-use policies.
@@ -182,6 +215,9 @@ impl<'a> World<'a> {
             job: None,
             idle_since: None,
             reserved,
+            provider: 0,
+            spot: false,
+            preempted: None,
         });
         self.live.push(m);
         self.out.cold_starts += 1;
@@ -223,9 +259,27 @@ impl<'a> World<'a> {
 
     /// Destroys `m` now and returns the job it was running, if any.
     fn destroy(&mut self, m: usize, now: i64) -> Option<usize> {
+        let killed = self.stop(m, now);
         let mc = &mut self.machines[m];
         mc.gone = true;
         self.out.billed += now - mc.created;
+        if mc.spot {
+            self.out.billed_spot += now - mc.created;
+        }
+        if let Some(at) = mc.preempted {
+            self.out.dead += now - at;
+        }
+        self.live.retain(|&x| x != m);
+        killed
+    }
+
+    /// `m` stops working now (unless it already has): closes its starting, idle or busy time
+    /// and returns the job it was running, if any, to be run again.
+    fn stop(&mut self, m: usize, now: i64) -> Option<usize> {
+        let mc = &mut self.machines[m];
+        if mc.preempted.is_some() {
+            return None;
+        }
         if !mc.ready {
             self.out.booting += now - mc.created;
             self.out.lost_starts += 1;
@@ -233,11 +287,19 @@ impl<'a> World<'a> {
         if let Some(since) = mc.idle_since.take() {
             self.out.idle += now - since;
         }
-        let killed = mc.job.take().map(|(job, started)| {
+        mc.job.take().map(|(job, started)| {
             self.out.busy += now - started;
             self.out.reruns += 1;
             job
-        });
+        })
+    }
+
+    /// The provider takes `m` back now: it stops working and leaves the pool's view, but
+    /// bills until [`World::destroy`]. Returns the job it was running, if any.
+    fn preempt(&mut self, m: usize, now: i64) -> Option<usize> {
+        let killed = self.stop(m, now);
+        self.machines[m].preempted = Some(now);
+        self.out.preemptions += 1;
         self.live.retain(|&x| x != m);
         killed
     }
@@ -285,61 +347,164 @@ fn index(name: &str) -> usize {
 
 /// gpupool: `schedule()` on every event, teardown exactly at `idle::deadline` per `decide()`.
 pub fn gpupool(trace: &Trace, p: &Params, idle_timeout_s: i64) -> Outcome {
-    let price = Decimal::try_from(p.price_per_hour).expect("a price");
-    let providers = [ProviderView {
-        name: "vast".into(),
-        kind: ProviderKind::Vast,
-        available: true,
-        max_price_per_hour: Some(price),
-    }];
-    let limits = Limits {
-        max_instances: p.max_instances,
-        max_hourly_spend: None,
-    };
-    let mut w = World::new(trace, p);
-    let mut pending: Vec<usize> = Vec::new();
-    while let Some((now, ev)) = w.pop() {
+    Gpupool::new(trace, p, idle_timeout_s, None).run()
+}
+
+/// gpupool renting interruptible machines (and on-demand ones after them if `spot` says so):
+/// the same rules, plus preemption, detection and outages as [`Interruptible`] describes.
+pub fn gpupool_interruptible(
+    trace: &Trace,
+    p: &Params,
+    idle_timeout_s: i64,
+    spot: &Interruptible,
+) -> Outcome {
+    Gpupool::new(trace, p, idle_timeout_s, Some(spot)).run()
+}
+
+fn decimal(dollars: f64) -> Decimal {
+    Decimal::try_from(dollars).expect("a price")
+}
+
+/// One gpupool run: the machines, the pool as `schedule()` sees it and the jobs waiting.
+struct Gpupool<'a> {
+    w: World<'a>,
+    idle_timeout_s: i64,
+    /// The pool's provider entries in order; with `spot`, the first is interruptible.
+    providers: Vec<ProviderView>,
+    limits: Limits,
+    pending: Vec<usize>,
+    spot: Option<(&'a Interruptible, Draws<'a>)>,
+}
+
+impl<'a> Gpupool<'a> {
+    fn new(
+        trace: &'a Trace,
+        p: &'a Params,
+        idle_timeout_s: i64,
+        spot: Option<&'a Interruptible>,
+    ) -> Self {
+        let on_demand = ProviderView {
+            name: "vast".into(),
+            kind: ProviderKind::Vast,
+            available: true,
+            max_price_per_hour: Some(decimal(p.price_per_hour)),
+        };
+        let mut w = World::new(trace, p);
+        let providers = match spot {
+            None => vec![on_demand],
+            Some(s) => {
+                for &(from, to) in &s.outages {
+                    w.push(from, Ev::Capacity(false));
+                    w.push(to, Ev::Capacity(true));
+                }
+                let interruptible = ProviderView {
+                    name: "vast-interruptible".into(),
+                    max_price_per_hour: Some(decimal(s.bid(p))),
+                    ..on_demand.clone()
+                };
+                let fallback = s.on_demand_fallback.then_some(on_demand);
+                std::iter::once(interruptible).chain(fallback).collect()
+            }
+        };
+        Self {
+            w,
+            idle_timeout_s,
+            providers,
+            limits: Limits {
+                max_instances: p.max_instances,
+                max_hourly_spend: None,
+            },
+            pending: Vec::new(),
+            spot: spot.map(|s| (s, Draws::new(&s.preemption))),
+        }
+    }
+
+    fn run(mut self) -> Outcome {
+        while let Some((now, ev)) = self.w.pop() {
+            if self.handle(now, ev) && !self.pending.is_empty() {
+                self.schedule(now);
+            }
+        }
+        self.w.finish_outcome()
+    }
+
+    /// Applies one event; false when it changed nothing the scheduler sees.
+    fn handle(&mut self, now: i64, ev: Ev) -> bool {
         match ev {
-            Ev::Arrival(j) => pending.push(j),
+            Ev::Arrival(j) => self.pending.push(j),
+            Ev::Ready(m) | Ev::JobEnd(m) if self.w.machines[m].preempted.is_some() => {
+                return false;
+            }
             Ev::Ready(m) => {
-                w.ready(m, now);
-                arm_idle_check(&mut w, m, now, idle_timeout_s);
+                self.w.ready(m, now);
+                arm_idle_check(&mut self.w, m, now, self.idle_timeout_s);
             }
             Ev::JobEnd(m) => {
-                w.finish(m, now);
-                arm_idle_check(&mut w, m, now, idle_timeout_s);
+                self.w.finish(m, now);
+                arm_idle_check(&mut self.w, m, now, self.idle_timeout_s);
             }
-            Ev::IdleCheck(m, since) => {
-                if w.machines[m].gone || w.machines[m].idle_since != Some(since) {
-                    continue;
-                }
-                let pool_idle: Vec<IdleInstance> = w
-                    .idle_machines()
-                    .map(|i| IdleInstance {
-                        name: machine_name(i),
-                        idle_since: ts(w.machines[i].idle_since.expect("idle")),
-                    })
-                    .collect();
-                let me = IdleInstance {
-                    name: machine_name(m),
-                    idle_since: ts(since),
-                };
-                match idle::decide(ts(now), &me, idle_timeout_s, &pool_idle, 0) {
-                    IdleDecision::WaitFor(d) => {
-                        w.push(now + d.as_millis() as i64, Ev::IdleCheck(m, since));
-                    }
-                    IdleDecision::KeepWarm => {}
-                    IdleDecision::Teardown => {
-                        w.destroy(m, now);
-                    }
-                }
+            Ev::IdleCheck(m, since) => return self.idle_check(m, since, now),
+            Ev::Preempt(m) => return self.preempt(m, now),
+            Ev::Detected(m) => {
+                self.w.destroy(m, now);
+                return false;
             }
+            Ev::Capacity(up) => self.providers[0].available = up,
             Ev::Tick | Ev::Restart => unreachable!("not a gpupool event"),
         }
-        if pending.is_empty() {
-            continue;
+        true
+    }
+
+    /// `decide()` for `m` if it is still idle since `since`; false if it is not.
+    fn idle_check(&mut self, m: usize, since: i64, now: i64) -> bool {
+        let w = &mut self.w;
+        if w.machines[m].gone || w.machines[m].idle_since != Some(since) {
+            return false;
         }
-        let jobs: Vec<PendingJob> = pending
+        let pool_idle: Vec<IdleInstance> = w
+            .idle_machines()
+            .map(|i| IdleInstance {
+                name: machine_name(i),
+                idle_since: ts(w.machines[i].idle_since.expect("idle")),
+            })
+            .collect();
+        let me = IdleInstance {
+            name: machine_name(m),
+            idle_since: ts(since),
+        };
+        match idle::decide(ts(now), &me, self.idle_timeout_s, &pool_idle, 0) {
+            IdleDecision::WaitFor(d) => {
+                w.push(now + d.as_millis() as i64, Ev::IdleCheck(m, since));
+            }
+            IdleDecision::KeepWarm => {}
+            IdleDecision::Teardown => {
+                w.destroy(m, now);
+            }
+        }
+        true
+    }
+
+    /// The provider takes `m` back: its job waits again at once (no retry used) and the
+    /// machine is destroyed one detection delay later.
+    fn preempt(&mut self, m: usize, now: i64) -> bool {
+        let (spot, _) = self
+            .spot
+            .as_ref()
+            .expect("preemption of an interruptible machine");
+        let detection = spot.detection;
+        if self.w.machines[m].gone || self.w.machines[m].preempted.is_some() {
+            return false;
+        }
+        self.pending.extend(self.w.preempt(m, now));
+        self.w.push(now + detection, Ev::Detected(m));
+        true
+    }
+
+    /// One `schedule()` pass over the pending jobs and the machines in service, applied.
+    fn schedule(&mut self, now: i64) {
+        let trace = self.w.trace;
+        let jobs: Vec<PendingJob> = self
+            .pending
             .iter()
             .map(|&j| PendingJob {
                 name: job_name(j),
@@ -347,14 +512,29 @@ pub fn gpupool(trace: &Trace, p: &Params, idle_timeout_s: i64) -> Outcome {
                 provider: None,
             })
             .collect();
-        let views: Vec<InstanceView> = w
-            .live
+        let views = self.views();
+        let plan = scheduling::schedule(&jobs, &views, &self.providers, &self.limits);
+        for (job, inst) in &plan.bind {
+            let j = index(job);
+            self.pending.retain(|&x| x != j);
+            self.w.start(j, index(inst), now);
+        }
+        for entry in &plan.create {
+            self.create(entry, now);
+        }
+    }
+
+    /// The machines in service as `schedule()` sees them.
+    fn views(&self) -> Vec<InstanceView> {
+        let w = &self.w;
+        w.live
             .iter()
             .map(|&m| {
                 let mc = &w.machines[m];
+                let entry = &self.providers[mc.provider];
                 InstanceView {
                     name: machine_name(m),
-                    provider: "vast".into(),
+                    provider: entry.name.clone(),
                     phase: if mc.ready {
                         InstancePhase::Ready
                     } else {
@@ -363,21 +543,32 @@ pub fn gpupool(trace: &Trace, p: &Params, idle_timeout_s: i64) -> Outcome {
                     busy: mc.job.is_some(),
                     releasing: false,
                     deleting: false,
-                    price_per_hour: Some(price),
+                    price_per_hour: entry.max_price_per_hour,
                 }
             })
-            .collect();
-        let plan = scheduling::schedule(&jobs, &views, &providers, &limits);
-        for (job, inst) in &plan.bind {
-            let j = index(job);
-            pending.retain(|&x| x != j);
-            w.start(j, index(inst), now);
-        }
-        for _ in &plan.create {
-            w.create(now, None);
+            .collect()
+    }
+
+    /// A new machine from provider entry `entry`; an interruptible one gets its preemption.
+    fn create(&mut self, entry: &str, now: i64) {
+        let provider = self
+            .providers
+            .iter()
+            .position(|p| p.name == entry)
+            .expect("a provider entry of the pool");
+        let m = self.w.create(now, None);
+        self.w.machines[m].provider = provider;
+        let Some((_, draws)) = &mut self.spot else {
+            return;
+        };
+        let delay = draws.next_delay();
+        if provider == 0 {
+            self.w.machines[m].spot = true;
+            if let Some(d) = delay {
+                self.w.push(now + d, Ev::Preempt(m));
+            }
         }
     }
-    w.finish_outcome()
 }
 
 fn arm_idle_check(w: &mut World<'_>, m: usize, since: i64, idle_timeout_s: i64) {
@@ -459,7 +650,9 @@ pub fn pool_manager(trace: &Trace, p: &Params, idle_s: i64, poll_s: i64, seed: u
                     acquire(&mut w, &mut queue, j, now);
                 }
             }
-            Ev::IdleCheck(..) => unreachable!("not a pool manager event"),
+            Ev::IdleCheck(..) | Ev::Preempt(_) | Ev::Detected(_) | Ev::Capacity(_) => {
+                unreachable!("not a pool manager event")
+            }
         }
     }
     w.finish_outcome()
@@ -488,7 +681,9 @@ pub fn serverless(trace: &Trace, p: &Params, idle_timeout_s: i64) -> Outcome {
                     w.destroy(m, now);
                 }
             }
-            Ev::Tick | Ev::Restart => unreachable!("not a serverless event"),
+            Ev::Tick | Ev::Restart | Ev::Preempt(_) | Ev::Detected(_) | Ev::Capacity(_) => {
+                unreachable!("not a serverless event")
+            }
         }
         while !queue.is_empty() {
             let Some(m) = w.first_idle() else {
