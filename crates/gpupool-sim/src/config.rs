@@ -23,6 +23,8 @@ pub struct SimConfig {
     pub runpod_gpu_types: Vec<GpuTypeSpec>,
     pub endpoints: Vec<EndpointSpec>,
     pub faults: Faults,
+    /// The quota RunPod REST v2 reports in `RateLimit`/`RateLimit-Policy` (and enforces, if told).
+    pub runpod_v2_rate_limit: RateLimitSpec,
 }
 
 impl Default for SimConfig {
@@ -35,6 +37,7 @@ impl Default for SimConfig {
             runpod_gpu_types: default_gpu_types(),
             endpoints: vec![EndpointSpec::default()],
             faults: Faults::default(),
+            runpod_v2_rate_limit: RateLimitSpec::default(),
         }
     }
 }
@@ -71,6 +74,30 @@ pub struct ApiKeys {
     pub vast: Vec<String>,
     /// Used by RunPod GraphQL, REST v1 and Serverless alike (one RunPod account key).
     pub runpod: Vec<String>,
+}
+
+/// RunPod REST v2's per-user quota: requests per minute, hour and day in fixed windows
+/// from the simulator's start (or last reset). Reported on every authenticated answer;
+/// refused with 429 and `Retry-After` only when `enforce` is set.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub minute: u64,
+    pub hour: u64,
+    pub day: u64,
+    pub enforce: bool,
+}
+
+impl Default for RateLimitSpec {
+    /// The policy of the REST v2 document's example.
+    fn default() -> Self {
+        Self {
+            minute: 60,
+            hour: 3000,
+            day: 50_000,
+            enforce: false,
+        }
+    }
 }
 
 /// Delays of the simulated world.
@@ -153,6 +180,15 @@ pub struct GpuTypeSpec {
     pub stock: u32,
     #[serde(default = "default_max_gpu_count")]
     pub max_gpu_count: u32,
+    /// Serverless GPU pool it belongs to (REST v2 catalogue `pool`), e.g. `ADA_24`.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Serverless USD per GPU-hour of that pool (REST v2 catalogue `price.serverless`).
+    #[serde(default)]
+    pub serverless_price: Option<f64>,
+    /// Data centers that have this GPU (REST v2 `dataCenterIds` must name one of them).
+    #[serde(default = "default_data_centers")]
+    pub data_centers: Vec<String>,
 }
 
 /// A RunPod Serverless endpoint. The API-visible settings are the ones `saveEndpoint` takes;
@@ -225,6 +261,9 @@ fn default_stock() -> u32 {
 fn default_max_gpu_count() -> u32 {
     8
 }
+fn default_data_centers() -> Vec<String> {
+    vec!["US-TX-3".into(), "EU-RO-1".into()]
+}
 
 fn offer(id: u64, gpu: &str, n: u32, dph: f64, rel: f64, geo: &str, cap: u32) -> VastOfferSpec {
     VastOfferSpec {
@@ -261,21 +300,37 @@ fn default_gpu_types() -> Vec<GpuTypeSpec> {
             community_price: community,
             stock: 8,
             max_gpu_count: 8,
+            pool: None,
+            serverless_price: None,
+            data_centers: default_data_centers(),
         };
+    let pooled = |t: GpuTypeSpec, pool: &str, price: f64| GpuTypeSpec {
+        pool: Some(pool.into()),
+        serverless_price: Some(price),
+        ..t
+    };
     vec![
-        t(
-            "NVIDIA GeForce RTX 4090",
-            "RTX 4090",
-            24,
-            Some(0.69),
-            Some(0.34),
+        pooled(
+            t(
+                "NVIDIA GeForce RTX 4090",
+                "RTX 4090",
+                24,
+                Some(0.69),
+                Some(0.34),
+            ),
+            "ADA_24",
+            1.1,
         ),
-        t(
-            "NVIDIA GeForce RTX 3090",
-            "RTX 3090",
-            24,
-            Some(0.43),
-            Some(0.22),
+        pooled(
+            t(
+                "NVIDIA GeForce RTX 3090",
+                "RTX 3090",
+                24,
+                Some(0.43),
+                Some(0.22),
+            ),
+            "AMPERE_24",
+            0.68,
         ),
         t("NVIDIA GeForce RTX 3060", "RTX 3060", 12, None, Some(0.10)),
     ]

@@ -272,7 +272,7 @@ fn status_text(i: &Instance) -> String {
     format!("{what}: {when}")
 }
 
-fn ports_string(i: &Instance) -> String {
+pub fn ports_string(i: &Instance) -> String {
     i.ports
         .iter()
         .map(|p| format!("{}/{}", p.port, p.proto))
@@ -281,7 +281,7 @@ fn ports_string(i: &Instance) -> String {
 }
 
 /// The outside port of a pod port while running: the worker's real one, else the fake.
-fn public_port(i: &Instance, p: &PortSpec) -> u16 {
+pub fn public_port(i: &Instance, p: &PortSpec) -> u16 {
     if p.port == i.worker_port {
         i.worker_host_port().unwrap_or(p.public)
     } else {
@@ -289,7 +289,7 @@ fn public_port(i: &Instance, p: &PortSpec) -> u16 {
     }
 }
 
-fn uptime(i: &Instance, now: Timestamp) -> u64 {
+pub fn uptime(i: &Instance, now: Timestamp) -> u64 {
     match (i.phase, i.last_started_at) {
         (Phase::Running, Some(t)) => util::seconds_between(t, now) as u64,
         _ => 0,
@@ -510,6 +510,9 @@ mod tests {
             community_price: Some(0.3),
             stock: 1,
             max_gpu_count: 8,
+            pool: None,
+            serverless_price: None,
+            data_centers: vec!["US-TX-3".into()],
         };
         assert_eq!(unit_price(&t, "ALL"), Some((0.3, "COMMUNITY")));
         assert_eq!(unit_price(&t, "SECURE"), Some((0.7, "SECURE")));

@@ -22,8 +22,9 @@ use serde_json::{Map, Value, json};
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
-    config::{ApiKeys, GpuTypeSpec, SimConfig, Timing, VastOfferSpec},
+    config::{ApiKeys, GpuTypeSpec, RateLimitSpec, SimConfig, Timing, VastOfferSpec},
     faults::Faults,
+    ratelimit::RateWindows,
     serverless::{Endpoint, Job},
     util,
 };
@@ -272,6 +273,9 @@ pub struct State {
     pub executions: BTreeMap<String, Execution>,
     pub endpoints: Vec<Endpoint>,
     pub jobs: Vec<Job>,
+    /// RunPod REST v2's quota and the requests counted against it.
+    pub rate_limit: RateLimitSpec,
+    pub rate_windows: RateWindows,
     /// Bumped by reset; background tasks of an older epoch stop.
     pub epoch: u64,
     /// When the simulator (or the last reset) started.
@@ -293,6 +297,8 @@ impl State {
             executions: BTreeMap::new(),
             endpoints: Vec::new(),
             jobs: Vec::new(),
+            rate_limit: config.runpod_v2_rate_limit.clone(),
+            rate_windows: RateWindows::default(),
             epoch,
             started_at: util::now_ms(),
         }
