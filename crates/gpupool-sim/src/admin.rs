@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    config::{GpuTypeSpec, RateLimitSpec, Timing, VastOfferSpec},
+    config::{DataCenterSpec, GpuPoolSpec, GpuTypeSpec, RateLimitSpec, Timing, VastOfferSpec},
     faults::Faults,
     instances, serverless,
     state::{Provider, Sim, State as SimState, instance_summary},
@@ -163,10 +163,13 @@ async fn put_faults(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
 struct Catalogue {
     vast_offers: Option<Vec<VastOfferSpec>>,
     runpod_gpu_types: Option<Vec<GpuTypeSpec>>,
+    runpod_data_centers: Option<Vec<DataCenterSpec>>,
+    runpod_gpu_pools: Option<Vec<GpuPoolSpec>>,
 }
 
 fn catalogue_json(st: &SimState) -> Value {
-    json!({"vast_offers": st.offers, "runpod_gpu_types": st.gpu_types})
+    json!({"vast_offers": st.offers, "runpod_gpu_types": st.gpu_types,
+           "runpod_data_centers": st.data_centers, "runpod_gpu_pools": st.gpu_pools})
 }
 
 async fn get_catalogue(State(sim): State<Arc<Sim>>) -> Response {
@@ -182,6 +185,12 @@ async fn put_catalogue(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
             }
             if let Some(g) = c.runpod_gpu_types {
                 st.gpu_types = g;
+            }
+            if let Some(d) = c.runpod_data_centers {
+                st.data_centers = d;
+            }
+            if let Some(p) = c.runpod_gpu_pools {
+                st.gpu_pools = p;
             }
             ok(&catalogue_json(&st))
         }

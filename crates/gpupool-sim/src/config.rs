@@ -23,6 +23,10 @@ pub struct SimConfig {
     pub runpod_gpu_types: Vec<GpuTypeSpec>,
     pub endpoints: Vec<EndpointSpec>,
     pub faults: Faults,
+    /// Where RunPod GPU types can be placed (default: `US-TX-3` and `EU-RO-1`, every type).
+    pub runpod_data_centers: Vec<DataCenterSpec>,
+    /// RunPod serverless GPU pools (default: `ADA_24` = RTX 4090, `AMPERE_24` = RTX 3090).
+    pub runpod_gpu_pools: Vec<GpuPoolSpec>,
     /// The quota RunPod REST v2 reports in `RateLimit`/`RateLimit-Policy` (and enforces, if told).
     pub runpod_v2_rate_limit: RateLimitSpec,
 }
@@ -37,6 +41,8 @@ impl Default for SimConfig {
             runpod_gpu_types: default_gpu_types(),
             endpoints: vec![EndpointSpec::default()],
             faults: Faults::default(),
+            runpod_data_centers: default_data_centers(),
+            runpod_gpu_pools: default_gpu_pools(),
             runpod_v2_rate_limit: RateLimitSpec::default(),
         }
     }
@@ -180,15 +186,31 @@ pub struct GpuTypeSpec {
     pub stock: u32,
     #[serde(default = "default_max_gpu_count")]
     pub max_gpu_count: u32,
-    /// Serverless GPU pool it belongs to (REST v2 catalogue `pool`), e.g. `ADA_24`.
+}
+
+/// A RunPod data center and the GPU types it has. REST v2 creates must land in one that
+/// has the type (`dataCenterIds` is a hard constraint); the catalogue lists them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataCenterSpec {
+    /// e.g. `US-TX-3`, `EU-RO-1` (the country is the segment after `EU`/`EUR`, else the first).
+    pub id: String,
+    /// GPU type ids it has; empty means every type.
     #[serde(default)]
-    pub pool: Option<String>,
-    /// Serverless USD per GPU-hour of that pool (REST v2 catalogue `price.serverless`).
+    pub gpu_types: Vec<String>,
+}
+
+/// A RunPod serverless GPU pool (what endpoints' `gpuIds` name): its GPU types and list
+/// price, shown in the REST v2 catalogue as `pool` and `price.serverless`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuPoolSpec {
+    /// e.g. `ADA_24`.
+    pub id: String,
+    pub gpu_types: Vec<String>,
+    /// USD per GPU-hour; `None` = no serverless price shown.
     #[serde(default)]
-    pub serverless_price: Option<f64>,
-    /// Data centers that have this GPU (REST v2 `dataCenterIds` must name one of them).
-    #[serde(default = "default_data_centers")]
-    pub data_centers: Vec<String>,
+    pub price: Option<f64>,
 }
 
 /// A RunPod Serverless endpoint. The API-visible settings are the ones `saveEndpoint` takes;
@@ -261,8 +283,25 @@ fn default_stock() -> u32 {
 fn default_max_gpu_count() -> u32 {
     8
 }
-fn default_data_centers() -> Vec<String> {
-    vec!["US-TX-3".into(), "EU-RO-1".into()]
+fn default_data_centers() -> Vec<DataCenterSpec> {
+    ["US-TX-3", "EU-RO-1"]
+        .map(|id| DataCenterSpec {
+            id: id.into(),
+            gpu_types: Vec::new(),
+        })
+        .into()
+}
+
+fn default_gpu_pools() -> Vec<GpuPoolSpec> {
+    let pool = |id: &str, gpu: &str, price: f64| GpuPoolSpec {
+        id: id.into(),
+        gpu_types: vec![gpu.into()],
+        price: Some(price),
+    };
+    vec![
+        pool("ADA_24", "NVIDIA GeForce RTX 4090", 1.1),
+        pool("AMPERE_24", "NVIDIA GeForce RTX 3090", 0.68),
+    ]
 }
 
 fn offer(id: u64, gpu: &str, n: u32, dph: f64, rel: f64, geo: &str, cap: u32) -> VastOfferSpec {
@@ -300,37 +339,21 @@ fn default_gpu_types() -> Vec<GpuTypeSpec> {
             community_price: community,
             stock: 8,
             max_gpu_count: 8,
-            pool: None,
-            serverless_price: None,
-            data_centers: default_data_centers(),
         };
-    let pooled = |t: GpuTypeSpec, pool: &str, price: f64| GpuTypeSpec {
-        pool: Some(pool.into()),
-        serverless_price: Some(price),
-        ..t
-    };
     vec![
-        pooled(
-            t(
-                "NVIDIA GeForce RTX 4090",
-                "RTX 4090",
-                24,
-                Some(0.69),
-                Some(0.34),
-            ),
-            "ADA_24",
-            1.1,
+        t(
+            "NVIDIA GeForce RTX 4090",
+            "RTX 4090",
+            24,
+            Some(0.69),
+            Some(0.34),
         ),
-        pooled(
-            t(
-                "NVIDIA GeForce RTX 3090",
-                "RTX 3090",
-                24,
-                Some(0.43),
-                Some(0.22),
-            ),
-            "AMPERE_24",
-            0.68,
+        t(
+            "NVIDIA GeForce RTX 3090",
+            "RTX 3090",
+            24,
+            Some(0.43),
+            Some(0.22),
         ),
         t("NVIDIA GeForce RTX 3060", "RTX 3060", 12, None, Some(0.10)),
     ]

@@ -50,7 +50,8 @@ use serde_json::json;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 pub use config::{
-    ApiKeys, EndpointSpec, GpuTypeSpec, RateLimitSpec, SimConfig, Timing, VastOfferSpec,
+    ApiKeys, DataCenterSpec, EndpointSpec, GpuPoolSpec, GpuTypeSpec, RateLimitSpec, SimConfig,
+    Timing, VastOfferSpec,
 };
 pub use faults::{Faults, Trigger};
 

@@ -510,9 +510,6 @@ mod tests {
             community_price: Some(0.3),
             stock: 1,
             max_gpu_count: 8,
-            pool: None,
-            serverless_price: None,
-            data_centers: vec!["US-TX-3".into()],
         };
         assert_eq!(unit_price(&t, "ALL"), Some((0.3, "COMMUNITY")));
         assert_eq!(unit_price(&t, "SECURE"), Some((0.7, "SECURE")));

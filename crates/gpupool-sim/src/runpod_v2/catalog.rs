@@ -172,13 +172,14 @@ fn gpu_type(
         "secure": t.secure_price.unwrap_or(0.0),
         "community": t.community_price.unwrap_or(0.0),
     });
-    if let (Some(p), Some(_)) = (t.serverless_price, &t.pool) {
+    let pool = st.pool_of(&t.id);
+    if let Some(p) = pool.and_then(|p| p.price) {
         price["serverless"] = json!(p);
     }
     let mut v = json!({
         "id": t.id,
         "name": t.display_name,
-        "pool": t.pool,
+        "pool": pool.map(|p| &p.id),
         "manufacturer": manufacturer(t),
         "memory": t.memory_in_gb,
         "secure": t.secure_price.is_some(),
@@ -189,9 +190,9 @@ fn gpu_type(
     let Some(a) = a else {
         return Some(v);
     };
-    let places: Vec<&String> = t
-        .data_centers
-        .iter()
+    let places: Vec<&str> = st
+        .data_centers_of(&t.id)
+        .into_iter()
         .filter(|d| a.countries.is_empty() || a.countries.iter().any(|c| c == country(d)))
         .collect();
     if places.is_empty() && !single {

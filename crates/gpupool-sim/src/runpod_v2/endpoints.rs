@@ -344,7 +344,7 @@ pub async fn update(
         return bad_request("timeout must be a positive number of milliseconds");
     }
     let gpu_ids = match &p.gpu {
-        Some(g) => match gpu_ids(&st.gpu_types, &ep.spec.gpu_ids, &ep.v2, g) {
+        Some(g) => match gpu_ids(&st.gpu_pools, &ep.spec.gpu_ids, &ep.v2, g) {
             Ok(ids) => Some(ids),
             Err(r) => return r,
         },
@@ -391,7 +391,7 @@ pub async fn update(
 /// The endpoint's new `gpuIds` (`POOL,POOL,-EXCLUDED TYPE`) after a `gpu` patch; 400 for
 /// an exclusion outside the pools or CUDA constraints that contradict each other.
 fn gpu_ids(
-    types: &[super::super::config::GpuTypeSpec],
+    pools: &[super::super::config::GpuPoolSpec],
     current: &str,
     v2: &Map<String, Value>,
     g: &GpuPatch,
@@ -421,14 +421,14 @@ fn gpu_ids(
             "allowedCudaVersions and minCudaVersion are mutually exclusive",
         ));
     }
-    let Some(pools) = &g.pools else {
+    let Some(selected) = &g.pools else {
         return Ok(current.to_string());
     };
-    let mut ids: Vec<String> = pools.iter().map(|p| p.trim().to_string()).collect();
+    let mut ids: Vec<String> = selected.iter().map(|p| p.trim().to_string()).collect();
     for e in g.excluded.iter().flatten().map(|e| e.trim()) {
-        let in_pool = types
+        let in_pool = pools
             .iter()
-            .any(|t| t.id == e && t.pool.as_ref().is_some_and(|p| ids.contains(p)));
+            .any(|p| selected.contains(&p.id) && p.gpu_types.iter().any(|t| t == e));
         if !in_pool {
             return Err(bad_request(format!(
                 "excludedTypes: {e:?} is not a GPU type in the selected pools"

@@ -348,23 +348,19 @@ fn pod_request(sim: &Sim, b: CreateBody) -> Result<PodRequest, Response> {
     };
     let data_center = {
         let st = sim.lock();
-        let Some(t) = st.gpu_types.iter().find(|t| t.id == gpu_id) else {
+        if !st.gpu_types.iter().any(|t| t.id == gpu_id) {
             return Err(bad_request(format!("unknown GPU type id {gpu_id:?}")));
-        };
-        let fallback = t
-            .data_centers
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "US-TX-3".into());
-        if b.data_center_ids.is_empty() {
-            fallback
+        }
+        let places = st.data_centers_of(&gpu_id);
+        let wanted = if b.data_center_ids.is_empty() {
+            places.first().map(|d| d.to_string())
         } else {
             b.data_center_ids
                 .iter()
-                .find(|d| t.data_centers.contains(d))
+                .find(|d| places.contains(&d.as_str()))
                 .cloned()
-                .ok_or_else(|| bad_request(rp::NO_CAPACITY))?
-        }
+        };
+        wanted.ok_or_else(|| bad_request(rp::NO_CAPACITY))?
     };
     let mut env = b.container.env.unwrap_or_default();
     if b.start_jupyter && !env.iter().any(|(k, _)| k == "JUPYTER_PASSWORD") {
