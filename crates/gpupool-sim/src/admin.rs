@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    config::{GpuTypeSpec, Timing, VastOfferSpec},
+    config::{DataCenterSpec, GpuPoolSpec, GpuTypeSpec, RateLimitSpec, Timing, VastOfferSpec},
     faults::Faults,
     instances, serverless,
     state::{Provider, Sim, State as SimState, instance_summary},
@@ -33,6 +33,7 @@ pub fn routes() -> Router<Arc<Sim>> {
         .route("/admin/faults", get(get_faults).put(put_faults))
         .route("/admin/catalogue", get(get_catalogue).put(put_catalogue))
         .route("/admin/timing", get(get_timing).put(put_timing))
+        .route("/admin/rate-limit", get(get_rate_limit).put(put_rate_limit))
         .route("/admin/instances/{id}/kill", post(kill))
         .route("/admin/reset", post(reset))
 }
@@ -162,10 +163,13 @@ async fn put_faults(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
 struct Catalogue {
     vast_offers: Option<Vec<VastOfferSpec>>,
     runpod_gpu_types: Option<Vec<GpuTypeSpec>>,
+    runpod_data_centers: Option<Vec<DataCenterSpec>>,
+    runpod_gpu_pools: Option<Vec<GpuPoolSpec>>,
 }
 
 fn catalogue_json(st: &SimState) -> Value {
-    json!({"vast_offers": st.offers, "runpod_gpu_types": st.gpu_types})
+    json!({"vast_offers": st.offers, "runpod_gpu_types": st.gpu_types,
+           "runpod_data_centers": st.data_centers, "runpod_gpu_pools": st.gpu_pools})
 }
 
 async fn get_catalogue(State(sim): State<Arc<Sim>>) -> Response {
@@ -181,6 +185,12 @@ async fn put_catalogue(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
             }
             if let Some(g) = c.runpod_gpu_types {
                 st.gpu_types = g;
+            }
+            if let Some(d) = c.runpod_data_centers {
+                st.data_centers = d;
+            }
+            if let Some(p) = c.runpod_gpu_pools {
+                st.gpu_pools = p;
             }
             ok(&catalogue_json(&st))
         }
@@ -200,6 +210,22 @@ async fn put_timing(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
             ok(&v)
         }
         Err(e) => bad(format!("invalid timing: {e}")),
+    }
+}
+
+async fn get_rate_limit(State(sim): State<Arc<Sim>>) -> Response {
+    ok(&serde_json::to_value(&sim.lock().rate_limit).unwrap_or(Value::Null))
+}
+
+/// Replaces RunPod REST v2's quota; the requests already counted in the current windows stay.
+async fn put_rate_limit(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<RateLimitSpec>(&body) {
+        Ok(r) => {
+            let v = serde_json::to_value(&r).unwrap_or(Value::Null);
+            sim.lock().rate_limit = r;
+            ok(&v)
+        }
+        Err(e) => bad(format!("invalid rate limit: {e}")),
     }
 }
 

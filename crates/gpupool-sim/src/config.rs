@@ -23,6 +23,12 @@ pub struct SimConfig {
     pub runpod_gpu_types: Vec<GpuTypeSpec>,
     pub endpoints: Vec<EndpointSpec>,
     pub faults: Faults,
+    /// Where RunPod GPU types can be placed (default: `US-TX-3` and `EU-RO-1`, every type).
+    pub runpod_data_centers: Vec<DataCenterSpec>,
+    /// RunPod serverless GPU pools (default: `ADA_24` = RTX 4090, `AMPERE_24` = RTX 3090).
+    pub runpod_gpu_pools: Vec<GpuPoolSpec>,
+    /// The quota RunPod REST v2 reports in `RateLimit`/`RateLimit-Policy` (and enforces, if told).
+    pub runpod_v2_rate_limit: RateLimitSpec,
 }
 
 impl Default for SimConfig {
@@ -35,6 +41,9 @@ impl Default for SimConfig {
             runpod_gpu_types: default_gpu_types(),
             endpoints: vec![EndpointSpec::default()],
             faults: Faults::default(),
+            runpod_data_centers: default_data_centers(),
+            runpod_gpu_pools: default_gpu_pools(),
+            runpod_v2_rate_limit: RateLimitSpec::default(),
         }
     }
 }
@@ -71,6 +80,30 @@ pub struct ApiKeys {
     pub vast: Vec<String>,
     /// Used by RunPod GraphQL, REST v1 and Serverless alike (one RunPod account key).
     pub runpod: Vec<String>,
+}
+
+/// RunPod REST v2's per-user quota: requests per minute, hour and day in fixed windows
+/// from the simulator's start (or last reset). Reported on every authenticated answer;
+/// refused with 429 and `Retry-After` only when `enforce` is set.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub minute: u64,
+    pub hour: u64,
+    pub day: u64,
+    pub enforce: bool,
+}
+
+impl Default for RateLimitSpec {
+    /// The policy of the REST v2 document's example.
+    fn default() -> Self {
+        Self {
+            minute: 60,
+            hour: 3000,
+            day: 50_000,
+            enforce: false,
+        }
+    }
 }
 
 /// Delays of the simulated world.
@@ -160,6 +193,31 @@ pub struct GpuTypeSpec {
     pub max_gpu_count: u32,
 }
 
+/// A RunPod data center and the GPU types it has. REST v2 creates must land in one that
+/// has the type (`dataCenterIds` is a hard constraint); the catalogue lists them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataCenterSpec {
+    /// e.g. `US-TX-3`, `EU-RO-1` (the country is the segment after `EU`/`EUR`, else the first).
+    pub id: String,
+    /// GPU type ids it has; empty means every type.
+    #[serde(default)]
+    pub gpu_types: Vec<String>,
+}
+
+/// A RunPod serverless GPU pool (what endpoints' `gpuIds` name): its GPU types and list
+/// price, shown in the REST v2 catalogue as `pool` and `price.serverless`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuPoolSpec {
+    /// e.g. `ADA_24`.
+    pub id: String,
+    pub gpu_types: Vec<String>,
+    /// USD per GPU-hour; `None` = no serverless price shown.
+    #[serde(default)]
+    pub price: Option<f64>,
+}
+
 /// A RunPod Serverless endpoint. The API-visible settings are the ones `saveEndpoint` takes;
 /// `cold_start_seconds`, `price_per_hour` and `operations` are simulator knobs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -229,6 +287,26 @@ fn default_stock() -> u32 {
 }
 fn default_max_gpu_count() -> u32 {
     8
+}
+fn default_data_centers() -> Vec<DataCenterSpec> {
+    ["US-TX-3", "EU-RO-1"]
+        .map(|id| DataCenterSpec {
+            id: id.into(),
+            gpu_types: Vec::new(),
+        })
+        .into()
+}
+
+fn default_gpu_pools() -> Vec<GpuPoolSpec> {
+    let pool = |id: &str, gpu: &str, price: f64| GpuPoolSpec {
+        id: id.into(),
+        gpu_types: vec![gpu.into()],
+        price: Some(price),
+    };
+    vec![
+        pool("ADA_24", "NVIDIA GeForce RTX 4090", 1.1),
+        pool("AMPERE_24", "NVIDIA GeForce RTX 3090", 0.68),
+    ]
 }
 
 fn offer(id: u64, gpu: &str, n: u32, dph: f64, rel: f64, geo: &str, cap: u32) -> VastOfferSpec {

@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 pub struct Faults {
     /// Answer an error status (default 500) instead of doing the operation.
     pub errors: BTreeMap<String, Trigger>,
-    /// Answer 429 (never with `Retry-After`). `body` picks the Vast variant:
-    /// `plain`, `detail` or `json` (default depends on the operation, as documented).
+    /// Answer 429. `body` picks the Vast variant: `plain`, `detail` or `json` (default
+    /// depends on the operation, as documented). `retry_after` sets the `Retry-After`
+    /// header: REST v2 sends one (1 s unless set; `0` omits it), the others only when set.
     pub rate_limits: BTreeMap<String, Trigger>,
     /// Extra latency in milliseconds before the operation runs.
     pub latency_ms: BTreeMap<String, u64>,
@@ -43,6 +44,9 @@ pub struct Trigger {
     /// Body variant for `rate_limits` (`plain`, `detail`, `json`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// `Retry-After` seconds for `rate_limits` (`0`: no header at all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 impl Trigger {
@@ -56,11 +60,14 @@ impl Trigger {
     }
 }
 
-/// The keys that may configure `op`, most specific first: `vast.create`, `vast.*`, `*`.
+/// The keys that may configure `op`, most specific first: `runpod.v2.createPod`,
+/// `runpod.v2.*`, `runpod.*`, `*`.
 fn keys_for(op: &str) -> Vec<String> {
     let mut keys = vec![op.to_string()];
-    if let Some((family, _)) = op.split_once('.') {
-        keys.push(format!("{family}.*"));
+    let mut prefix = op;
+    while let Some((head, _)) = prefix.rsplit_once('.') {
+        keys.push(format!("{head}.*"));
+        prefix = head;
     }
     keys.push("*".to_string());
     keys
@@ -133,6 +140,16 @@ mod tests {
             },
         );
         assert!(fire(&mut map, "runpod.pod", &mut rng).is_some());
+    }
+
+    #[test]
+    fn every_dotted_prefix_is_a_wildcard_most_specific_first() {
+        assert_eq!(
+            keys_for("runpod.v2.createPod"),
+            ["runpod.v2.createPod", "runpod.v2.*", "runpod.*", "*"]
+        );
+        assert_eq!(keys_for("vast.show"), ["vast.show", "vast.*", "*"]);
+        assert_eq!(keys_for("plain"), ["plain", "*"]);
     }
 
     #[test]

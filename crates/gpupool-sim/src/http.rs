@@ -100,6 +100,8 @@ pub enum Family {
     Vast,
     Graphql,
     Rest,
+    /// RunPod REST v2: `application/problem+json` errors, Bearer keys only.
+    RestV2,
     Serverless,
     Worker,
 }
@@ -122,6 +124,20 @@ pub fn provided_key(headers: &HeaderMap, query: &[(String, String)]) -> Option<S
     util::query_get(query, "api_key")
         .filter(|k| !k.is_empty())
         .map(str::to_string)
+}
+
+/// The key of an `Authorization: Bearer K` header, the only form RunPod REST v2 takes.
+pub fn bearer_key(headers: &HeaderMap) -> Option<String> {
+    let h = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())?
+        .trim();
+    match h.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => {
+            Some(rest.trim().to_string()).filter(|k| !k.is_empty())
+        }
+        _ => None,
+    }
 }
 
 /// Whether `key` is accepted: any non-empty key when the list is empty, else a listed one.
@@ -147,6 +163,10 @@ pub fn unauthorized(family: Family) -> Response {
             StatusCode::UNAUTHORIZED,
             &json!({"message": "Unauthorized: a valid API key is required"}),
         ),
+        Family::RestV2 => util::problem(
+            StatusCode::UNAUTHORIZED,
+            "a valid API key is required as Authorization: Bearer <key>",
+        ),
         Family::Serverless => {
             util::json(StatusCode::UNAUTHORIZED, &json!({"error": "Unauthorized"}))
         }
@@ -164,8 +184,21 @@ fn vast_threshold(op: &str) -> &'static str {
     }
 }
 
-/// A 429 in the family's shape. Never with `Retry-After`: Vast sends none.
-pub fn rate_limited(family: Family, op: &str, body: Option<&str>) -> Response {
+/// A 429 in the family's shape, with `Retry-After` when the trigger sets one (REST v2: 1 s
+/// unless the trigger says otherwise, `0` for none).
+pub fn rate_limited(family: Family, op: &str, trigger: &faults::Trigger) -> Response {
+    let default = if family == Family::RestV2 { 1 } else { 0 };
+    let mut res = rate_limited_body(family, op, trigger.body.as_deref());
+    let seconds = trigger.retry_after.unwrap_or(default);
+    if seconds > 0 {
+        res.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, seconds.into());
+    }
+    res
+}
+
+/// The body of a 429 in the family's shape.
+fn rate_limited_body(family: Family, op: &str, body: Option<&str>) -> Response {
     let code = StatusCode::TOO_MANY_REQUESTS;
     match family {
         Family::Vast => {
@@ -193,6 +226,7 @@ pub fn rate_limited(family: Family, op: &str, body: Option<&str>) -> Response {
             &json!({"errors": [{"message": "Too many requests. Please slow down.", "extensions": {"code": "TOO_MANY_REQUESTS"}}]}),
         ),
         Family::Rest => util::json(code, &json!({"message": "Too Many Requests"})),
+        Family::RestV2 => util::problem(code, "rate limit exceeded (simulated fault)"),
         Family::Serverless => util::json(code, &json!({"error": "Too Many Requests"})),
         Family::Worker => util::json(code, &json!({"error": "too many requests"})),
     }
@@ -220,6 +254,7 @@ pub fn server_error(family: Family, status: Option<u16>) -> Response {
             code,
             &json!({"error": "internal server error (simulated fault)", "status": code.as_u16()}),
         ),
+        Family::RestV2 => util::problem(code, "upstream failure (simulated fault)"),
         Family::Serverless => util::json(
             code,
             &json!({"error": "Internal Server Error (simulated fault)"}),
@@ -250,6 +285,7 @@ pub async fn delay_faults(sim: &Sim, op: &str, family: Family) -> Result<(), Res
             Family::Vast | Family::Worker => {
                 util::text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
             }
+            Family::RestV2 => util::problem(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
             _ => util::json(
                 StatusCode::GATEWAY_TIMEOUT,
                 &json!({"error": "upstream timed out"}),
@@ -264,7 +300,7 @@ pub fn status_faults(sim: &Sim, op: &str, family: Family) -> Result<(), Response
     let mut st = sim.lock();
     let st = &mut *st;
     if let Some(t) = faults::fire(&mut st.faults.rate_limits, op, &mut st.rng) {
-        return Err(rate_limited(family, op, t.body.as_deref()));
+        return Err(rate_limited(family, op, &t));
     }
     if let Some(t) = faults::fire(&mut st.faults.errors, op, &mut st.rng) {
         return Err(server_error(family, t.status));
@@ -342,6 +378,18 @@ mod tests {
         let q = vec![("api_key".to_string(), "q1".to_string())];
         assert_eq!(provided_key(&HeaderMap::new(), &q).as_deref(), Some("q1"));
         assert_eq!(provided_key(&HeaderMap::new(), &[]), None);
+    }
+
+    #[test]
+    fn rest_v2_takes_only_bearer_keys() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer_key(&h), None);
+        h.insert("authorization", HeaderValue::from_static("bearer abc"));
+        assert_eq!(bearer_key(&h).as_deref(), Some("abc"));
+        h.insert("authorization", HeaderValue::from_static("abc"));
+        assert_eq!(bearer_key(&h), None);
+        h.insert("authorization", HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer_key(&h), None);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! One loopback port serves everything, routed by path: Vast (`/api/v0/...`,
 //! `/api/v1/instances/`), RunPod GraphQL (`/graphql`), RunPod REST v1 (`/v1/pods...`),
-//! RunPod Serverless (`/v2/{endpointId}/...`), the RunPod HTTP proxy stand-in
+//! RunPod REST v2 (`/v2/pods...`, `/v2/catalog/gpus...`, `/v2/serverless...`), RunPod
+//! Serverless jobs (`/v2/{endpointId}/...`), the RunPod HTTP proxy stand-in
 //! (`/proxy/{podId}-{port}/...`) and the admin API (`/admin/...`). Every created machine gets
 //! a real worker HTTP server on its own loopback port. Start it in-process with [`start`]
 //! (tests) or through the `gpupool-sim` binary. docs/simulator.md is the manual.
@@ -25,8 +26,10 @@ mod instances;
 mod pods;
 mod proxy;
 mod query;
+mod ratelimit;
 mod runpod;
 mod runpod_rest;
+mod runpod_v2;
 mod serve;
 mod serverless;
 mod state;
@@ -46,7 +49,10 @@ use axum::{Router, extract::DefaultBodyLimit, http::StatusCode, middleware, resp
 use serde_json::json;
 use tokio::{net::TcpListener, task::JoinHandle};
 
-pub use config::{ApiKeys, EndpointSpec, GpuTypeSpec, SimConfig, Timing, VastOfferSpec};
+pub use config::{
+    ApiKeys, DataCenterSpec, EndpointSpec, GpuPoolSpec, GpuTypeSpec, RateLimitSpec, SimConfig,
+    Timing, VastOfferSpec,
+};
 pub use faults::{Faults, Trigger};
 
 use state::Sim;
@@ -83,6 +89,12 @@ impl SimHandle {
     /// RunPod REST v1 base (`RUNPOD_API_URL`): `{base_url}/v1`.
     pub fn rest_url(&self) -> String {
         format!("{}/v1", self.base_url)
+    }
+
+    /// RunPod REST v2 base including `/v2` (the MCP server's `RUNPOD_REST_V2_API_URL`):
+    /// `{base_url}/v2`, the same prefix as the serverless jobs API, told apart by path.
+    pub fn rest_v2_url(&self) -> String {
+        format!("{}/v2", self.base_url)
     }
 
     /// Stops the API server, every worker and every background task.
@@ -154,6 +166,7 @@ fn router(sim: Arc<Sim>) -> Router {
         .merge(vast::routes())
         .merge(runpod::routes())
         .merge(runpod_rest::routes())
+        .merge(runpod_v2::routes(sim.clone()))
         .merge(serverless::routes())
         .merge(proxy::routes())
         .merge(admin::routes())

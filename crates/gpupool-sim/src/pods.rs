@@ -273,7 +273,7 @@ fn status_text(i: &Instance) -> String {
     format!("{what}: {when}")
 }
 
-fn ports_string(i: &Instance) -> String {
+pub fn ports_string(i: &Instance) -> String {
     i.ports
         .iter()
         .map(|p| format!("{}/{}", p.port, p.proto))
@@ -282,7 +282,7 @@ fn ports_string(i: &Instance) -> String {
 }
 
 /// The outside port of a pod port while running: the worker's real one, else the fake.
-fn public_port(i: &Instance, p: &PortSpec) -> u16 {
+pub fn public_port(i: &Instance, p: &PortSpec) -> u16 {
     if p.port == i.worker_port {
         i.worker_host_port().unwrap_or(p.public)
     } else {
@@ -290,7 +290,7 @@ fn public_port(i: &Instance, p: &PortSpec) -> u16 {
     }
 }
 
-fn uptime(i: &Instance, now: Timestamp) -> u64 {
+pub fn uptime(i: &Instance, now: Timestamp) -> u64 {
     match (i.phase, i.last_started_at) {
         (Phase::Running, Some(t)) => util::seconds_between(t, now) as u64,
         _ => 0,

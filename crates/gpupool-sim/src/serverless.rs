@@ -102,6 +102,9 @@ pub struct Endpoint {
     pub completed: u64,
     pub failed: u64,
     pub retried: u64,
+    /// Settings only REST v2 knows (`flashboot`, CUDA constraints, container config...),
+    /// kept as v2 spells them; GraphQL's full replace leaves them alone.
+    pub v2: Map<String, Value>,
 }
 
 impl Endpoint {
@@ -198,6 +201,7 @@ pub fn install(sim: &Arc<Sim>, spec: EndpointSpec) {
             completed: 0,
             failed: 0,
             retried: 0,
+            v2: Map::new(),
         });
         st.epoch
     };

@@ -22,8 +22,12 @@ use serde_json::{Map, Value, json};
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
-    config::{ApiKeys, GpuTypeSpec, SimConfig, Timing, VastOfferSpec},
+    config::{
+        ApiKeys, DataCenterSpec, GpuPoolSpec, GpuTypeSpec, RateLimitSpec, SimConfig, Timing,
+        VastOfferSpec,
+    },
     faults::Faults,
+    ratelimit::RateWindows,
     serverless::{Endpoint, Job},
     util,
 };
@@ -276,12 +280,17 @@ pub struct State {
     pub faults: Faults,
     pub offers: Vec<VastOfferSpec>,
     pub gpu_types: Vec<GpuTypeSpec>,
+    pub data_centers: Vec<DataCenterSpec>,
+    pub gpu_pools: Vec<GpuPoolSpec>,
     pub instances: Vec<Instance>,
     pub next_vast_id: u64,
     pub calls: CallLog,
     pub executions: BTreeMap<String, Execution>,
     pub endpoints: Vec<Endpoint>,
     pub jobs: Vec<Job>,
+    /// RunPod REST v2's quota and the requests counted against it.
+    pub rate_limit: RateLimitSpec,
+    pub rate_windows: RateWindows,
     /// Bumped by reset; background tasks of an older epoch stop.
     pub epoch: u64,
     /// When the simulator (or the last reset) started.
@@ -297,12 +306,16 @@ impl State {
             faults: config.faults.clone(),
             offers: config.vast_offers.clone(),
             gpu_types: config.runpod_gpu_types.clone(),
+            data_centers: config.runpod_data_centers.clone(),
+            gpu_pools: config.runpod_gpu_pools.clone(),
             instances: Vec::new(),
             next_vast_id: 7_000_001,
             calls: CallLog::default(),
             executions: BTreeMap::new(),
             endpoints: Vec::new(),
             jobs: Vec::new(),
+            rate_limit: config.runpod_v2_rate_limit.clone(),
+            rate_windows: RateWindows::default(),
             epoch,
             started_at: util::now_ms(),
         }
@@ -342,6 +355,22 @@ impl State {
             .filter(|i| i.detail_str("gpu_type_id") == Some(gpu_type_id))
             .map(|i| i.num_gpus)
             .sum()
+    }
+
+    /// The ids of the data centers that have RunPod GPU type `gpu_type_id`, in order.
+    pub fn data_centers_of(&self, gpu_type_id: &str) -> Vec<&str> {
+        self.data_centers
+            .iter()
+            .filter(|d| d.gpu_types.is_empty() || d.gpu_types.iter().any(|g| g == gpu_type_id))
+            .map(|d| d.id.as_str())
+            .collect()
+    }
+
+    /// The serverless pool RunPod GPU type `gpu_type_id` is in, if any.
+    pub fn pool_of(&self, gpu_type_id: &str) -> Option<&GpuPoolSpec> {
+        self.gpu_pools
+            .iter()
+            .find(|p| p.gpu_types.iter().any(|g| g == gpu_type_id))
     }
 
     /// Free GPUs of a RunPod type right now (0 when exhausted by a fault).

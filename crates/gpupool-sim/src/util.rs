@@ -141,6 +141,25 @@ pub fn json(status: StatusCode, value: &Value) -> Response {
     bytes_response(status, "application/json", body)
 }
 
+/// An RFC 9457 `application/problem+json` answer `{title, status, detail}` (RunPod REST v2).
+pub fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    problem_with(status, detail, &[])
+}
+
+/// A problem answer that also lists the individual validation failures in `errors`.
+pub fn problem_with(status: StatusCode, detail: impl Into<String>, errors: &[String]) -> Response {
+    let mut v = serde_json::json!({
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    if !errors.is_empty() {
+        v["errors"] = serde_json::json!(errors);
+    }
+    let body = serde_json::to_vec(&v).unwrap_or_default();
+    bytes_response(status, "application/problem+json", body)
+}
+
 /// A plain-text response.
 pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
     bytes_response(status, "text/plain", body.into().into_bytes())
