@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gpupool::{
     crd::{
-        CloudType, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
+        CloudType, RunpodApi, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
         pool::RunpodWorkerAccess,
     },
     provider::{
@@ -645,6 +645,7 @@ fn runpod(base: &str, access: RunpodWorkerAccess) -> RunpodClient {
             gpu_count: 2,
             worker_access: access,
             data_center_ids: vec!["EU-RO-1".into(), "US-TX-3".into()],
+            api: RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
         },
         WorkerShape {
@@ -666,11 +667,13 @@ fn serverless(base: &str, http: HttpConfig) -> RunpodServerlessClient {
         &RunpodServerlessProvider {
             endpoint_id: "ep123abc".into(),
             manage_endpoint_settings: true,
+            api: RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
         },
         Credentials::new(API_KEY),
         RunpodServerlessOptions {
             base_url: format!("{base}/v2"),
+            rest_base_url: format!("{base}/v2"),
             graphql_base_url: base.into(),
             http,
         },

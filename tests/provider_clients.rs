@@ -14,7 +14,7 @@ use std::{
 use axum::{Router, body::Body, extract::Request, response::Response};
 use gpupool::{
     crd::{
-        CloudType, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
+        CloudType, RunpodApi, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
         pool::RunpodWorkerAccess,
     },
     provider::{
@@ -801,6 +801,7 @@ fn runpod(
         gpu_count: 1,
         worker_access: access,
         data_center_ids: dcs,
+        api: RunpodApi::GraphQL,
         credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
     };
     RunpodClient::new(
@@ -1265,11 +1266,13 @@ fn serverless(base: &str, graphql: &str, http: HttpConfig) -> RunpodServerlessCl
         &RunpodServerlessProvider {
             endpoint_id: "ep123abc".into(),
             manage_endpoint_settings: true,
+            api: RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
         },
         Credentials::new(KEY),
         RunpodServerlessOptions {
             base_url: format!("{base}/v2"),
+            rest_base_url: format!("{graphql}/v2"),
             graphql_base_url: graphql.into(),
             http,
         },
@@ -1575,6 +1578,7 @@ fn constructors_refuse_bad_configuration() {
         &RunpodServerlessProvider {
             endpoint_id: "../x".into(),
             manage_endpoint_settings: false,
+            api: RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("a", "b"),
         },
         Credentials::new(KEY),

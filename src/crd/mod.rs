@@ -16,8 +16,8 @@ pub use common::{ConditionType, Money, SecretKeyRef};
 pub use instance::{GpuInstance, GpuInstanceSpec, GpuInstanceStatus, InstancePhase, OfferInfo};
 pub use job::{JobPhase, VideoJob, VideoJobSpec, VideoJobStatus};
 pub use pool::{
-    CloudType, GpuPool, GpuPoolSpec, GpuPoolStatus, ProviderKind, ProviderSpec, RunpodProvider,
-    RunpodServerlessProvider, VastProvider, WorkerSpec,
+    CloudType, GpuPool, GpuPoolSpec, GpuPoolStatus, ProviderKind, ProviderSpec, RunpodApi,
+    RunpodProvider, RunpodServerlessProvider, VastProvider, WorkerSpec,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
