@@ -67,7 +67,8 @@ kubectl patch gp default -n "$NS" --type merge -p "{\"spec\":{\"idleTimeoutSecon
 say "Starting the operator (the gpupool binary, as in the Helm chart) against the simulator"
 HTTP_PORT=$(free_port)
 "$BIN/gpupool" --namespace "$NS" --cluster-id gpupool-demo --http-addr "127.0.0.1:$HTTP_PORT" \
-  --vast-url "$SIM" --runpod-api-url "$SIM" --runpod-serverless-url "$SIM/v2" \
+  --vast-url "$SIM" --runpod-api-url "$SIM" --runpod-rest-url "$SIM/v2" \
+  --runpod-serverless-url "$SIM/v2" \
   --runpod-proxy-template "$SIM/proxy/{podId}-{port}" --provision-poll-ms 500 \
   --sweep-interval-seconds 10 >"$STATE/operator.log" 2>&1 &
 PIDS+=($!)

@@ -9,7 +9,8 @@ use crate::{
     controller::{context::ControllerConfig, providers::ProviderEndpoints},
     provider::http::{
         DEFAULT_RUNPOD_GRAPHQL_BASE_URL, DEFAULT_RUNPOD_PROXY_TEMPLATE,
-        DEFAULT_RUNPOD_SERVERLESS_BASE_URL, DEFAULT_VAST_BASE_URL,
+        DEFAULT_RUNPOD_REST_V2_BASE_URL, DEFAULT_RUNPOD_SERVERLESS_BASE_URL, DEFAULT_VAST_BASE_URL,
+        RateLimit,
     },
 };
 
@@ -37,9 +38,15 @@ pub struct Config {
     #[arg(long, env = "GPUPOOL_VAST_URL", default_value = DEFAULT_VAST_BASE_URL)]
     pub vast_url: String,
 
-    /// RunPod GraphQL API base (/graphql is appended).
+    /// RunPod GraphQL API base (/graphql is appended), for entries with `api: GraphQL`
+    /// (deprecated; RunPod retires GraphQL in early 2027).
     #[arg(long, env = "GPUPOOL_RUNPOD_API_URL", default_value = DEFAULT_RUNPOD_GRAPHQL_BASE_URL)]
     pub runpod_api_url: String,
+
+    /// RunPod REST API v2 base, /v2 included (pods/, catalog/gpus, serverless/{id} are
+    /// appended), for entries with `api: RestV2` (the default).
+    #[arg(long, env = "GPUPOOL_RUNPOD_REST_URL", default_value = DEFAULT_RUNPOD_REST_V2_BASE_URL)]
+    pub runpod_rest_url: String,
 
     /// RunPod Serverless API base ({endpointId}/run is appended).
     #[arg(long, env = "GPUPOOL_RUNPOD_SERVERLESS_URL", default_value = DEFAULT_RUNPOD_SERVERLESS_BASE_URL)]
@@ -140,18 +147,54 @@ impl Config {
         e.vast.base_url = self.vast_url.clone();
         e.runpod.graphql_base_url = self.runpod_api_url.clone();
         e.runpod.proxy_url_template = self.runpod_proxy_template.clone();
+        e.runpod_v2.base_url = self.runpod_rest_url.clone();
+        e.runpod_v2.proxy_url_template = self.runpod_proxy_template.clone();
         e.serverless.base_url = self.runpod_serverless_url.clone();
+        e.serverless.rest_base_url = self.runpod_rest_url.clone();
         e.serverless.graphql_base_url = self.runpod_api_url.clone();
         e.worker.max_output_bytes = self.max_output_bytes;
         let qps = self.provider_qps.max(1);
-        let limit = crate::provider::http::RateLimit {
+        let limit = RateLimit {
             replenish_every: Duration::from_secs(1) / qps,
             burst: std::num::NonZeroU32::new(qps.saturating_mul(2))
                 .unwrap_or(std::num::NonZeroU32::MIN),
         };
         e.vast.http.rate_limit = Some(limit.clone());
         e.runpod.http.rate_limit = Some(limit.clone());
+        // REST v2 limits per user (60 a minute in RunPod's example policy): the flag may
+        // only make its quota tighter.
+        e.runpod_v2.http.rate_limit = Some(match e.runpod_v2.http.rate_limit.take() {
+            Some(own) if own.replenish_every > limit.replenish_every => RateLimit {
+                burst: own.burst.min(limit.burst),
+                ..own
+            },
+            _ => limit.clone(),
+        });
         e.serverless.http.rate_limit = Some(limit);
         e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runpod_rest_url_reaches_pods_and_serverless_and_the_quota_only_tightens() {
+        let c = Config::parse_from(["gpupool", "--runpod-rest-url", "http://127.0.0.1:9/v2"]);
+        let e = c.endpoints();
+        assert_eq!(e.runpod_v2.base_url, "http://127.0.0.1:9/v2");
+        assert_eq!(e.serverless.rest_base_url, "http://127.0.0.1:9/v2");
+        // Default 5 qps is looser than REST v2's own one a second: v2 keeps its own.
+        let own = e.runpod_v2.http.rate_limit.expect("quota");
+        assert_eq!(own.replenish_every, Duration::from_secs(1));
+        assert_eq!(own.burst.get(), 10);
+        let defaults = Config::parse_from(["gpupool"]).endpoints();
+        assert_eq!(defaults.runpod_v2.base_url, DEFAULT_RUNPOD_REST_V2_BASE_URL);
+        // A tighter flag wins.
+        let slow = Config::parse_from(["gpupool", "--provider-qps", "1"]).endpoints();
+        let limit = slow.runpod_v2.http.rate_limit.expect("quota");
+        assert_eq!(limit.replenish_every, Duration::from_secs(1));
+        assert_eq!(limit.burst.get(), 2);
     }
 }

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gpupool::{
     crd::{
-        CloudType, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
+        CloudType, RunpodApi, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
         pool::RunpodWorkerAccess,
     },
     provider::{
@@ -35,6 +35,7 @@ use gpupool::{
         http::{HttpConfig, RetryPolicy, WorkerShape},
         runpod::{RunpodClient, RunpodOptions},
         runpod_serverless::{RunpodServerlessClient, RunpodServerlessOptions},
+        runpod_v2::{RunpodV2Client, RunpodV2Options},
         vast::{VastClient, VastOptions},
     },
     worker::{Dispatch, WorkerClient, WorkerClientConfig, WorkerError, dispatch_url},
@@ -488,7 +489,7 @@ fn provider_error_is_clean(
     // A create sends the worker's session token and API key too: a provider echoing the
     // request into its error must not show them either.
     let secrets = match op {
-        Op::VastCreate | Op::RunpodCreate => &SECRETS[..],
+        Op::VastCreate | Op::RunpodCreate | Op::RunpodV2Create => &SECRETS[..],
         _ => PROVIDER_SECRETS,
     };
     no_secret(secrets, answer, &shown)?;
@@ -513,6 +514,10 @@ fn provider_class(op: Op, answer: &Answer, e: Option<&ProviderError>) -> Result<
             matches!(label, "Unauthorized" | "Permanent"),
             "{op:?}: {e:?}"
         ),
+        // RunPod v2: a 403 to a create is "no access to this GPU pool": the next offer.
+        403 if op == Op::RunpodV2Create => {
+            prop_assert_eq!(label, "InsufficientCapacity", "{:?}: {:?}", op, e)
+        }
         403 => prop_assert_eq!(label, "Unauthorized", "{:?}: {:?}", op, e),
         429 => {
             prop_assert_eq!(label, "RateLimited", "{:?}: {:?}", op, e);
@@ -646,6 +651,7 @@ fn runpod(base: &str, access: RunpodWorkerAccess) -> RunpodClient {
             gpu_count: 2,
             worker_access: access,
             data_center_ids: vec!["EU-RO-1".into(), "US-TX-3".into()],
+            api: RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
         },
         WorkerShape {
@@ -662,16 +668,64 @@ fn runpod(base: &str, access: RunpodWorkerAccess) -> RunpodClient {
     .expect("runpod client")
 }
 
-fn serverless(base: &str, http: HttpConfig) -> RunpodServerlessClient {
+fn runpod_v2(base: &str, access: RunpodWorkerAccess) -> RunpodV2Client {
+    RunpodV2Client::new(
+        &RunpodProvider {
+            gpu_type_ids: vec!["NVIDIA GeForce RTX 4090".into(), "NVIDIA RTX A5000".into()],
+            cloud_type: CloudType::All,
+            max_price_per_hour: RUNPOD_MAX.into(),
+            // Two GPUs: the per-GPU price is multiplied.
+            gpu_count: 2,
+            worker_access: access,
+            data_center_ids: vec!["EU-RO-1".into(), "US-TX-3".into()],
+            api: RunpodApi::RestV2,
+            credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
+        },
+        WorkerShape {
+            port: 8000,
+            disk_gb: 16,
+        },
+        Credentials::new(API_KEY),
+        RunpodV2Options {
+            base_url: format!("{base}/v2"),
+            proxy_url_template: format!("{base}/proxy/{{podId}}/{{port}}"),
+            http: fuzz_http(),
+        },
+    )
+    .expect("runpod v2 client")
+}
+
+fn serverless_v2(base: &str, http: HttpConfig) -> RunpodServerlessClient {
     RunpodServerlessClient::new(
         &RunpodServerlessProvider {
             endpoint_id: "ep123abc".into(),
             manage_endpoint_settings: true,
+            api: RunpodApi::RestV2,
             credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
         },
         Credentials::new(API_KEY),
         RunpodServerlessOptions {
             base_url: format!("{base}/v2"),
+            rest_base_url: format!("{base}/v2"),
+            graphql_base_url: base.into(),
+            http,
+        },
+    )
+    .expect("serverless v2 client")
+}
+
+fn serverless(base: &str, http: HttpConfig) -> RunpodServerlessClient {
+    RunpodServerlessClient::new(
+        &RunpodServerlessProvider {
+            endpoint_id: "ep123abc".into(),
+            manage_endpoint_settings: true,
+            api: RunpodApi::GraphQL,
+            credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
+        },
+        Credentials::new(API_KEY),
+        RunpodServerlessOptions {
+            base_url: format!("{base}/v2"),
+            rest_base_url: format!("{base}/v2"),
             graphql_base_url: base.into(),
             http,
         },
@@ -752,6 +806,44 @@ fn gpu_type(id: &str) -> Value {
     })
 }
 
+/// A REST v2 pod: its env carries the worker's secrets, as RunPod returns it.
+fn v2_pod() -> Value {
+    json!({
+        "id": "abc123xyz", "name": LABEL, "status": "RUNNING", "actions": ["stop", "terminate"],
+        "image": "img:1", "args": "", "disk": 16, "mounts": {}, "ports": ["8000/tcp"],
+        "env": {"GPUPOOL_LABEL": LABEL, "GPUPOOL_SESSION_TOKEN": TOKEN, "GPUPOOL_API_KEY": WORKER_KEY},
+        "registry": null, "gpu": {"id": "NVIDIA GeForce RTX 4090", "count": 2}, "cloud": "SECURE",
+        "dataCenterId": "EU-RO-1", "cudaVersion": "12.8", "ssh": {"proxy": null, "direct": null},
+        "template": null, "cost": 0.69, "locked": false, "globalNetworking": {"enabled": false},
+        "runtime": {"uptime": 12, "ports": [
+            {"private": 8000, "public": 40123, "type": "tcp", "ip": "213.173.1.2"},
+            {"private": 8000, "public": 60141, "type": "http", "ip": "100.65.0.101"}
+        ]},
+        "createdAt": "2026-12-01T10:00:00Z", "startedAt": "2026-12-01T10:01:00Z"
+    })
+}
+
+fn v2_gpu(id: &str) -> Value {
+    json!({
+        "id": id, "name": "RTX 4090", "pool": "ADA_24", "manufacturer": "NVIDIA", "memory": 24,
+        "secure": true, "community": true, "price": {"secure": 0.44, "community": 0.34},
+        "maxCount": {"secure": 8, "community": 4}
+    })
+}
+
+fn problem(status: u16, detail: &str) -> Value {
+    json!({"title": "Error", "status": status, "detail": detail,
+           "errors": ["$: additional properties 'bogus' not allowed"]})
+}
+
+fn v2_endpoint() -> Value {
+    json!({
+        "id": "ep123abc", "name": "video", "type": "QUEUE", "workers": {"min": 0, "max": 3, "idleTimeout": 5},
+        "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}, "dataCenterIds": [], "networkVolumes": [],
+        "timeout": 600000, "flashboot": "OFF", "createdAt": "2026-12-01T10:00:00Z"
+    })
+}
+
 fn endpoint() -> Value {
     json!({
         "id": "ep123abc", "name": "video", "templateId": "tpl1", "gpuIds": "AMPERE_16",
@@ -776,12 +868,19 @@ enum Op {
     RunpodGet,
     RunpodDelete,
     RunpodList,
+    RunpodV2Offers,
+    RunpodV2Create,
+    RunpodV2Get,
+    RunpodV2Delete,
+    RunpodV2List,
     ServerlessSubmit,
     ServerlessStatus,
     ServerlessCancel,
     ServerlessHealth,
     ServerlessSettings,
     ServerlessUpdateSettings,
+    ServerlessV2Settings,
+    ServerlessV2UpdateSettings,
 }
 
 fn examples(op: Op) -> Vec<Value> {
@@ -822,6 +921,27 @@ fn examples(op: Op) -> Vec<Value> {
             json!({"errors": [{"message": "Pod not found"}], "data": null}),
         ],
         Op::RunpodList => vec![gql(json!({"myself": {"pods": [pod(), pod()]}}))],
+        Op::RunpodV2Offers => vec![
+            json!({"gpus": [v2_gpu("NVIDIA GeForce RTX 4090")]}),
+            json!({"gpus": [v2_gpu("NVIDIA RTX A5000"), v2_gpu("other")]}),
+        ],
+        Op::RunpodV2Create => vec![
+            v2_pod(),
+            problem(
+                400,
+                "There are no longer any instances available with the requested specifications.",
+            ),
+        ],
+        Op::RunpodV2Get => vec![v2_pod(), problem(404, "pod not found")],
+        Op::RunpodV2Delete => vec![problem(404, "pod not found"), problem(409, "cluster pod")],
+        Op::RunpodV2List => vec![
+            json!({"pods": [v2_pod(), v2_pod()]}),
+            json!({"pods": [v2_pod()], "pagination": {"hasNextPage": true, "nextCursor": "c2"}}),
+            json!([v2_pod()]),
+        ],
+        Op::ServerlessV2Settings | Op::ServerlessV2UpdateSettings => {
+            vec![v2_endpoint(), problem(422, "Request validation failed.")]
+        }
         Op::ServerlessSubmit => vec![json!({"id": "job-1", "status": "IN_QUEUE"})],
         Op::ServerlessStatus => vec![
             json!({"id": "job-1", "status": "COMPLETED", "output": {"url": "s3://o/a.mkv"},
@@ -847,7 +967,10 @@ struct Clients {
     vast: VastClient,
     runpod: RunpodClient,
     runpod_proxy: RunpodClient,
+    runpod_v2: RunpodV2Client,
+    runpod_v2_proxy: RunpodV2Client,
     serverless: RunpodServerlessClient,
+    serverless_v2: RunpodServerlessClient,
 }
 
 impl Clients {
@@ -856,7 +979,10 @@ impl Clients {
             vast: vast(base, fuzz_http()),
             runpod: runpod(base, RunpodWorkerAccess::PublicTcp),
             runpod_proxy: runpod(base, RunpodWorkerAccess::Proxy),
+            runpod_v2: runpod_v2(base, RunpodWorkerAccess::PublicTcp),
+            runpod_v2_proxy: runpod_v2(base, RunpodWorkerAccess::Proxy),
             serverless: serverless(base, fuzz_http()),
+            serverless_v2: serverless_v2(base, fuzz_http()),
         }
     }
 }
@@ -866,7 +992,10 @@ async fn call(op: Op, clients: &Clients, answer: &Answer) -> Result<(), TestCase
         vast,
         runpod,
         runpod_proxy,
+        runpod_v2,
+        runpod_v2_proxy,
         serverless,
+        serverless_v2,
     } = clients;
     match op {
         Op::VastOffers => outcome(op, answer, &vast.offers().await, |offers| {
@@ -948,6 +1077,59 @@ async fn call(op: Op, clients: &Clients, answer: &Answer) -> Result<(), TestCase
             }
             Ok(())
         }),
+        Op::RunpodV2Offers => outcome(op, answer, &runpod_v2.offers().await, |offers| {
+            sane_offers(offers, RUNPOD_MAX, 2)?;
+            for o in offers {
+                let gpu = o.id.split_once(':').map(|(_, g)| g);
+                prop_assert!(
+                    gpu.is_some_and(
+                        |g| ["NVIDIA GeForce RTX 4090", "NVIDIA RTX A5000"].contains(&g)
+                    ),
+                    "{o:?}"
+                );
+            }
+            Ok(())
+        }),
+        Op::RunpodV2Create => {
+            let r = runpod_v2
+                .create(
+                    &offer("SECURE:NVIDIA GeForce RTX 4090", "RTX 4090"),
+                    &create_request(),
+                )
+                .await;
+            outcome(op, answer, &r, |i| {
+                sane_instance(i)?;
+                prop_assert_eq!(i.label.as_deref(), Some(LABEL));
+                prop_assert!(i.state != RemoteState::Running, "{i:?}");
+                Ok(())
+            })
+        }
+        Op::RunpodV2Get => {
+            let tcp = runpod_v2.get("abc123xyz").await;
+            outcome(op, answer, &tcp, sane_instance)?;
+            let proxy = runpod_v2_proxy.get("abc123xyz").await;
+            outcome(op, answer, &proxy, sane_instance)
+        }
+        Op::RunpodV2Delete => outcome(op, answer, &runpod_v2.delete("abc123xyz").await, |_| Ok(())),
+        Op::RunpodV2List => outcome(op, answer, &runpod_v2.list_labeled(PREFIX).await, |all| {
+            for i in all {
+                sane_instance(i)?;
+                prop_assert!(i.label.as_deref().is_some_and(|l| l.starts_with(PREFIX)));
+            }
+            Ok(())
+        }),
+        Op::ServerlessV2Settings => {
+            outcome(op, answer, &serverless_v2.settings().await, |_| Ok(()))
+        }
+        Op::ServerlessV2UpdateSettings => {
+            let wanted = EndpointSettings {
+                idle_timeout_seconds: 300,
+                workers_min: 1,
+                workers_max: 4,
+            };
+            let r = serverless_v2.update_settings(&wanted).await;
+            outcome(op, answer, &r, |_| Ok(()))
+        }
         Op::ServerlessSubmit => {
             let r = serverless.submit(&json!({"src": "s3://in/a.mp4"})).await;
             outcome(op, answer, &r, |id| {
@@ -1044,6 +1226,41 @@ fn runpod_terminate_survives_any_response() {
 #[test]
 fn runpod_pod_list_survives_any_response() {
     fuzz_provider(Op::RunpodList);
+}
+
+#[test]
+fn runpod_v2_catalog_offers_survive_any_response() {
+    fuzz_provider(Op::RunpodV2Offers);
+}
+
+#[test]
+fn runpod_v2_create_survives_any_response() {
+    fuzz_provider(Op::RunpodV2Create);
+}
+
+#[test]
+fn runpod_v2_pod_survives_any_response() {
+    fuzz_provider(Op::RunpodV2Get);
+}
+
+#[test]
+fn runpod_v2_delete_survives_any_response() {
+    fuzz_provider(Op::RunpodV2Delete);
+}
+
+#[test]
+fn runpod_v2_pod_list_survives_any_response() {
+    fuzz_provider(Op::RunpodV2List);
+}
+
+#[test]
+fn serverless_v2_settings_survive_any_response() {
+    fuzz_provider(Op::ServerlessV2Settings);
+}
+
+#[test]
+fn serverless_v2_settings_update_survives_any_response() {
+    fuzz_provider(Op::ServerlessV2UpdateSettings);
 }
 
 #[test]

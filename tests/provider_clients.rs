@@ -14,7 +14,7 @@ use std::{
 use axum::{Router, body::Body, extract::Request, response::Response};
 use gpupool::{
     crd::{
-        CloudType, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
+        CloudType, RunpodApi, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
         pool::RunpodWorkerAccess,
     },
     provider::{
@@ -23,6 +23,7 @@ use gpupool::{
         http::{HttpConfig, RateLimit, RetryPolicy, WorkerShape},
         runpod::{RunpodClient, RunpodOptions},
         runpod_serverless::{RunpodServerlessClient, RunpodServerlessOptions},
+        runpod_v2::{RunpodV2Client, RunpodV2Options},
         vast::{VastClient, VastOptions},
     },
 };
@@ -802,6 +803,7 @@ fn runpod(
         gpu_count: 1,
         worker_access: access,
         data_center_ids: dcs,
+        api: RunpodApi::GraphQL,
         credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
     };
     RunpodClient::new(
@@ -1259,6 +1261,787 @@ async fn runpod_bad_key_is_unauthorized_and_never_quoted() {
     assert_no_secret(&format!("{client:?}"));
 }
 
+// ---------------------------------------------------------------- RunPod pods (REST v2)
+
+/// RunPod's published REST v2 document, parsed once.
+fn v2_spec() -> &'static Value {
+    static SPEC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    SPEC.get_or_init(|| {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/providers/runpod_v2/rest-v2.openapi.json"
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).expect("spec")).expect("spec JSON")
+    })
+}
+
+/// The OpenAPI path template of `path` (`/v2/pods/abc` → `/v2/pods/{id}`), if the spec has one.
+fn v2_template(path: &str) -> Option<&'static str> {
+    let parts: Vec<&str> = path.split('/').collect();
+    v2_spec()["paths"]
+        .as_object()?
+        .keys()
+        .map(String::as_str)
+        .filter(|t| {
+            let tp: Vec<&str> = t.split('/').collect();
+            tp.len() == parts.len()
+                && tp
+                    .iter()
+                    .zip(&parts)
+                    .all(|(t, p)| t == p || (t.starts_with('{') && !p.is_empty()))
+        })
+        // A literal segment beats a parameter (`/v2/catalog/gpus` over `/v2/catalog/{x}`).
+        .min_by_key(|t| t.matches('{').count())
+}
+
+/// Validates `body` against the request schema of `method` `template`, every `$ref` resolved
+/// inside the document (draft 2020-12, as OpenAPI 3.1 says). The violations, if any.
+fn v2_violations(method: &str, template: &str, body: &Value) -> Vec<String> {
+    let op = &v2_spec()["paths"][template][method.to_ascii_lowercase()];
+    let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {template} takes no body, got {body}"
+    );
+    let mut root = schema.clone();
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    root["components"] = v2_spec()["components"].clone();
+    let validator = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(&root)
+        .expect("the published schema compiles");
+    validator
+        .iter_errors(body)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
+/// Every request seen is an operation of the published document, and every body it carried
+/// validates against that operation's request schema (bodiless operations got none).
+fn assert_requests_follow_the_spec(seen: &[Seen]) {
+    assert!(!seen.is_empty());
+    for s in seen {
+        let template = v2_template(&s.path)
+            .unwrap_or_else(|| panic!("{} {} is not in the published document", s.method, s.path));
+        let op = &v2_spec()["paths"][template][s.method.to_ascii_lowercase()];
+        assert!(
+            op.is_object(),
+            "{} {template} is not a published operation",
+            s.method
+        );
+        if op["requestBody"].is_null() {
+            assert_eq!(s.body, Value::Null, "{} {template} takes no body", s.method);
+            continue;
+        }
+        let violations = v2_violations(&s.method, template, &s.body);
+        assert!(
+            violations.is_empty(),
+            "{} {template}: body {} breaks the published schema: {violations:#?}",
+            s.method,
+            s.body
+        );
+    }
+}
+
+fn runpod_v2_entry(
+    access: RunpodWorkerAccess,
+    cloud: CloudType,
+    dcs: Vec<String>,
+) -> RunpodProvider {
+    RunpodProvider {
+        gpu_type_ids: vec![
+            "NVIDIA GeForce RTX 4090".into(),
+            "NVIDIA RTX A5000".into(),
+            "NVIDIA GeForce RTX 3090".into(),
+            "NVIDIA H100 80GB HBM3".into(),
+        ],
+        cloud_type: cloud,
+        max_price_per_hour: "1.00".into(),
+        gpu_count: 1,
+        worker_access: access,
+        data_center_ids: dcs,
+        api: RunpodApi::RestV2,
+        credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
+    }
+}
+
+fn runpod_v2_with(base: &str, entry: &RunpodProvider, http: HttpConfig) -> RunpodV2Client {
+    RunpodV2Client::new(
+        entry,
+        WorkerShape {
+            port: 8000,
+            disk_gb: 16,
+        },
+        Credentials::new(KEY),
+        RunpodV2Options {
+            base_url: format!("{base}/v2"),
+            proxy_url_template: "https://{podId}-{port}.proxy.runpod.net".into(),
+            http,
+        },
+    )
+    .expect("runpod v2 client")
+}
+
+fn runpod_v2(base: &str, access: RunpodWorkerAccess, http: HttpConfig) -> RunpodV2Client {
+    runpod_v2_with(
+        base,
+        &runpod_v2_entry(access, CloudType::Community, vec![]),
+        http,
+    )
+}
+
+fn problem(status: u16, title: &str, detail: &str) -> Reply {
+    let mut r = json_reply(
+        status,
+        json!({"title": title, "status": status, "detail": detail}),
+    );
+    r.headers = vec![("content-type", "application/problem+json".into())];
+    r
+}
+
+const NO_CAPACITY: &str = "There are no longer any instances available with the requested specifications. Please refresh and try again.";
+
+/// A pod as `GET /v2/pods/{id}` answers it; `marker` is the env's GPUPOOL_LABEL, if any.
+fn v2_pod(id: &str, name: &str, marker: Option<&str>, status: &str, runtime: Value) -> Value {
+    let mut env = json!({"GPUPOOL_SESSION_TOKEN": "session-tok", "GPUPOOL_WORKER_PORT": "8000"});
+    if let Some(m) = marker {
+        env["GPUPOOL_LABEL"] = json!(m);
+    }
+    json!({
+        "id": id, "name": name, "status": status, "actions": ["terminate"],
+        "image": "ghcr.io/acme/video-worker:1.2", "args": "", "disk": 16, "mounts": {},
+        "ports": ["8000/tcp"], "env": env, "registry": null,
+        "gpu": {"id": "NVIDIA GeForce RTX 4090", "count": 1}, "cloud": "COMMUNITY",
+        "dataCenterId": "EU-RO-1", "cudaVersion": "12.8", "ssh": {"proxy": null, "direct": null},
+        "template": null, "cost": if status == "RUNNING" { 0.34 } else { 0.0 }, "locked": false,
+        "globalNetworking": {"enabled": false}, "runtime": runtime,
+        "createdAt": "2026-12-01T10:00:00Z",
+        "startedAt": if status == "RUNNING" { json!("2026-12-01T10:01:30Z") } else { Value::Null }
+    })
+}
+
+fn v2_runtime() -> Value {
+    json!({"uptime": 30, "ports": [
+        {"private": 8000, "public": 60001, "type": "http", "ip": "100.65.0.2"},
+        {"private": 8000, "public": 22117, "type": "tcp", "ip": "194.68.245.9"}
+    ]})
+}
+
+fn v2_catalog() -> Value {
+    let gpu = |id: &str, name: &str, secure: f64, community: f64| {
+        json!({"id": id, "name": name, "pool": "ADA_24", "manufacturer": "NVIDIA", "memory": 24,
+               "secure": true, "community": true,
+               "price": {"secure": secure, "community": community},
+               "maxCount": {"secure": 8, "community": 4}})
+    };
+    json!({"gpus": [
+        gpu("NVIDIA H100 80GB HBM3", "H100 SXM", 2.99, 2.49),
+        gpu("NVIDIA GeForce RTX 3090", "RTX 3090", 0.43, 0.22),
+        gpu("NVIDIA A40", "A40", 0.01, 0.01),
+        gpu("NVIDIA GeForce RTX 4090", "RTX 4090", 0.69, 0.34),
+        gpu("NVIDIA RTX A5000", "RTX A5000", 0.27, 0.22),
+    ]})
+}
+
+#[tokio::test]
+async fn runpod_v2_offers_come_from_one_catalog_read_cheapest_first_per_cloud() {
+    let server = mock(|_, _| json_reply(200, v2_catalog())).await;
+    let community = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http());
+    let offers = community.offers().await.expect("offers");
+    let ids: Vec<_> = offers.iter().map(|o| o.id.as_str()).collect();
+    // Equal prices keep the entry's order; the A40 was never asked for; the H100 is over.
+    assert_eq!(
+        ids,
+        [
+            "COMMUNITY:NVIDIA RTX A5000",
+            "COMMUNITY:NVIDIA GeForce RTX 3090",
+            "COMMUNITY:NVIDIA GeForce RTX 4090"
+        ]
+    );
+    assert_eq!(offers[0].gpu_name, "RTX A5000");
+
+    // ALL: both clouds, each at its own price; SECURE first where they tie.
+    let all = runpod_v2_with(
+        &server.base,
+        &runpod_v2_entry(RunpodWorkerAccess::PublicTcp, CloudType::All, vec![]),
+        fast_http(),
+    );
+    let offers = all.offers().await.expect("offers");
+    let got: Vec<(String, String)> = offers
+        .iter()
+        .map(|o| (o.id.clone(), o.price_per_hour.to_string()))
+        .collect();
+    let want = [
+        ("COMMUNITY:NVIDIA RTX A5000", "0.22"),
+        ("COMMUNITY:NVIDIA GeForce RTX 3090", "0.22"),
+        ("SECURE:NVIDIA RTX A5000", "0.27"),
+        ("COMMUNITY:NVIDIA GeForce RTX 4090", "0.34"),
+        ("SECURE:NVIDIA GeForce RTX 3090", "0.43"),
+        ("SECURE:NVIDIA GeForce RTX 4090", "0.69"),
+    ];
+    assert_eq!(got, want.map(|(a, b)| (a.to_string(), b.to_string())));
+
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "one catalogue read per offers()");
+    for s in &seen {
+        assert_eq!(
+            (s.method.as_str(), s.path.as_str()),
+            ("GET", "/v2/catalog/gpus")
+        );
+        assert!(
+            s.query.is_empty(),
+            "count/cloud need include=AVAILABILITY: {:?}",
+            s.query
+        );
+        assert_eq!(
+            bearer_of(s).as_deref(),
+            Some(format!("Bearer {KEY}").as_str())
+        );
+    }
+    assert_requests_follow_the_spec(&seen);
+
+    // A body without the list is not an empty catalogue.
+    let server = mock(|_, _| json_reply(200, json!({"data": []}))).await;
+    let err = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http())
+        .offers()
+        .await
+        .expect_err("no list");
+    assert!(matches!(err, ProviderError::Transient(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn runpod_v2_create_sends_a_schema_valid_body_with_the_label_twice() {
+    let server = mock(|s, _| {
+        let b = &s.body;
+        let mut pod = v2_pod(
+            "p1",
+            b["name"].as_str().unwrap_or_default(),
+            None,
+            "PROVISIONING",
+            Value::Null,
+        );
+        pod["env"] = b["env"].clone();
+        json_reply(201, pod)
+    })
+    .await;
+    let label = "gpupool-c1-\"}) { id } } 5d2a";
+    let tcp = runpod_v2_with(
+        &server.base,
+        &runpod_v2_entry(RunpodWorkerAccess::PublicTcp, CloudType::All, vec![]),
+        fast_http(),
+    );
+    let created = tcp
+        .create(
+            &some_offer("COMMUNITY:NVIDIA GeForce RTX 4090"),
+            &create_request(label),
+        )
+        .await
+        .expect("create");
+    assert_eq!(created.id, "p1");
+    assert_eq!(created.label.as_deref(), Some(label));
+    assert_eq!(created.state, RemoteState::Starting);
+    // No cost yet: the offer's price stands.
+    assert_eq!(
+        created.price_per_hour.map(|p| p.to_string()).as_deref(),
+        Some("0.41")
+    );
+    assert_eq!(created.region.as_deref(), Some("EU-RO-1"));
+
+    let proxy = runpod_v2_with(
+        &server.base,
+        &runpod_v2_entry(
+            RunpodWorkerAccess::Proxy,
+            CloudType::Secure,
+            vec!["EU-RO-1".into(), "US-TX-3".into()],
+        ),
+        fast_http(),
+    );
+    proxy
+        .create(
+            &some_offer("SECURE:NVIDIA RTX A5000"),
+            &create_request("gpupool-c1-u2"),
+        )
+        .await
+        .expect("create");
+
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].path.as_str()),
+        ("POST", "/v2/pods")
+    );
+    assert_eq!(
+        seen[0].body,
+        json!({
+            "name": label, "image": "ghcr.io/acme/video-worker:1.2",
+            "gpu": {"id": "NVIDIA GeForce RTX 4090", "count": 1}, "cloud": "COMMUNITY",
+            "ports": ["8000/tcp"], "disk": 16,
+            "env": {"GPUPOOL_SESSION_TOKEN": "session-tok", "GPUPOOL_WORKER_PORT": "8000",
+                    "GPUPOOL_LABEL": label}
+        })
+    );
+    let second = &seen[1].body;
+    assert_eq!(second["gpu"], json!({"id": "NVIDIA RTX A5000", "count": 1}));
+    assert_eq!(second["cloud"], "SECURE");
+    assert_eq!(second["ports"], json!(["8000/http"]));
+    assert_eq!(second["dataCenterIds"], json!(["EU-RO-1", "US-TX-3"]));
+    assert_requests_follow_the_spec(&seen);
+}
+
+#[tokio::test]
+async fn runpod_v2_create_errors_map_and_ambiguous_ones_are_not_retried() {
+    let cases: [(Reply, &str); 9] = [
+        (
+            problem(400, "Bad Request", NO_CAPACITY),
+            "InsufficientCapacity",
+        ),
+        (
+            problem(
+                400,
+                "Bad Request",
+                "allowedCudaVersions and minCudaVersion are exclusive",
+            ),
+            "Permanent",
+        ),
+        (
+            problem(402, "Payment Required", "insufficient balance"),
+            "Permanent",
+        ),
+        (
+            problem(403, "Forbidden", "access denied"),
+            "InsufficientCapacity",
+        ),
+        (problem(404, "Not Found", "gpu type not found"), "Permanent"),
+        (problem(409, "Conflict", "conflict"), "Permanent"),
+        (
+            problem(422, "Unprocessable Entity", "Request validation failed."),
+            "Permanent",
+        ),
+        (problem(500, "Internal Server Error", "boom"), "Transient"),
+        (
+            problem(401, "Unauthorized", "invalid bearer token"),
+            "Unauthorized",
+        ),
+    ];
+    for (answer, want) in cases {
+        let status = answer.status;
+        let server = mock(move |_, _| answer.clone()).await;
+        let err = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http())
+            .create(
+                &some_offer("COMMUNITY:NVIDIA GeForce RTX 4090"),
+                &create_request("gpupool-c1-u"),
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(err.label(), want, "{status}: {err}");
+        assert_eq!(
+            server.hits(),
+            1,
+            "{status}: a create is never repeated after an answer"
+        );
+        check_error_is_clean(&err);
+        let text = err.to_string();
+        match status {
+            402 => assert!(text.contains("balance is too low"), "{text}"),
+            403 => assert!(text.contains("pool"), "{text}"),
+            422 => assert!(text.contains("gpupool bug"), "{text}"),
+            _ => {}
+        }
+    }
+
+    // A 201 whose body does not decode: the pod may exist; left to adoption by label.
+    let server = mock(|_, _| {
+        reply(
+            201,
+            "{\"id\": \"p1\", \"env\": {\"GPUPOOL_SESSION_TOKEN\": \"session-tok\"",
+        )
+    })
+    .await;
+    let err = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http())
+        .create(&some_offer("COMMUNITY:g"), &create_request("gpupool-c1-u"))
+        .await
+        .expect_err("cut body");
+    assert!(matches!(err, ProviderError::Transient(_)), "{err:?}");
+    assert!(!err.to_string().contains("session-tok"), "{err}");
+    assert_eq!(server.hits(), 1);
+}
+
+#[tokio::test]
+async fn runpod_v2_create_refused_with_429_waits_for_retry_after() {
+    let server = mock(|s, i| {
+        if i == 0 {
+            problem(
+                429,
+                "Too Many Requests",
+                "rate limit exceeded for the minute window",
+            )
+            .header("retry-after", "1")
+        } else {
+            json_reply(
+                201,
+                v2_pod(
+                    "p9",
+                    s.body["name"].as_str().unwrap_or_default(),
+                    None,
+                    "PROVISIONING",
+                    Value::Null,
+                ),
+            )
+        }
+    })
+    .await;
+    let created = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http())
+        .create(&some_offer("COMMUNITY:g"), &create_request("gpupool-c1-u"))
+        .await
+        .expect("created after the wait");
+    assert_eq!(created.id, "p9");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[1].at - seen[0].at >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+
+    let server = mock(|_, _| {
+        problem(429, "Too Many Requests", "rate limit exceeded").header("retry-after", "7")
+    })
+    .await;
+    let http = HttpConfig {
+        retry: RetryPolicy {
+            max_total: Duration::from_secs(2),
+            ..fast_http().retry
+        },
+        ..fast_http()
+    };
+    let err = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, http)
+        .get("p1")
+        .await
+        .expect_err("limited");
+    assert_eq!(
+        err,
+        ProviderError::RateLimited {
+            retry_after: Some(Duration::from_secs(7))
+        }
+    );
+    assert_eq!(server.hits(), 1, "a wait past the budget is not started");
+}
+
+#[tokio::test]
+async fn runpod_v2_get_maps_states_endpoints_and_errors() {
+    let server = mock(|s, _| {
+        let id = s.path.rsplit('/').next().unwrap_or_default().to_string();
+        let pod = |status: &str, runtime: Value| {
+            json_reply(
+                200,
+                v2_pod(&id, "gpupool-c1-a", Some("gpupool-c1-a"), status, runtime),
+            )
+        };
+        match id.as_str() {
+            "running" => pod("RUNNING", v2_runtime()),
+            "booting" => pod("STARTING", Value::Null),
+            "provisioning" => pod("PROVISIONING", Value::Null),
+            "broken" => pod("ERROR", Value::Null),
+            "exited" => pod("EXITED", Value::Null),
+            "gone" => pod("TERMINATED", Value::Null),
+            "flaky" => problem(503, "Service Unavailable", "try later"),
+            _ => problem(404, "Not Found", "pod not found"),
+        }
+    })
+    .await;
+    let tcp = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http());
+    let i = tcp.get("running").await.expect("running");
+    assert_eq!(i.state, RemoteState::Running);
+    assert_eq!(i.endpoint.as_deref(), Some("http://194.68.245.9:22117"));
+    assert_eq!(
+        i.price_per_hour.map(|p| p.to_string()).as_deref(),
+        Some("0.34")
+    );
+    assert_eq!(i.gpu_name.as_deref(), Some("NVIDIA GeForce RTX 4090"));
+    assert_eq!(i.region.as_deref(), Some("EU-RO-1"));
+    assert_eq!(
+        i.started_at,
+        Some("2026-12-01T10:01:30Z".parse().expect("time"))
+    );
+    for starting in ["booting", "provisioning"] {
+        let i = tcp.get(starting).await.expect(starting);
+        assert_eq!(
+            (i.state, i.endpoint),
+            (RemoteState::Starting, None),
+            "{starting}"
+        );
+    }
+    let broken = tcp.get("broken").await.expect("broken");
+    assert!(
+        matches!(&broken.state, RemoteState::Stopped(m) if m.contains("ERROR")),
+        "{broken:?}"
+    );
+    assert_eq!(broken.price_per_hour, None, "a cost of 0 is no price");
+    assert!(
+        matches!(tcp.get("exited").await.map(|i| i.state), Ok(RemoteState::Stopped(m)) if m.contains("EXITED"))
+    );
+    assert_eq!(
+        tcp.get("gone").await.map(|i| i.state).ok(),
+        Some(RemoteState::Terminated)
+    );
+    let err = tcp.get("unknown").await.expect_err("404");
+    assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
+    let before = server.hits();
+    let err = tcp.get("flaky").await.expect_err("503");
+    assert!(matches!(err, ProviderError::Transient(_)), "{err:?}");
+    assert_eq!(server.hits() - before, 3, "reads are retried");
+
+    let proxy = runpod_v2(&server.base, RunpodWorkerAccess::Proxy, fast_http());
+    assert_eq!(
+        proxy
+            .get("running")
+            .await
+            .expect("running")
+            .endpoint
+            .as_deref(),
+        Some("https://running-8000.proxy.runpod.net")
+    );
+    let err = tcp.get("a/../b").await.expect_err("escaped id");
+    assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
+    let seen = server.seen();
+    assert!(
+        seen.iter().any(|s| s.path == "/v2/pods/a%2F..%2Fb"),
+        "ids are one path segment"
+    );
+    assert_requests_follow_the_spec(&seen);
+}
+
+#[tokio::test]
+async fn runpod_v2_list_follows_cursors_and_takes_only_pods_marked_twice() {
+    let server = mock(|s, _| {
+        let page = s.query.get("cursor").cloned().unwrap_or_default();
+        match page.as_str() {
+            "" => json_reply(
+                200,
+                json!({"pods": [
+                v2_pod("a", "gpupool-c1-a", Some("gpupool-c1-a"), "RUNNING", v2_runtime()),
+                v2_pod("b", "my notebook", None, "RUNNING", Value::Null),
+                // Named like ours, without the marker: a user's pod, never ours.
+                v2_pod("x", "gpupool-c1-x", None, "RUNNING", Value::Null),
+            ], "pagination": {"hasNextPage": true, "nextCursor": "page2"}}),
+            ),
+            "page2" => json_reply(
+                200,
+                json!({"pods": [
+                // Renamed by someone: the name no longer says so.
+                v2_pod("r", "renamed", Some("gpupool-c1-r"), "RUNNING", Value::Null),
+                v2_pod("c", "gpupool-c1-c", Some("gpupool-c1-c"), "EXITED", Value::Null),
+                v2_pod("d", "gpupool-c2-d", Some("gpupool-c2-d"), "RUNNING", Value::Null),
+                {"name": "gpupool-c1-no-id", "env": {"GPUPOOL_LABEL": "gpupool-c1-no-id"}},
+            ], "pagination": {"hasNextPage": true, "nextCursor": "page3"}}),
+            ),
+            _ => json_reply(
+                200,
+                json!({"pods": [
+                v2_pod("t", "gpupool-c1-a", Some("gpupool-c1-a"), "TERMINATED", Value::Null),
+            ], "pagination": {"hasNextPage": false, "nextCursor": null}}),
+            ),
+        }
+    })
+    .await;
+    let client = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http());
+    let pods = client.list_labeled("gpupool-c1-").await.expect("list");
+    let ids: Vec<_> = pods.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["a", "c", "t"]);
+    assert_eq!(pods[0].label.as_deref(), Some("gpupool-c1-a"));
+    let seen = server.seen();
+    assert_eq!(seen.len(), 3);
+    for s in &seen {
+        assert_eq!((s.method.as_str(), s.path.as_str()), ("GET", "/v2/pods"));
+        assert_eq!(s.query.get("limit").map(String::as_str), Some("100"));
+        assert!(
+            !s.query.contains_key("name"),
+            "GET /pods has no name filter"
+        );
+    }
+    assert_eq!(
+        seen[1].query.get("cursor").map(String::as_str),
+        Some("page2")
+    );
+    assert_requests_follow_the_spec(&seen);
+
+    // The live pod with the label wins over a terminated one listed later... or earlier.
+    let found = client.find_by_label("gpupool-c1-a").await.expect("find");
+    assert_eq!(found.map(|i| i.id).as_deref(), Some("a"));
+    assert_eq!(
+        client.find_by_label("gpupool-c1-x").await.expect("find"),
+        None
+    );
+
+    // The August form: a bare {"pods": [...]} is the whole list.
+    let server = mock(|_, _| {
+        json_reply(200, json!({"pods": [v2_pod("a", "gpupool-c1-a", Some("gpupool-c1-a"), "RUNNING", Value::Null)]}))
+    })
+    .await;
+    let pods = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http())
+        .list_labeled("gpupool-c1-")
+        .await
+        .expect("list");
+    assert_eq!(pods.len(), 1);
+    assert_eq!(server.hits(), 1);
+}
+
+#[tokio::test]
+async fn runpod_v2_pages_that_loop_or_never_end_are_errors_not_hangs() {
+    let server = mock(|_, _| {
+        json_reply(
+            200,
+            json!({"pods": [], "pagination": {"hasNextPage": true, "nextCursor": "same"}}),
+        )
+    })
+    .await;
+    let err = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http())
+        .list_labeled("gpupool-c1-")
+        .await
+        .expect_err("loop");
+    assert!(matches!(err, ProviderError::Transient(_)), "{err:?}");
+    assert_eq!(server.hits(), 2);
+
+    let server = mock(|_, i| {
+        json_reply(
+            200,
+            json!({"pods": [], "pagination": {"hasNextPage": true, "nextCursor": format!("c{i}")}}),
+        )
+    })
+    .await;
+    let err = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http())
+        .find_by_label("gpupool-c1-u")
+        .await
+        .expect_err("endless");
+    assert!(
+        matches!(&err, ProviderError::Transient(m) if m.contains("pages")),
+        "{err:?}"
+    );
+    assert_eq!(server.hits(), gpupool::provider::runpod_v2::MAX_PAGES);
+}
+
+#[tokio::test]
+async fn runpod_v2_delete_of_a_gone_pod_is_ok() {
+    let server = mock(|s, _| match s.path.as_str() {
+        "/v2/pods/live" => reply(204, ""),
+        "/v2/pods/gone" => problem(404, "Not Found", "pod not found"),
+        "/v2/pods/member" => problem(409, "Conflict", "pod belongs to a cluster"),
+        _ => problem(403, "Forbidden", "access denied"),
+    })
+    .await;
+    let client = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http());
+    client.delete("live").await.expect("terminate");
+    client.delete("gone").await.expect("already gone");
+    let err = client.delete("member").await.expect_err("cluster pod");
+    assert!(
+        matches!(&err, ProviderError::Permanent(m) if m.contains("cluster")),
+        "{err:?}"
+    );
+    let err = client.delete("other").await.expect_err("forbidden");
+    assert!(matches!(err, ProviderError::Unauthorized(_)), "{err:?}");
+    let seen = server.seen();
+    assert!(seen.iter().all(|s| s.method == "DELETE"));
+    assert_requests_follow_the_spec(&seen);
+}
+
+#[tokio::test]
+async fn runpod_v2_bad_key_is_unauthorized_and_never_quoted() {
+    let server = mock(|s, _| {
+        let mut r = reply(401, echo_body(s));
+        r.headers = vec![("content-type", "application/problem+json".into())];
+        r
+    })
+    .await;
+    let client = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http());
+    for err in [
+        client.offers().await.expect_err("401"),
+        client.get("x").await.expect_err("401"),
+        client.delete("x").await.expect_err("401"),
+        client.list_labeled("gpupool-").await.expect_err("401"),
+        client
+            .create(&some_offer("COMMUNITY:g"), &create_request("gpupool-c-u"))
+            .await
+            .expect_err("401"),
+    ] {
+        assert!(matches!(err, ProviderError::Unauthorized(_)), "{err:?}");
+        check_error_is_clean(&err);
+        assert!(!err.to_string().contains("session-tok"), "{err}");
+    }
+    // A problem document that quotes the key, the way a proxy might.
+    let server = mock(|s, _| {
+        problem(
+            403,
+            "Forbidden",
+            &format!(
+                "token {} lacks pods:write",
+                bearer_of(s).unwrap_or_default()
+            ),
+        )
+    })
+    .await;
+    let err = runpod_v2(&server.base, RunpodWorkerAccess::PublicTcp, fast_http())
+        .get("x")
+        .await
+        .expect_err("403");
+    assert!(matches!(err, ProviderError::Unauthorized(_)), "{err:?}");
+    check_error_is_clean(&err);
+    assert!(err.to_string().contains("lacks pods:write"), "{err}");
+    assert_no_secret(&format!("{client:?}"));
+}
+
+#[test]
+fn the_schema_check_catches_what_runpod_would_refuse() {
+    let good = json!({"name": "gpupool-c-u", "image": "img:1",
+                      "gpu": {"id": "NVIDIA GeForce RTX 4090", "count": 1}, "cloud": "SECURE"});
+    assert_eq!(
+        v2_violations("POST", "/v2/pods", &good),
+        Vec::<String>::new()
+    );
+    let published = &v2_spec()["paths"]["/v2/pods"]["post"]["requestBody"]["content"]["application/json"]
+        ["examples"]["gpuPod"]["value"];
+    assert_eq!(
+        v2_violations("POST", "/v2/pods", published),
+        Vec::<String>::new()
+    );
+    // What the GraphQL client sends, and what a careless port would: all refused.
+    for (field, value) in [
+        ("supportPublicIp", json!(true)),
+        ("volumeInGb", json!(0)),
+        ("imageName", json!("img:1")),
+        ("cloud", json!("ALL")),
+        ("gpu", json!({"count": 1})),
+        ("gpu", json!({"id": "g", "count": 0})),
+        ("ports", json!("8000/tcp")),
+        ("env", json!([{"key": "A", "value": "b"}])),
+        ("disk", json!(0)),
+    ] {
+        let mut bad = good.clone();
+        bad[field] = value.clone();
+        assert!(
+            !v2_violations("POST", "/v2/pods", &bad).is_empty(),
+            "{field}: {value} passed"
+        );
+    }
+    let mut no_image = good.clone();
+    no_image.as_object_mut().map(|o| o.remove("image"));
+    assert!(!v2_violations("POST", "/v2/pods", &no_image).is_empty());
+
+    let patch = json!({"workers": {"min": 0, "max": 3, "idleTimeout": 300}});
+    assert_eq!(
+        v2_violations("PATCH", "/v2/serverless/{id}", &patch),
+        Vec::<String>::new()
+    );
+    for bad in [
+        json!({"workers": {"min": 0, "max": 3, "idleTimeout": 0}}),
+        json!({"workers": {"workersMin": 0}}),
+        json!({"idleTimeout": 5}),
+    ] {
+        assert!(
+            !v2_violations("PATCH", "/v2/serverless/{id}", &bad).is_empty(),
+            "{bad}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- RunPod Serverless
 
 fn serverless(base: &str, graphql: &str, http: HttpConfig) -> RunpodServerlessClient {
@@ -1266,11 +2049,13 @@ fn serverless(base: &str, graphql: &str, http: HttpConfig) -> RunpodServerlessCl
         &RunpodServerlessProvider {
             endpoint_id: "ep123abc".into(),
             manage_endpoint_settings: true,
+            api: RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
         },
         Credentials::new(KEY),
         RunpodServerlessOptions {
             base_url: format!("{base}/v2"),
+            rest_base_url: format!("{graphql}/v2"),
             graphql_base_url: graphql.into(),
             http,
         },
@@ -1576,6 +2361,7 @@ fn constructors_refuse_bad_configuration() {
         &RunpodServerlessProvider {
             endpoint_id: "../x".into(),
             manage_endpoint_settings: false,
+            api: RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("a", "b"),
         },
         Credentials::new(KEY),
@@ -1585,16 +2371,217 @@ fn constructors_refuse_bad_configuration() {
     assert!(matches!(bad_endpoint, ProviderError::Permanent(_)));
 }
 
+fn serverless_v2(base: &str, http: HttpConfig) -> RunpodServerlessClient {
+    RunpodServerlessClient::new(
+        &RunpodServerlessProvider {
+            endpoint_id: "ep123abc".into(),
+            manage_endpoint_settings: true,
+            api: RunpodApi::RestV2,
+            credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
+        },
+        Credentials::new(KEY),
+        RunpodServerlessOptions {
+            base_url: format!("{base}/jobs/v2"),
+            rest_base_url: format!("{base}/v2"),
+            graphql_base_url: format!("{base}/never"),
+            http,
+        },
+    )
+    .expect("serverless client")
+}
+
+fn v2_endpoint(kind: &str, scaling: Value, workers: Value) -> Value {
+    json!({
+        "id": "ep123abc", "name": "video", "type": kind, "image": "img:1", "args": "", "disk": 20,
+        "ports": [], "env": {}, "registry": null,
+        "gpu": {"pools": ["ADA_24"], "count": 1, "allowedCudaVersions": [], "minCudaVersion": null},
+        "workers": workers, "scaling": scaling, "dataCenterIds": [], "networkVolumes": [],
+        "timeout": 600000, "flashboot": "OFF", "createdAt": "2026-12-01T10:00:00Z"
+    })
+}
+
+#[tokio::test]
+async fn serverless_v2_settings_are_read_and_patched_partially() {
+    let stored = Arc::new(Mutex::new(json!({"min": 0, "max": 5, "idleTimeout": 5})));
+    let state = stored.clone();
+    let server = mock(move |s, _| {
+        let mut workers = state.lock().expect("lock");
+        if s.method == "PATCH"
+            && let Some(w) = s.body["workers"].as_object()
+        {
+            for (k, v) in w {
+                workers[k] = v.clone();
+            }
+        }
+        json_reply(
+            200,
+            v2_endpoint(
+                "QUEUE",
+                json!({"type": "QUEUE_DELAY", "queueDelay": 4}),
+                workers.clone(),
+            ),
+        )
+    })
+    .await;
+    let sls = serverless_v2(&server.base, fast_http());
+    assert_eq!(
+        sls.settings().await.expect("settings"),
+        EndpointSettings {
+            idle_timeout_seconds: 5,
+            workers_min: 0,
+            workers_max: 5
+        }
+    );
+    let wanted = EndpointSettings {
+        idle_timeout_seconds: 300,
+        workers_min: 1,
+        workers_max: 4,
+    };
+    sls.update_settings(&wanted).await.expect("update");
+    assert_eq!(sls.settings().await.expect("settings"), wanted);
+
+    let seen = server.seen();
+    let methods: Vec<_> = seen
+        .iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            ("GET", "/v2/serverless/ep123abc"),
+            ("PATCH", "/v2/serverless/ep123abc"),
+            ("GET", "/v2/serverless/ep123abc")
+        ],
+        "no read-modify-write, no GraphQL"
+    );
+    assert_eq!(
+        seen[1].body,
+        json!({"workers": {"min": 1, "max": 4, "idleTimeout": 300}})
+    );
+    assert_requests_follow_the_spec(&seen);
+}
+
+#[tokio::test]
+async fn serverless_v2_request_count_scaling_is_a_clear_error() {
+    // Queue-based by request count: RunPod leaves idleTimeout out and refuses one.
+    let server = mock(|s, _| {
+        if s.method == "PATCH" {
+            let mut r = json_reply(
+                422,
+                json!({"title": "Unprocessable Entity", "status": 422,
+                "detail": "Request validation failed.",
+                "errors": ["workers.idleTimeout: not applicable with REQUEST_COUNT scaling"]}),
+            );
+            r.headers = vec![("content-type", "application/problem+json".into())];
+            return r;
+        }
+        json_reply(
+            200,
+            v2_endpoint(
+                "QUEUE",
+                json!({"type": "REQUEST_COUNT", "requestCount": 4}),
+                json!({"min": 0, "max": 3}),
+            ),
+        )
+    })
+    .await;
+    let sls = serverless_v2(&server.base, fast_http());
+    let err = sls.settings().await.expect_err("no idle timeout");
+    assert!(
+        matches!(&err, ProviderError::Permanent(m) if m.contains("REQUEST_COUNT") && m.contains("manageEndpointSettings")),
+        "{err:?}"
+    );
+    let s = EndpointSettings {
+        idle_timeout_seconds: 60,
+        workers_min: 0,
+        workers_max: 3,
+    };
+    let err = sls.update_settings(&s).await.expect_err("422");
+    assert!(
+        matches!(&err, ProviderError::Permanent(m) if m.contains("REQUEST_COUNT") && m.contains("QUEUE_DELAY")),
+        "{err:?}"
+    );
+    let seen = server.seen();
+    assert_eq!(seen.len(), 3, "a 422 is not retried; one read tells why");
+    assert_requests_follow_the_spec(&seen);
+
+    // A 422 on an endpoint that takes idle timeouts: our body was wrong, and the error says so.
+    let server = mock(|s, _| {
+        if s.method == "PATCH" {
+            return problem(422, "Unprocessable Entity", "Request validation failed.");
+        }
+        json_reply(
+            200,
+            v2_endpoint(
+                "QUEUE",
+                json!({"type": "QUEUE_DELAY", "queueDelay": 4}),
+                json!({"min": 0, "max": 3, "idleTimeout": 5}),
+            ),
+        )
+    })
+    .await;
+    let err = serverless_v2(&server.base, fast_http())
+        .update_settings(&s)
+        .await
+        .expect_err("422");
+    assert!(
+        matches!(&err, ProviderError::Permanent(m) if m.contains("gpupool bug")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn serverless_v2_unknown_endpoint_and_bad_key() {
+    let server = mock(|s, _| {
+        if bearer_of(s).as_deref() == Some(format!("Bearer {KEY}").as_str()) {
+            problem(404, "Not Found", "endpoint not found")
+        } else {
+            problem(401, "Unauthorized", "invalid bearer token")
+        }
+    })
+    .await;
+    let sls = serverless_v2(&server.base, fast_http());
+    assert!(matches!(
+        sls.settings().await,
+        Err(ProviderError::NotFound(_))
+    ));
+    let s = EndpointSettings {
+        idle_timeout_seconds: 60,
+        workers_min: 0,
+        workers_max: 3,
+    };
+    assert!(matches!(
+        sls.update_settings(&s).await,
+        Err(ProviderError::NotFound(_))
+    ));
+    // The jobs API is unchanged: it stays on the Serverless base.
+    let _ = sls.health().await;
+    assert!(
+        server
+            .seen()
+            .last()
+            .is_some_and(|s| s.path == "/jobs/v2/ep123abc/health")
+    );
+}
+
 // ---------------------------------------------------------------- every client, every class
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Vast,
     Runpod,
+    RunpodV2,
     Serverless,
+    ServerlessV2,
 }
 
-const KINDS: [Kind; 3] = [Kind::Vast, Kind::Runpod, Kind::Serverless];
+const KINDS: [Kind; 5] = [
+    Kind::Vast,
+    Kind::Runpod,
+    Kind::RunpodV2,
+    Kind::Serverless,
+    Kind::ServerlessV2,
+];
 
 /// A good answer to the read `read_once` makes.
 fn ok_body(kind: Kind) -> Value {
@@ -1603,11 +2590,24 @@ fn ok_body(kind: Kind) -> Value {
         Kind::Runpod => {
             json!({"data": {"pod": pod("p5", "gpupool-c1-x", "RUNNING", public_runtime())}})
         }
+        Kind::RunpodV2 => v2_pod(
+            "p5",
+            "gpupool-c1-x",
+            Some("gpupool-c1-x"),
+            "RUNNING",
+            v2_runtime(),
+        ),
         Kind::Serverless => json!({"id": "j5", "status": "IN_QUEUE"}),
+        Kind::ServerlessV2 => v2_endpoint(
+            "QUEUE",
+            json!({"type": "QUEUE_DELAY", "queueDelay": 4}),
+            json!({"min": 0, "max": 3, "idleTimeout": 5}),
+        ),
     }
 }
 
-/// One idempotent read of each client: Vast `get`, RunPod `get`, Serverless `status`.
+/// One idempotent read of each client: Vast `get`, RunPod `get` (GraphQL and REST v2),
+/// Serverless `status`, REST v2 endpoint `settings`.
 async fn read_once(kind: Kind, base: &str, http: HttpConfig) -> Result<(), ProviderError> {
     match kind {
         Kind::Vast => vast(base, http).get("5").await.map(drop),
@@ -1615,7 +2615,12 @@ async fn read_once(kind: Kind, base: &str, http: HttpConfig) -> Result<(), Provi
             .get("p5")
             .await
             .map(drop),
+        Kind::RunpodV2 => runpod_v2(base, RunpodWorkerAccess::PublicTcp, http)
+            .get("p5")
+            .await
+            .map(drop),
         Kind::Serverless => serverless(base, base, http).status("j5").await.map(drop),
+        Kind::ServerlessV2 => serverless_v2(base, http).settings().await.map(drop),
     }
 }
 

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
 use crate::{
-    crd::{GpuPool, ProviderKind, ProviderSpec, SecretKeyRef},
+    crd::{GpuPool, ProviderKind, ProviderSpec, RunpodApi, SecretKeyRef},
     metrics::Metrics,
     provider::{
         Credentials, InstanceProvider, ProviderError, ServerlessProvider,
@@ -23,6 +23,7 @@ use crate::{
         instrumented::{InstrumentedInstances, InstrumentedServerless},
         runpod::{RunpodClient, RunpodOptions},
         runpod_serverless::{RunpodServerlessClient, RunpodServerlessOptions},
+        runpod_v2::{RunpodV2Client, RunpodV2Options},
         vast::{VastClient, VastOptions},
     },
     worker::{WorkerClient, WorkerClientConfig},
@@ -37,7 +38,11 @@ pub const SECRET_TTL: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug, Default)]
 pub struct ProviderEndpoints {
     pub vast: VastOptions,
+    /// RunPod pods through GraphQL (entries with `api: GraphQL`).
     pub runpod: RunpodOptions,
+    /// RunPod pods through REST v2 (entries with `api: RestV2`, the default).
+    pub runpod_v2: RunpodV2Options,
+    /// RunPod Serverless; its settings go to REST v2 or GraphQL as the entry's `api` says.
     pub serverless: RunpodServerlessOptions,
     pub worker: WorkerClientConfig,
 }
@@ -80,11 +85,17 @@ impl ProviderFactory for HttpProviders {
             (Some(v), None) => {
                 Arc::new(VastClient::new(v, shape, key, self.endpoints.vast.clone())?)
             }
-            (None, Some(r)) => Arc::new(RunpodClient::new(
+            (None, Some(r)) if r.api == RunpodApi::GraphQL => Arc::new(RunpodClient::new(
                 r,
                 shape,
                 key,
                 self.endpoints.runpod.clone(),
+            )?),
+            (None, Some(r)) => Arc::new(RunpodV2Client::new(
+                r,
+                shape,
+                key,
+                self.endpoints.runpod_v2.clone(),
             )?),
             _ => {
                 return Err(ProviderError::Permanent(format!(

@@ -17,7 +17,7 @@ pub use instance::{GpuInstance, GpuInstanceSpec, GpuInstanceStatus, InstancePhas
 pub use job::{JobPhase, VideoJob, VideoJobSpec, VideoJobStatus};
 pub use pool::{
     CapacityType, CloudType, GpuPool, GpuPoolSpec, GpuPoolStatus, ProviderKind, ProviderSpec,
-    RunpodProvider, RunpodServerlessProvider, VastProvider, WorkerSpec,
+    RunpodApi, RunpodProvider, RunpodServerlessProvider, VastProvider, WorkerSpec,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

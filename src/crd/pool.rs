@@ -268,6 +268,21 @@ pub enum CloudType {
     All,
 }
 
+/// Which RunPod API an entry is served through.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RunpodApi {
+    /// RunPod's REST API v2 (`https://api.runpod.io/v2`), the current API.
+    #[default]
+    RestV2,
+    /// RunPod's GraphQL API. Deprecated: RunPod retires it in early 2027.
+    GraphQL,
+}
+
+/// When RunPod retires its GraphQL API, in RunPod's own words.
+pub const RUNPOD_GRAPHQL_RETIREMENT: &str = "early 2027";
+/// Reason of the Warning event for a pool that names a deprecated provider API.
+pub const DEPRECATED_API_REASON: &str = "DeprecatedApi";
+
 /// How the operator reaches the worker on a RunPod pod.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum RunpodWorkerAccess {
@@ -288,7 +303,9 @@ pub struct RunpodProvider {
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 128)))]
     pub gpu_type_ids: Vec<String>,
 
-    /// COMMUNITY, SECURE or ALL.
+    /// COMMUNITY, SECURE or ALL (default). REST v2 has no ALL: there each GPU type is
+    /// offered once per cloud that lists it, at that cloud's price (SECURE first at equal
+    /// prices); through GraphQL RunPod picks the cloud and the higher price is assumed.
     #[serde(default)]
     pub cloud_type: CloudType,
 
@@ -311,6 +328,11 @@ pub struct RunpodProvider {
     #[schemars(length(max = 64), inner(length(min = 1, max = 64)))]
     pub data_center_ids: Vec<String>,
 
+    /// RunPod API the pods are rented through: RestV2 (default) or GraphQL. GraphQL is
+    /// deprecated: RunPod retires it in early 2027.
+    #[serde(default)]
+    pub api: RunpodApi,
+
     /// Secret key holding the RunPod API key.
     pub credentials_secret_ref: SecretKeyRef,
 }
@@ -328,12 +350,42 @@ pub struct RunpodServerlessProvider {
     #[serde(default = "default_true")]
     pub manage_endpoint_settings: bool,
 
+    /// RunPod API the endpoint's settings are read and changed through: RestV2 (default) or
+    /// GraphQL. Jobs always go to the Serverless jobs API. GraphQL is deprecated: RunPod
+    /// retires it in early 2027.
+    #[serde(default)]
+    pub api: RunpodApi,
+
     /// Secret key holding the RunPod API key.
     pub credentials_secret_ref: SecretKeyRef,
 }
 
 fn default_true() -> bool {
     true
+}
+
+impl GpuPool {
+    /// One line per provider entry that names a deprecated API (RunPod GraphQL), for the
+    /// pool's `DeprecatedApi` warning event; empty when there is nothing to warn about.
+    pub fn deprecated_apis(&self) -> Vec<String> {
+        self.spec
+            .providers
+            .iter()
+            .filter_map(|p| {
+                let what = match (&p.runpod, &p.runpod_serverless) {
+                    (Some(r), _) if r.api == RunpodApi::GraphQL => "RunPod pods",
+                    (_, Some(s)) if s.api == RunpodApi::GraphQL => "RunPod Serverless settings",
+                    _ => return None,
+                };
+                Some(format!(
+                    "provider {} uses the RunPod GraphQL API for {what}, which is deprecated \
+                     and which RunPod retires in {RUNPOD_GRAPHQL_RETIREMENT}: set api: RestV2 \
+                     (the default) or remove the field",
+                    p.name
+                ))
+            })
+            .collect()
+    }
 }
 
 /// What runs on each rented machine: a container serving the worker HTTP API.
@@ -472,4 +524,62 @@ pub enum ProviderState {
     BackingOff,
     /// Cannot be used until its configuration is fixed (for example a missing Secret).
     Unavailable,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pool(providers: serde_json::Value) -> GpuPool {
+        serde_json::from_value(json!({
+            "apiVersion": "gpupool.dev/v1alpha1", "kind": "GpuPool",
+            "metadata": {"name": "p", "namespace": "media"},
+            "spec": {"providers": providers, "worker": {"image": "w:1"}}
+        }))
+        .expect("pool")
+    }
+
+    #[test]
+    fn runpod_entries_default_to_rest_v2_and_graphql_is_reported_as_deprecated() {
+        let secret = json!({"name": "runpod", "key": "apiKey"});
+        let p = pool(json!([
+            {"name": "pods", "runpod": {"gpuTypeIds": ["g"], "maxPricePerHour": "1",
+                                        "credentialsSecretRef": secret}},
+            {"name": "sls", "runpodServerless": {"endpointId": "abc", "credentialsSecretRef": secret}},
+        ]));
+        let entries = &p.spec.providers;
+        assert_eq!(
+            entries[0].runpod.as_ref().map(|r| r.api),
+            Some(RunpodApi::RestV2)
+        );
+        assert_eq!(
+            entries[1].runpod_serverless.as_ref().map(|s| s.api),
+            Some(RunpodApi::RestV2)
+        );
+        assert!(p.deprecated_apis().is_empty());
+
+        let p = pool(json!([
+            {"name": "old-pods", "runpod": {"gpuTypeIds": ["g"], "maxPricePerHour": "1",
+                                            "api": "GraphQL", "credentialsSecretRef": secret}},
+            {"name": "new-sls", "runpodServerless": {"endpointId": "abc", "api": "RestV2",
+                                                     "credentialsSecretRef": secret}},
+            {"name": "old-sls", "runpodServerless": {"endpointId": "abc", "api": "GraphQL",
+                                                     "credentialsSecretRef": secret}},
+        ]));
+        let warnings = p.deprecated_apis();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("provider old-pods "),
+            "{}",
+            warnings[0]
+        );
+        assert!(
+            warnings[1].starts_with("provider old-sls "),
+            "{}",
+            warnings[1]
+        );
+        assert!(warnings.iter().all(|w| w.contains("early 2027")));
+    }
 }

@@ -11,6 +11,7 @@ pub mod instrumented;
 pub mod quota;
 pub mod runpod;
 pub mod runpod_serverless;
+pub mod runpod_v2;
 pub mod vast;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
@@ -30,6 +31,10 @@ pub const ENV_SESSION_TOKEN: &str = "GPUPOOL_SESSION_TOKEN";
 pub const ENV_API_KEY: &str = "GPUPOOL_API_KEY";
 /// Environment variable telling the worker which port to listen on.
 pub const ENV_WORKER_PORT: &str = "GPUPOOL_WORKER_PORT";
+/// Environment variable carrying the machine's gpupool label, where the provider keeps the
+/// label in a field the user can change (a RunPod pod's `name`): a second mark, set at create,
+/// that a machine must also carry to be taken for gpupool's.
+pub const ENV_LABEL: &str = "GPUPOOL_LABEL";
 
 /// Every way a provider call can fail. The controller branches on the variant, never on text.
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]

@@ -1,4 +1,5 @@
-//! RunPod pods client ([`RunpodClient`]) over RunPod's GraphQL API, as the official SDK and
+//! RunPod pods client ([`RunpodClient`]) over RunPod's GraphQL API, deprecated (RunPod retires
+//! it in early 2027; REST v2 is [`super::runpod_v2`], the default), as the official SDK and
 //! `runpodctl` use it (`providers.md` §2.2-2.7): GPU type prices, `podFindAndDeployOnDemand`,
 //! `pod`, `myself { pods }`, `podTerminate`. Also the GraphQL transport that the Serverless
 //! client reuses for endpoint settings.
@@ -571,7 +572,7 @@ fn graphql_error(op: &str, error: &GraphqlErrorDto, redactor: &Redactor) -> Prov
 
 /// A URL template with `{podId}` and `{port}`, checked once.
 #[derive(Clone)]
-struct ProxyTemplate(String);
+pub(crate) struct ProxyTemplate(String);
 
 impl fmt::Debug for ProxyTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -580,7 +581,7 @@ impl fmt::Debug for ProxyTemplate {
 }
 
 impl ProxyTemplate {
-    fn parse(template: &str) -> ProviderResult<Self> {
+    pub(crate) fn parse(template: &str) -> ProviderResult<Self> {
         let t = Self(template.trim().to_string());
         if !t.0.contains("{podId}") {
             return Err(ProviderError::Permanent(
@@ -591,7 +592,7 @@ impl ProxyTemplate {
         Ok(t)
     }
 
-    fn render(&self, pod_id: &str, port: u16) -> String {
+    pub(crate) fn render(&self, pod_id: &str, port: u16) -> String {
         // Pod ids are lowercase alphanumerics; anything else is not put into a host name.
         let safe: String = pod_id
             .chars()
@@ -764,6 +765,7 @@ mod tests {
             gpu_count: 2,
             worker_access: access,
             data_center_ids: vec![],
+            api: crate::crd::RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("s", "k"),
         };
         RunpodClient::new(

@@ -1,16 +1,21 @@
 //! RunPod Serverless client ([`RunpodServerlessClient`]): queue jobs on an existing endpoint,
 //! poll and cancel them, read the endpoint's health (`providers.md` §2.8), and keep three of
-//! its settings in line with the pool through GraphQL (`myself { endpoints }` and
-//! `saveEndpoint`, §2.9).
+//! its settings in line with the pool: through REST v2 (`GET`/`PATCH /serverless/{id}`,
+//! §2.10) by default, or through the deprecated GraphQL API (`myself { endpoints }` and
+//! `saveEndpoint`, §2.9) when the entry's `api` is `GraphQL`.
 //!
 //! Decisions:
 //! * `/run` is not idempotent: only a refusal (429, no connection) is retried; after an
 //!   ambiguous failure the caller decides (the job may be queued);
 //! * `/cancel` of a job that is gone (404) or already final is success;
-//! * `saveEndpoint` is a full replace (omitted fields reset to defaults), so an update first
-//!   reads the endpoint and sends back every field it read, changing only `idleTimeout`,
-//!   `workersMin` and `workersMax`. A field RunPod adds later and this client does not read
-//!   would be reset: [`PRESERVED_FIELDS`] lists what is kept.
+//! * REST v2's `PATCH` is partial: the body is `{"workers": {min, max, idleTimeout}}` and
+//!   nothing else, so no other setting can be reset. RunPod refuses an idle timeout (422) on
+//!   an endpoint that scales by `REQUEST_COUNT` and leaves it out of the endpoint it returns:
+//!   both become a Permanent error saying so;
+//! * `saveEndpoint` is a full replace (omitted fields reset to defaults), so a GraphQL update
+//!   first reads the endpoint and sends back every field it read, changing only
+//!   `idleTimeout`, `workersMin` and `workersMax`. A field RunPod adds later and this client
+//!   does not read would be reset: [`PRESERVED_FIELDS`] lists what is kept.
 
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
@@ -23,13 +28,14 @@ use super::{
     Credentials, EndpointHealth, EndpointSettings, ProviderError, ProviderResult, ServerlessJob,
     ServerlessProvider, ServerlessStatus,
     http::{
-        ApiClient, Call, DEFAULT_RUNPOD_GRAPHQL_BASE_URL, DEFAULT_RUNPOD_SERVERLESS_BASE_URL,
-        HttpConfig, Idempotency, RawResponse, Redactor, join_segments, lenient, parse_base_url,
-        status_error,
+        ApiClient, Call, DEFAULT_RUNPOD_GRAPHQL_BASE_URL, DEFAULT_RUNPOD_REST_V2_BASE_URL,
+        DEFAULT_RUNPOD_SERVERLESS_BASE_URL, HttpConfig, Idempotency, RawResponse, Redactor,
+        join_segments, lenient, parse_base_url, status_error,
     },
     runpod::{graphql, graphql_url},
+    runpod_v2::{Verb, rest_error},
 };
-use crate::crd::RunpodServerlessProvider;
+use crate::crd::{RunpodApi, RunpodServerlessProvider};
 
 /// Longest job error kept from the endpoint, in characters (as for a worker's message).
 const ERROR_CHARS: usize = 1000;
@@ -69,7 +75,11 @@ const ENDPOINT_SELECTION: &str = "id name templateId gpuIds gpuCount instanceIds
 pub struct RunpodServerlessOptions {
     /// Jobs API base, as runpod-python's `RUNPOD_ENDPOINT_BASE_URL`.
     pub base_url: String,
-    /// GraphQL host for endpoint settings (see [`super::runpod::RunpodOptions`]).
+    /// REST v2 base, `/v2` included, for endpoint settings of entries whose `api` is `RestV2`
+    /// (see [`super::runpod_v2::RunpodV2Options`]).
+    pub rest_base_url: String,
+    /// GraphQL host for endpoint settings of entries whose `api` is `GraphQL` (see
+    /// [`super::runpod::RunpodOptions`]).
     pub graphql_base_url: String,
     pub http: HttpConfig,
 }
@@ -78,10 +88,20 @@ impl Default for RunpodServerlessOptions {
     fn default() -> Self {
         Self {
             base_url: DEFAULT_RUNPOD_SERVERLESS_BASE_URL.into(),
+            rest_base_url: DEFAULT_RUNPOD_REST_V2_BASE_URL.into(),
             graphql_base_url: DEFAULT_RUNPOD_GRAPHQL_BASE_URL.into(),
             http: HttpConfig::runpod_serverless(),
         }
     }
+}
+
+/// Where an entry's endpoint settings are read and changed.
+#[derive(Debug)]
+enum SettingsApi {
+    /// `{base}/serverless/{id}` of REST v2.
+    RestV2(Url),
+    /// The GraphQL URL.
+    GraphQL(Url),
 }
 
 /// One `runpodServerless` provider entry of a pool.
@@ -89,7 +109,7 @@ impl Default for RunpodServerlessOptions {
 pub struct RunpodServerlessClient {
     api: ApiClient,
     base: Url,
-    graphql: Url,
+    settings_api: SettingsApi,
     endpoint_id: String,
 }
 
@@ -106,10 +126,17 @@ impl RunpodServerlessClient {
                 entry.endpoint_id
             )));
         }
+        let settings_api = match entry.api {
+            RunpodApi::RestV2 => {
+                let base = parse_base_url("RunPod REST v2", &options.rest_base_url)?;
+                SettingsApi::RestV2(join_segments(&base, &["serverless", id])?)
+            }
+            RunpodApi::GraphQL => SettingsApi::GraphQL(graphql_url(&options.graphql_base_url)?),
+        };
         Ok(Self {
             api: ApiClient::new("runpod-serverless", credentials, options.http)?,
             base: parse_base_url("RunPod Serverless", &options.base_url)?,
-            graphql: graphql_url(&options.graphql_base_url)?,
+            settings_api,
             endpoint_id: id.to_string(),
         })
     }
@@ -120,13 +147,70 @@ impl RunpodServerlessClient {
         join_segments(&self.base, &all)
     }
 
+    /// `GET /serverless/{id}`: the endpoint's workers and scaling.
+    async fn rest_endpoint(&self, url: &Url) -> ProviderResult<RestEndpointDto> {
+        const OP: &str = "runpod.get_endpoint";
+        let call = Call {
+            op: OP,
+            method: Method::GET,
+            url: url.clone(),
+            body: None,
+            idempotency: Idempotency::Idempotent,
+        };
+        self.api
+            .execute(&call, |raw, r| {
+                if raw.is_success() {
+                    raw.json(OP, r)
+                } else {
+                    Err(rest_error(OP, raw, r, Verb::Read))
+                }
+            })
+            .await
+    }
+
+    /// `PATCH /serverless/{id}` with the three settings and nothing else.
+    async fn rest_update(&self, url: &Url, settings: &EndpointSettings) -> ProviderResult<()> {
+        const OP: &str = "runpod.update_endpoint";
+        let body = patch_body(settings);
+        let call = Call {
+            op: OP,
+            method: Method::PATCH,
+            url: url.clone(),
+            body: Some(&body),
+            // The same partial update twice is the same update.
+            idempotency: Idempotency::Idempotent,
+        };
+        let refused = self
+            .api
+            .execute(&call, |raw, r| {
+                if raw.is_success() {
+                    return Ok(None);
+                }
+                if raw.status == StatusCode::UNPROCESSABLE_ENTITY {
+                    // Told apart below, after a look at how the endpoint scales.
+                    return Ok(Some(rest_error(OP, raw, r, Verb::Update)));
+                }
+                Err(rest_error(OP, raw, r, Verb::Update))
+            })
+            .await?;
+        let Some(refused) = refused else {
+            return Ok(());
+        };
+        match self.rest_endpoint(url).await {
+            Ok(endpoint) if endpoint.refuses_idle_timeout() => {
+                Err(request_count_error(&self.endpoint_id))
+            }
+            _ => Err(refused),
+        }
+    }
+
     /// The endpoint as RunPod stores it, with the preserved fields.
-    async fn read_endpoint(&self) -> ProviderResult<Map<String, Value>> {
+    async fn read_endpoint(&self, graphql_url: &Url) -> ProviderResult<Map<String, Value>> {
         let query =
             format!("query Endpoints {{ myself {{ endpoints {{ {ENDPOINT_SELECTION} }} }} }}");
         let data: MyselfEndpointsData = graphql(
             &self.api,
-            &self.graphql,
+            graphql_url,
             "runpod.endpoints",
             &query,
             json!({}),
@@ -219,20 +303,27 @@ impl ServerlessProvider for RunpodServerlessClient {
     }
 
     async fn settings(&self) -> ProviderResult<EndpointSettings> {
-        settings_of(&self.read_endpoint().await?)
+        match &self.settings_api {
+            SettingsApi::RestV2(url) => self.rest_endpoint(url).await?.settings(&self.endpoint_id),
+            SettingsApi::GraphQL(url) => settings_of(&self.read_endpoint(url).await?),
+        }
     }
 
     async fn update_settings(&self, settings: &EndpointSettings) -> ProviderResult<()> {
         const MUTATION: &str = "mutation SaveEndpoint($input: EndpointInput!) { \
             saveEndpoint(input: $input) { id idleTimeout workersMin workersMax } }";
-        let current = self.read_endpoint().await?;
+        let graphql_url = match &self.settings_api {
+            SettingsApi::RestV2(url) => return self.rest_update(url, settings).await,
+            SettingsApi::GraphQL(url) => url,
+        };
+        let current = self.read_endpoint(graphql_url).await?;
         if settings_of(&current).ok().as_ref() == Some(settings) {
             return Ok(());
         }
         let input = save_input(&self.endpoint_id, &current, settings);
         let data: SaveEndpointData = graphql(
             &self.api,
-            &self.graphql,
+            graphql_url,
             "runpod.save_endpoint",
             MUTATION,
             json!({"input": input}),
@@ -280,6 +371,25 @@ fn save_input(
     input.insert("workersMin".into(), json!(settings.workers_min));
     input.insert("workersMax".into(), json!(settings.workers_max));
     input
+}
+
+/// The REST v2 `UpdateEndpointRequest` the operator sends: the workers block only.
+fn patch_body(settings: &EndpointSettings) -> Value {
+    json!({"workers": {
+        "min": settings.workers_min,
+        "max": settings.workers_max,
+        "idleTimeout": settings.idle_timeout_seconds,
+    }})
+}
+
+/// Why an endpoint scaling by request count cannot have its settings kept.
+fn request_count_error(endpoint_id: &str) -> ProviderError {
+    ProviderError::Permanent(format!(
+        "runpod endpoint {endpoint_id} is queue-based and scales by REQUEST_COUNT, which takes \
+         no idle timeout \
+         (RunPod refuses one with HTTP 422): switch its scaling to QUEUE_DELAY, or set \
+         manageEndpointSettings: false on this provider entry"
+    ))
 }
 
 fn settings_of(endpoint: &Map<String, Value>) -> ProviderResult<EndpointSettings> {
@@ -443,6 +553,73 @@ impl From<HealthDto> for EndpointHealth {
             workers_idle: workers.idle.unwrap_or(0),
             workers_running: workers.running.unwrap_or(0),
         }
+    }
+}
+
+/// REST v2 `Endpoint`: what the settings need of it.
+#[derive(Deserialize, Debug, Default)]
+#[serde(default)]
+struct RestEndpointDto {
+    /// QUEUE or LOAD_BALANCER.
+    #[serde(rename = "type", deserialize_with = "lenient::opt_string")]
+    kind: Option<String>,
+    #[serde(deserialize_with = "lenient::opt_obj")]
+    workers: Option<RestWorkersDto>,
+    #[serde(deserialize_with = "lenient::opt_obj")]
+    scaling: Option<RestScalingDto>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct RestWorkersDto {
+    #[serde(deserialize_with = "lenient::opt_u64")]
+    min: Option<u64>,
+    #[serde(deserialize_with = "lenient::opt_u64")]
+    max: Option<u64>,
+    #[serde(deserialize_with = "lenient::opt_u64")]
+    idle_timeout: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(default)]
+struct RestScalingDto {
+    #[serde(rename = "type", deserialize_with = "lenient::opt_string")]
+    kind: Option<String>,
+}
+
+impl RestEndpointDto {
+    /// A queue-based endpoint scaling by request count: RunPod takes no idle timeout there
+    /// (load-balancing endpoints scale by request count and keep theirs).
+    fn refuses_idle_timeout(&self) -> bool {
+        let by_requests = self
+            .scaling
+            .as_ref()
+            .and_then(|s| s.kind.as_deref())
+            .is_some_and(|k| k.trim().eq_ignore_ascii_case("REQUEST_COUNT"));
+        let load_balanced = self
+            .kind
+            .as_deref()
+            .is_some_and(|k| k.trim().eq_ignore_ascii_case("LOAD_BALANCER"));
+        by_requests && !load_balanced
+    }
+
+    fn settings(&self, endpoint_id: &str) -> ProviderResult<EndpointSettings> {
+        const OP: &str = "runpod.get_endpoint";
+        let workers = self.workers.as_ref();
+        let int = |v: Option<u64>, field: &str| {
+            v.and_then(|v| u32::try_from(v).ok()).ok_or_else(|| {
+                ProviderError::Transient(format!("{OP}: endpoint without workers.{field}"))
+            })
+        };
+        let idle = workers.and_then(|w| w.idle_timeout);
+        if idle.is_none() && self.refuses_idle_timeout() {
+            return Err(request_count_error(endpoint_id));
+        }
+        Ok(EndpointSettings {
+            idle_timeout_seconds: int(idle, "idleTimeout")?,
+            workers_min: int(workers.and_then(|w| w.min), "min")?,
+            workers_max: int(workers.and_then(|w| w.max), "max")?,
+        })
     }
 }
 
@@ -699,5 +876,62 @@ mod tests {
                 Some("i02xupws21hp6i")
             );
         }
+    }
+
+    #[test]
+    fn published_rest_v2_endpoints_give_the_settings() {
+        use crate::provider::runpod_v2::tests::example;
+        let path = "/paths/~1v2~1serverless~1{id}";
+        let get: RestEndpointDto = serde_json::from_value(example(
+            &format!("{path}/get/responses/200/content/application~1json"),
+            "endpoint",
+        ))
+        .expect("get");
+        // A load-balancing endpoint scaling by request count keeps its idle timeout.
+        assert!(!get.refuses_idle_timeout());
+        assert_eq!(
+            get.settings("4m7x2k9q"),
+            Ok(EndpointSettings {
+                idle_timeout_seconds: 5,
+                workers_min: 0,
+                workers_max: 5
+            })
+        );
+        let patched: RestEndpointDto = serde_json::from_value(example(
+            &format!("{path}/patch/responses/200/content/application~1json"),
+            "endpoint",
+        ))
+        .expect("patch");
+        assert_eq!(
+            patched.settings("4m7x2k9q").map(|s| s.idle_timeout_seconds),
+            Ok(10)
+        );
+        // The published request changes the workers (and the scaling, which we never send).
+        let request = example(
+            &format!("{path}/patch/requestBody/content/application~1json"),
+            "scaleEndpoint",
+        );
+        let ours = patch_body(&EndpointSettings {
+            idle_timeout_seconds: 10,
+            workers_min: 1,
+            workers_max: 10,
+        });
+        assert_eq!(ours["workers"], request["workers"]);
+        assert_eq!(ours.as_object().map(|o| o.len()), Some(1));
+
+        // Queue-based by request count: no idle timeout in the answer, and a clear error.
+        let queue: RestEndpointDto = serde_json::from_value(json!({
+            "type": "QUEUE", "workers": {"min": 0, "max": 3},
+            "scaling": {"type": "REQUEST_COUNT", "requestCount": 4}
+        }))
+        .expect("queue");
+        assert!(queue.refuses_idle_timeout());
+        let e = queue.settings("ep1").expect_err("request count");
+        assert_eq!(e.label(), "Permanent");
+        assert!(e.to_string().contains("REQUEST_COUNT"), "{e}");
+        assert!(e.to_string().contains("manageEndpointSettings"), "{e}");
+        let odd: RestEndpointDto =
+            serde_json::from_value(json!({"workers": {"min": 0}})).expect("odd");
+        assert_eq!(odd.settings("ep1").map_err(|e| e.label()), Err("Transient"));
     }
 }

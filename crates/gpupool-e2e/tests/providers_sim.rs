@@ -11,7 +11,7 @@ use std::{future::Future, time::Duration};
 
 use gpupool::{
     crd::{
-        CloudType, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
+        CloudType, RunpodApi, RunpodProvider, RunpodServerlessProvider, SecretKeyRef, VastProvider,
         pool::RunpodWorkerAccess,
     },
     provider::{
@@ -364,6 +364,7 @@ fn runpod_entry(
         gpu_count: 1,
         worker_access: access,
         data_center_ids: vec![],
+        api: RunpodApi::GraphQL,
         credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
     }
 }
@@ -404,11 +405,13 @@ fn serverless_client(
         &RunpodServerlessProvider {
             endpoint_id: endpoint_id.into(),
             manage_endpoint_settings: true,
+            api: RunpodApi::GraphQL,
             credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
         },
         Credentials::new(key),
         RunpodServerlessOptions {
             base_url: sim.h.serverless_url(),
+            rest_base_url: format!("{}/v2", sim.h.base_url),
             graphql_base_url: sim.h.base_url.clone(),
             http,
         },

@@ -45,6 +45,9 @@ use super::{ProviderError, ProviderResult};
 pub const DEFAULT_VAST_BASE_URL: &str = "https://console.vast.ai";
 /// RunPod GraphQL host; the client posts to `{base}/graphql`.
 pub const DEFAULT_RUNPOD_GRAPHQL_BASE_URL: &str = "https://api.runpod.io";
+/// RunPod REST v2 base, `/v2` included; the client calls `{base}/pods`, `{base}/catalog/gpus`
+/// and `{base}/serverless/{endpointId}`.
+pub const DEFAULT_RUNPOD_REST_V2_BASE_URL: &str = "https://api.runpod.io/v2";
 /// RunPod Serverless base; the client calls `{base}/{endpointId}/run` and friends.
 pub const DEFAULT_RUNPOD_SERVERLESS_BASE_URL: &str = "https://api.runpod.ai/v2";
 /// RunPod's HTTPS proxy in front of `/http` pod ports; `{podId}` and `{port}` are replaced.
@@ -138,6 +141,19 @@ impl HttpConfig {
     /// RunPod GraphQL: no published limit; 10 at once, then 5 a second.
     pub fn runpod() -> Self {
         Self::default()
+    }
+
+    /// RunPod REST v2 limits per user and says so in `RateLimit-Policy` (its published
+    /// example: 60 a minute, 3000 an hour); 10 at once, then one a second, keeps below the
+    /// minute window, and a 429's `Retry-After` is honoured past that.
+    pub fn runpod_v2() -> Self {
+        Self {
+            rate_limit: Some(RateLimit {
+                replenish_every: Duration::from_secs(1),
+                burst: NonZeroU32::MIN.saturating_add(9),
+            }),
+            ..Self::default()
+        }
     }
 
     /// RunPod Serverless allows 1000 `/run` and 2000 `/status` per 10 s; stay far below.

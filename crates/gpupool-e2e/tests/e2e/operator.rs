@@ -110,6 +110,7 @@ impl Operator {
             "--http-addr=127.0.0.1:0".into(),
             format!("--vast-url={}", sim.base_url),
             format!("--runpod-api-url={}", sim.base_url),
+            format!("--runpod-rest-url={}/v2", sim.base_url),
             format!("--runpod-serverless-url={}", sim.serverless_url()),
             format!(
                 "--runpod-proxy-template={}/proxy/{{podId}}-{{port}}",
