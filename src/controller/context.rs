@@ -170,6 +170,8 @@ pub struct Context {
     pool_status_written: Throttle<PoolKey>,
     /// Instances (by UID) whose final cost was counted in `spend_total`, and when.
     spend_counted: Throttle<String>,
+    /// Warnings given once per pool and text (a deprecated API named).
+    warned: Registry<(PoolKey, String), ()>,
     ready: AtomicBool,
     standby: AtomicBool,
 }
@@ -207,6 +209,7 @@ impl Context {
             liveness: Throttle::default(),
             pool_status_written: Throttle::default(),
             spend_counted: Throttle::default(),
+            warned: Registry::default(),
             ready: AtomicBool::new(false),
             standby: AtomicBool::new(false),
         }
@@ -382,8 +385,17 @@ impl Context {
         self.liveness.remove(&instance_uid.to_string());
     }
 
+    /// True the first time this process is asked about `what` for `pool`: a warning worth
+    /// one event, not one per reconcile.
+    pub fn first_warning(&self, pool: &PoolKey, what: &str) -> bool {
+        self.warned
+            .insert((pool.clone(), what.to_string()), ())
+            .is_none()
+    }
+
     /// Drops what this process remembers of a pool that is gone.
     pub fn forget_pool(&self, pool: &PoolKey) {
+        self.warned.forget(|(p, _)| p == pool);
         self.backoff.forget(|k| &k.pool == pool);
         self.endpoint_sync.forget(|k| &k.pool == pool);
         self.pool_status_written.remove(pool);
@@ -402,6 +414,7 @@ impl Context {
             + self.liveness.len()
             + self.pool_status_written.len()
             + self.spend_counted.len()
+            + self.warned.len()
             + self.sessions.len()
             + self.deadlines.len()
     }

@@ -103,12 +103,23 @@ fn instance_price(i: &GpuInstance) -> Option<Decimal> {
 /// One scheduling pass, as named steps: observe the pool, repair what a crash interrupted,
 /// plan (pure: `scheduling::schedule` on views of the snapshot), then carry the plan out:
 /// binds, serverless submissions, new instances, wait reasons; endpoint settings; status.
+/// A Warning event, once per process, for each provider entry that names a deprecated API.
+async fn warn_deprecated(pool: &GpuPool, ctx: &Context) {
+    for message in pool.deprecated_apis() {
+        if ctx.first_warning(&PoolKey::of(pool), &message) {
+            let reason = crate::crd::pool::DEPRECATED_API_REASON;
+            ctx.event(pool, EventType::Warning, reason, message).await;
+        }
+    }
+}
+
 async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Result<Action> {
     let ns = pool.namespace().unwrap_or_default();
     let snap = Snapshot::observe(ctx, &pool);
     let job_api: Api<VideoJob> = Api::namespaced(ctx.client.clone(), &ns);
     let inst_api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
 
+    warn_deprecated(&pool, ctx).await;
     let repaired = repair_bindings(ctx, &job_api, &snap).await?;
     let pending = snap.pending(&repaired);
     if !pending.is_empty() {

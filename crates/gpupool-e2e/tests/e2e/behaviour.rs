@@ -250,7 +250,20 @@ async fn the_sweep_destroys_a_machine_whose_instance_vanished() {
 /// back-off.
 #[tokio::test]
 async fn failover_to_the_next_provider_with_visible_back_off() {
-    let ns = namespace_with_secrets("failover").await;
+    failover("failover", None).await;
+}
+
+/// The same over RunPod's GraphQL API, still selectable per entry until RunPod retires it:
+/// the pool gets a DeprecatedApi warning, and the pods go through GraphQL, not REST v2.
+#[tokio::test]
+async fn failover_over_runpod_graphql_works_and_warns_it_is_deprecated() {
+    failover("failover-gql", Some("GraphQL")).await;
+}
+
+/// A job on a pool whose Vast entry has no capacity lands on its RunPod entry, over `api`
+/// (the default, REST v2, when `None`).
+async fn failover(prefix: &str, api: Option<&str>) {
+    let ns = namespace_with_secrets(prefix).await;
     let client = ns.client();
     let sim = sim().await;
     admin_put(
@@ -265,6 +278,9 @@ async fn failover_to_the_next_provider_with_visible_back_off() {
         "name": "rp", "runpod": {"gpuTypeIds": ["NVIDIA GeForce RTX 3090"], "cloudType": "COMMUNITY",
         "maxPricePerHour": "0.50", "credentialsSecretRef": {"name": "runpod", "key": "apiKey"}}
     }));
+    if let Some(api) = api {
+        spec["providers"][1]["runpod"]["api"] = json!(api);
+    }
     create_pool(&client, &ns.name, "default", spec).await;
     create_job(&client, &ns.name, "f-1", json!({"operation": "caption"})).await;
     let job = finished_job(&client, &ns.name, "f-1", Duration::from_secs(60), &op).await;
@@ -287,6 +303,30 @@ async fn failover_to_the_next_provider_with_visible_back_off() {
     )
     .await;
     assert!(status.backoff_until.is_some() && status.message.unwrap().contains("capacity"));
+    // The pods went through the API the entry names.
+    let calls = admin(&sim, "calls").await;
+    let used = |prefix: &str| {
+        calls["counts"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|op| op.starts_with(prefix))
+    };
+    match api {
+        Some("GraphQL") => {
+            assert!(
+                used("runpod.podFindAndDeployOnDemand") && !used("runpod.v2."),
+                "{}",
+                calls["counts"]
+            );
+            assert_event_reasons(&client, &ns.name, &["DeprecatedApi"]).await;
+        }
+        _ => assert!(
+            used("runpod.v2.") && !used("runpod.podFindAndDeployOnDemand"),
+            "{}",
+            calls["counts"]
+        ),
+    }
     ns.cleanup().await;
 }
 
