@@ -1,6 +1,8 @@
 //! Each adapter against the provider simulator over real HTTP: the proof that our clients
-//! (`VastClient`, `RunpodClient` with public TCP and with the proxy, `RunpodServerlessClient`,
-//! `WorkerClient`) and our simulator agree.
+//! (`VastClient`, RunPod pods over REST v2 (`RunpodV2Client`) and over GraphQL
+//! (`RunpodClient`), each with public TCP and with the proxy, `RunpodServerlessClient`,
+//! `WorkerClient`) and our simulator agree. Every RunPod pod test, and the Serverless
+//! settings test, runs once per API (`*_over_rest_v2`, `*_over_graphql`).
 //!
 //! Every test starts its own in-process simulator (`SimConfig::fast()` timings) on a free
 //! loopback port, drives it only through the clients under test, and checks the outcome in
@@ -21,6 +23,7 @@ use gpupool::{
         http::{HttpConfig, RetryPolicy, WorkerShape},
         runpod::{RunpodClient, RunpodOptions},
         runpod_serverless::{RunpodServerlessClient, RunpodServerlessOptions},
+        runpod_v2::{RunpodV2Client, RunpodV2Options},
         vast::{VastClient, VastOptions},
     },
     worker::{Dispatch, WorkerClient, WorkerClientConfig, WorkerError},
@@ -401,11 +404,22 @@ fn serverless_client(
     endpoint_id: &str,
     http: HttpConfig,
 ) -> RunpodServerlessClient {
+    serverless_client_over(sim, RunpodApi::GraphQL, key, endpoint_id, http)
+}
+
+/// A Serverless client whose endpoint settings go through `api`.
+fn serverless_client_over(
+    sim: &Sim,
+    api: RunpodApi,
+    key: &str,
+    endpoint_id: &str,
+    http: HttpConfig,
+) -> RunpodServerlessClient {
     RunpodServerlessClient::new(
         &RunpodServerlessProvider {
             endpoint_id: endpoint_id.into(),
             manage_endpoint_settings: true,
-            api: RunpodApi::GraphQL,
+            api,
             credentials_secret_ref: SecretKeyRef::new("runpod", "key"),
         },
         Credentials::new(key),
@@ -1020,10 +1034,118 @@ async fn vast_ghost_create_errors_but_find_by_label_finds_the_machine() {
 
 // ---------------------------------------------------------------- RunPod pods
 
+/// A logical RunPod operation, named per API in the simulator's call log and fault keys.
+#[derive(Clone, Copy, Debug)]
+enum RpOp {
+    Offers,
+    Create,
+    Get,
+    List,
+    Delete,
+    /// Every RunPod operation of the API (a fault wildcard).
+    Any,
+}
+
+/// The simulator's operation name of `op` over `api`: GraphQL ops are named after their
+/// root field, REST v2 ops after their `operationId`.
+fn rp_op(api: RunpodApi, op: RpOp) -> &'static str {
+    match (api, op) {
+        (RunpodApi::GraphQL, RpOp::Offers) => "runpod.gpuTypes",
+        (RunpodApi::GraphQL, RpOp::Create) => "runpod.podFindAndDeployOnDemand",
+        (RunpodApi::GraphQL, RpOp::Get) => "runpod.pod",
+        (RunpodApi::GraphQL, RpOp::List) => "runpod.myself",
+        (RunpodApi::GraphQL, RpOp::Delete) => "runpod.podTerminate",
+        (RunpodApi::GraphQL, RpOp::Any) => "runpod.*",
+        (RunpodApi::RestV2, RpOp::Offers) => "runpod.v2.listGpuTypes",
+        (RunpodApi::RestV2, RpOp::Create) => "runpod.v2.createPod",
+        (RunpodApi::RestV2, RpOp::Get) => "runpod.v2.getPod",
+        (RunpodApi::RestV2, RpOp::List) => "runpod.v2.listPods",
+        (RunpodApi::RestV2, RpOp::Delete) => "runpod.v2.deletePod",
+        (RunpodApi::RestV2, RpOp::Any) => "runpod.v2.*",
+    }
+}
+
+/// The id of an offer for `gpu` in `cloud` (`SECURE`/`COMMUNITY`): GraphQL offers are the
+/// GPU type id, REST v2 offers name the cloud too.
+fn rp_offer_id(api: RunpodApi, cloud: &str, gpu: &str) -> String {
+    match api {
+        RunpodApi::GraphQL => gpu.to_string(),
+        RunpodApi::RestV2 => format!("{cloud}:{gpu}"),
+    }
+}
+
+/// A rate-limit trigger: REST v2's 429s carry `Retry-After: 1` unless told otherwise, which
+/// the client would honour; `0` keeps both APIs hint-free (GraphQL's default).
+fn rp_rate_limit(trigger: Value) -> Value {
+    let mut t = trigger;
+    t["retry_after"] = json!(0);
+    t
+}
+
+/// The pod client of `entry`'s API against the simulator.
+fn runpod_provider(
+    sim: &Sim,
+    entry: &RunpodProvider,
+    key: &str,
+    http: HttpConfig,
+) -> Box<dyn InstanceProvider> {
+    match entry.api {
+        RunpodApi::GraphQL => Box::new(runpod_with(sim, entry, key, http)),
+        RunpodApi::RestV2 => Box::new(
+            RunpodV2Client::new(
+                entry,
+                WORKER,
+                Credentials::new(key),
+                RunpodV2Options {
+                    base_url: sim.h.rest_v2_url(),
+                    proxy_url_template: proxy_template(sim),
+                    http,
+                },
+            )
+            .expect("runpod v2 client"),
+        ),
+    }
+}
+
+/// The community-cloud entry of [`runpod_client`], over `api`.
+fn runpod_over(
+    sim: &Sim,
+    api: RunpodApi,
+    key: &str,
+    http: HttpConfig,
+) -> Box<dyn InstanceProvider> {
+    let entry = RunpodProvider {
+        api,
+        ..runpod_entry(
+            RunpodWorkerAccess::PublicTcp,
+            CloudType::Community,
+            &[GPU_4090, GPU_3090, "NVIDIA Imaginary RTX 9999", GPU_3060],
+            "0.30",
+        )
+    };
+    runpod_provider(sim, &entry, key, http)
+}
+
+/// Two `#[tokio::test]`s, one over REST v2 and one over GraphQL, each calling
+/// `body(api, args...)`.
+macro_rules! over_both_apis {
+    ($rest_v2:ident, $graphql:ident => $body:ident($($arg:expr),*)) => {
+        #[tokio::test]
+        async fn $rest_v2() {
+            $body(RunpodApi::RestV2, $($arg),*).await;
+        }
+
+        #[tokio::test]
+        async fn $graphql() {
+            $body(RunpodApi::GraphQL, $($arg),*).await;
+        }
+    };
+}
+
 /// Offers, create, running with the expected endpoint, worker, find/list, delete, bill.
-async fn runpod_happy_path(access: RunpodWorkerAccess) {
+async fn runpod_happy_path(api: RunpodApi, access: RunpodWorkerAccess) {
     let sim = Sim::start(config()).await;
-    let (entry, expected_offers, price) = match access {
+    let (entry, cloud, expected_offers, price) = match access {
         // Community: 4090 (0.34) is over the cap, the imaginary type is unknown.
         RunpodWorkerAccess::PublicTcp => (
             runpod_entry(
@@ -1032,6 +1154,7 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
                 &[GPU_4090, GPU_3090, "NVIDIA Imaginary RTX 9999", GPU_3060],
                 "0.30",
             ),
+            "COMMUNITY",
             vec![
                 (GPU_3060, "RTX 3060", "0.1"),
                 (GPU_3090, "RTX 3090", "0.22"),
@@ -1046,6 +1169,7 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
                 &[GPU_4090, GPU_3060, GPU_3090],
                 "0.70",
             ),
+            "SECURE",
             vec![
                 (GPU_3090, "RTX 3090", "0.43"),
                 (GPU_4090, "RTX 4090", "0.69"),
@@ -1053,18 +1177,34 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
             0.43,
         ),
     };
-    let runpod = runpod_with(&sim, &entry, RUNPOD_KEY, http());
+    let entry = RunpodProvider { api, ..entry };
+    let runpod = runpod_provider(&sim, &entry, RUNPOD_KEY, http());
 
     let offers = runpod.offers().await.expect("offers");
     let got: Vec<(&str, &str, Decimal)> = offers
         .iter()
         .map(|o| (o.id.as_str(), o.gpu_name.as_str(), o.price_per_hour))
         .collect();
+    let want_ids: Vec<String> = expected_offers
+        .iter()
+        .map(|(gpu, _, _)| rp_offer_id(api, cloud, gpu))
+        .collect();
     let want: Vec<(&str, &str, Decimal)> = expected_offers
         .iter()
-        .map(|(id, name, p)| (*id, *name, dec(p)))
+        .zip(&want_ids)
+        .map(|((_, name, p), id)| (id.as_str(), *name, dec(p)))
         .collect();
     assert_eq!(got, want);
+    // GraphQL asks `gpuTypes` once per GPU type of the entry (the unknown one too); REST v2
+    // reads the whole catalogue once.
+    let catalogue_reads = match api {
+        RunpodApi::GraphQL => entry.gpu_type_ids.len() as u64,
+        RunpodApi::RestV2 => 1,
+    };
+    assert_eq!(
+        sim.calls(rp_op(api, RpOp::Offers), 200).await,
+        catalogue_reads
+    );
 
     let label = "gpupool-c0ffee-pod-uid-1";
     let created = runpod
@@ -1074,8 +1214,9 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
     assert_eq!(created.state, RemoteState::Starting);
     assert_eq!(created.label.as_deref(), Some(label));
     let id = created.id.clone();
+    assert_eq!(sim.calls_total(rp_op(api, RpOp::Create)).await, 1);
 
-    let running = wait_running(&runpod, &id).await;
+    let running = wait_running(&*runpod, &id).await;
     let endpoint = running.endpoint.clone().expect("endpoint");
     match access {
         RunpodWorkerAccess::PublicTcp => {
@@ -1090,11 +1231,15 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
     }
     assert_eq!(running.label.as_deref(), Some(label));
     assert_eq!(running.num_gpus, Some(1));
-    assert_eq!(
-        running.gpu_name.as_deref(),
-        Some(offers[0].gpu_name.as_str())
-    );
+    // GraphQL's pod names its GPU by display name, as the offer does; REST v2's pod only
+    // by GPU type id.
+    let gpu_name = match api {
+        RunpodApi::GraphQL => offers[0].gpu_name.clone(),
+        RunpodApi::RestV2 => expected_offers[0].0.to_string(),
+    };
+    assert_eq!(running.gpu_name.as_deref(), Some(gpu_name.as_str()));
     assert_eq!(running.price_per_hour, Some(offers[0].price_per_hour));
+    assert!(sim.calls(rp_op(api, RpOp::Get), 200).await >= 1);
 
     exercise_worker(&sim, &endpoint, &id, "pjob-1").await;
     if access == RunpodWorkerAccess::Proxy {
@@ -1131,8 +1276,9 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
             .expect("list")
             .is_empty()
     );
+    assert!(sim.calls(rp_op(api, RpOp::List), 200).await >= 4);
 
-    delete_and_check_gone(&runpod, &id).await;
+    delete_and_check_gone(&*runpod, &id).await;
     assert!(
         runpod
             .list_labeled("gpupool-")
@@ -1140,23 +1286,24 @@ async fn runpod_happy_path(access: RunpodWorkerAccess) {
             .expect("list")
             .is_empty()
     );
+    assert!(sim.calls_total(rp_op(api, RpOp::Delete)).await >= 2);
     sim.assert_billed_and_gone("runpod", &id, price).await;
 }
 
-#[tokio::test]
-async fn runpod_public_tcp_happy_path() {
-    runpod_happy_path(RunpodWorkerAccess::PublicTcp).await;
-}
+over_both_apis!(
+    runpod_public_tcp_happy_path_over_rest_v2,
+    runpod_public_tcp_happy_path_over_graphql
+    => runpod_happy_path(RunpodWorkerAccess::PublicTcp)
+);
+over_both_apis!(
+    runpod_proxy_happy_path_over_rest_v2,
+    runpod_proxy_happy_path_over_graphql
+    => runpod_happy_path(RunpodWorkerAccess::Proxy)
+);
 
-#[tokio::test]
-async fn runpod_proxy_happy_path() {
-    runpod_happy_path(RunpodWorkerAccess::Proxy).await;
-}
-
-#[tokio::test]
-async fn runpod_wrong_key_is_unauthorized_and_not_retried() {
+async fn runpod_wrong_key_is_unauthorized_and_not_retried(api: RunpodApi) {
     let sim = Sim::start(config()).await;
-    let good = runpod_client(&sim, RUNPOD_KEY, http());
+    let good = runpod_over(&sim, api, RUNPOD_KEY, http());
     let offer = good.offers().await.expect("offers").remove(0);
     let id = good
         .create(&offer, &create_request("gpupool-c0ffee-pod-k"))
@@ -1164,7 +1311,7 @@ async fn runpod_wrong_key_is_unauthorized_and_not_retried() {
         .expect("create")
         .id;
 
-    let bad = runpod_client(&sim, "not-a-runpod-key", http());
+    let bad = runpod_over(&sim, api, "not-a-runpod-key", http());
     assert_eq!(class(&bad.offers().await), "Unauthorized");
     assert_eq!(
         class(
@@ -1176,16 +1323,38 @@ async fn runpod_wrong_key_is_unauthorized_and_not_retried() {
     assert_eq!(class(&bad.get(&id).await), "Unauthorized");
     assert_eq!(class(&bad.list_labeled("gpupool-").await), "Unauthorized");
     assert_eq!(class(&bad.delete(&id).await), "Unauthorized");
-    // Refused before the document is read: all five under the generic operation name.
-    assert_eq!(sim.calls("runpod.graphql", 401).await, 5, "none retried");
+    match api {
+        // Refused before the document is read: all five under the generic operation name.
+        RunpodApi::GraphQL => {
+            assert_eq!(sim.calls("runpod.graphql", 401).await, 5, "none retried")
+        }
+        // REST v2 names the operation by its route, before authentication: one each.
+        RunpodApi::RestV2 => {
+            for op in [
+                RpOp::Offers,
+                RpOp::Create,
+                RpOp::Get,
+                RpOp::List,
+                RpOp::Delete,
+            ] {
+                let op = rp_op(api, op);
+                assert_eq!(sim.calls(op, 401).await, 1, "{op} is not retried");
+            }
+        }
+    }
     assert_eq!(sim.instance_count().await, 1);
     assert_eq!(sim.state_instance(&id).await["alive"], true);
 }
 
-#[tokio::test]
-async fn runpod_unknown_pod_is_not_found_and_an_invalid_request_is_permanent() {
+over_both_apis!(
+    runpod_wrong_key_is_unauthorized_and_not_retried_over_rest_v2,
+    runpod_wrong_key_is_unauthorized_and_not_retried_over_graphql
+    => runpod_wrong_key_is_unauthorized_and_not_retried()
+);
+
+async fn runpod_unknown_pod_is_not_found_and_an_invalid_request_is_permanent(api: RunpodApi) {
     let sim = Sim::start(config()).await;
-    let runpod = runpod_client(&sim, RUNPOD_KEY, http());
+    let runpod = runpod_over(&sim, api, RUNPOD_KEY, http());
     match runpod.get("nosuchpod00001").await {
         Err(ProviderError::NotFound(_)) => {}
         other => panic!("get of an unknown pod: {other:?}"),
@@ -1194,9 +1363,17 @@ async fn runpod_unknown_pod_is_not_found_and_an_invalid_request_is_permanent() {
         .delete("nosuchpod00001")
         .await
         .expect("deleting an unknown pod is Ok");
-    assert_eq!(sim.calls("runpod.podTerminate", 200).await, 1);
+    // GraphQL's podTerminate answers an unknown pod with success; REST v2's DELETE with a
+    // 404, which the client takes as gone. Either way one call, not retried.
+    let delete_status = match api {
+        RunpodApi::GraphQL => 200,
+        RunpodApi::RestV2 => 404,
+    };
+    assert_eq!(sim.calls(rp_op(api, RpOp::Delete), delete_status).await, 1);
+    assert_eq!(sim.calls_total(rp_op(api, RpOp::Delete)).await, 1);
 
-    // A GPU type RunPod does not have: the request is wrong, not the market sold out.
+    // A GPU type RunPod does not have: the request is wrong, not the market sold out. The
+    // bare GPU type id (no cloud) is the entry's cloud over REST v2.
     let bogus = Offer {
         id: "NVIDIA Imaginary RTX 9999".into(),
         gpu_name: "RTX 9999".into(),
@@ -1212,12 +1389,17 @@ async fn runpod_unknown_pod_is_not_found_and_an_invalid_request_is_permanent() {
         Err(ProviderError::Permanent(msg)) => assert!(msg.contains("Imaginary"), "{msg}"),
         other => panic!("create with an unknown GPU type: {other:?}"),
     }
-    assert_eq!(sim.calls_total("runpod.podFindAndDeployOnDemand").await, 1);
+    assert_eq!(sim.calls_total(rp_op(api, RpOp::Create)).await, 1);
     assert_eq!(sim.instance_count().await, 0);
 }
 
-#[tokio::test]
-async fn runpod_no_capacity_is_insufficient_capacity() {
+over_both_apis!(
+    runpod_unknown_pod_is_not_found_and_an_invalid_request_is_permanent_over_rest_v2,
+    runpod_unknown_pod_is_not_found_and_an_invalid_request_is_permanent_over_graphql
+    => runpod_unknown_pod_is_not_found_and_an_invalid_request_is_permanent()
+);
+
+async fn runpod_no_capacity_is_insufficient_capacity(api: RunpodApi) {
     let mut cfg = config();
     cfg.runpod_gpu_types = vec![
         GpuTypeSpec {
@@ -1240,9 +1422,9 @@ async fn runpod_no_capacity_is_insufficient_capacity() {
         },
     ];
     let sim = Sim::start(cfg).await;
-    let runpod = runpod_client(&sim, RUNPOD_KEY, http());
+    let runpod = runpod_over(&sim, api, RUNPOD_KEY, http());
     let offers = runpod.offers().await.expect("offers");
-    assert_eq!(offers[0].id, GPU_3060);
+    assert_eq!(offers[0].id, rp_offer_id(api, "COMMUNITY", GPU_3060));
 
     // One 3060 in stock: the second pod does not fit.
     runpod
@@ -1270,54 +1452,61 @@ async fn runpod_no_capacity_is_insufficient_capacity() {
         "InsufficientCapacity"
     );
     assert_eq!(
-        sim.calls_total("runpod.podFindAndDeployOnDemand").await,
+        sim.calls_total(rp_op(api, RpOp::Create)).await,
         3,
         "a refusal is not retried"
     );
     assert_eq!(sim.instance_count().await, 1);
 }
 
-#[tokio::test]
-async fn runpod_server_errors_and_hangs_are_transient() {
+over_both_apis!(
+    runpod_no_capacity_is_insufficient_capacity_over_rest_v2,
+    runpod_no_capacity_is_insufficient_capacity_over_graphql
+    => runpod_no_capacity_is_insufficient_capacity()
+);
+
+async fn runpod_server_errors_and_hangs_are_transient(api: RunpodApi) {
     let sim = Sim::start(config()).await;
-    let runpod = runpod_client(&sim, RUNPOD_KEY, http());
+    let runpod = runpod_over(&sim, api, RUNPOD_KEY, http());
     let offer = runpod.offers().await.expect("offers").remove(0);
     let id = runpod
         .create(&offer, &create_request("gpupool-c0ffee-pod-t"))
         .await
         .expect("create")
         .id;
+    let (get, list) = (rp_op(api, RpOp::Get), rp_op(api, RpOp::List));
 
-    sim.faults(json!({"errors": {"runpod.pod": {"next": 2}}}))
-        .await;
+    sim.faults(json!({"errors": {get: {"next": 2}}})).await;
     assert_eq!(runpod.get(&id).await.expect("get after two 500s").id, id);
-    assert_eq!(sim.calls("runpod.pod", 500).await, 2);
-    assert_eq!(sim.calls("runpod.pod", 200).await, 1);
+    assert_eq!(sim.calls(get, 500).await, 2);
+    assert_eq!(sim.calls(get, 200).await, 1);
 
-    // Beyond the budget; also the "Something went wrong" body with HTTP 200.
+    // Beyond the budget. GraphQL: also the "Something went wrong" body with HTTP 200. REST
+    // v2 has no such body (its errors are HTTP statuses): a 503 on every list instead.
+    let (list_status, list_says) = match api {
+        RunpodApi::GraphQL => (200, "Something went wrong"),
+        RunpodApi::RestV2 => (503, "503"),
+    };
     sim.faults(json!({"errors": {
-        "runpod.pod": {"rate": 1.0},
-        "runpod.myself": {"rate": 1.0, "status": 200},
+        get: {"rate": 1.0},
+        list: {"rate": 1.0, "status": list_status},
     }}))
     .await;
     assert_eq!(class(&runpod.get(&id).await), "Transient");
-    assert_eq!(sim.calls("runpod.pod", 500).await, 5);
+    assert_eq!(sim.calls(get, 500).await, 5);
     match runpod.list_labeled("gpupool-").await {
-        Err(ProviderError::Transient(msg)) => {
-            assert!(msg.contains("Something went wrong"), "{msg}")
-        }
-        other => panic!("list under resolver errors: {other:?}"),
+        Err(ProviderError::Transient(msg)) => assert!(msg.contains(list_says), "{msg}"),
+        other => panic!("list under server errors: {other:?}"),
     }
-    assert_eq!(sim.calls("runpod.myself", 200).await, 3);
+    assert_eq!(sim.calls(list, list_status).await, 3);
 
-    sim.faults(json!({"hangs": {"runpod.pod": {"rate": 1.0}}}))
-        .await;
-    let hung = runpod_client(&sim, RUNPOD_KEY, short_timeout_http());
+    sim.faults(json!({"hangs": {get: {"rate": 1.0}}})).await;
+    let hung = runpod_over(&sim, api, RUNPOD_KEY, short_timeout_http());
     let t0 = Instant::now();
     assert_eq!(class(&hung.get(&id).await), "Transient");
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     eventually("two abandoned calls logged", || async {
-        (sim.calls("runpod.pod", 0).await == 2).then_some(())
+        (sim.calls(get, 0).await == 2).then_some(())
     })
     .await;
 
@@ -1325,48 +1514,62 @@ async fn runpod_server_errors_and_hangs_are_transient() {
     assert_eq!(runpod.get(&id).await.expect("get").id, id);
 }
 
-#[tokio::test]
-async fn runpod_rate_limits_clear_after_back_off_or_exhaust_the_budget() {
-    let sim = Sim::start(config()).await;
-    let runpod = runpod_client(&sim, RUNPOD_KEY, http());
-    let offer = runpod.offers().await.expect("offers").remove(0);
+over_both_apis!(
+    runpod_server_errors_and_hangs_are_transient_over_rest_v2,
+    runpod_server_errors_and_hangs_are_transient_over_graphql
+    => runpod_server_errors_and_hangs_are_transient()
+);
 
-    sim.faults(json!({"rate_limits": {"runpod.podFindAndDeployOnDemand": {"next": 1}}}))
+async fn runpod_rate_limits_clear_after_back_off_or_exhaust_the_budget(api: RunpodApi) {
+    let sim = Sim::start(config()).await;
+    let runpod = runpod_over(&sim, api, RUNPOD_KEY, http());
+    let offer = runpod.offers().await.expect("offers").remove(0);
+    let (create, get) = (rp_op(api, RpOp::Create), rp_op(api, RpOp::Get));
+
+    sim.faults(json!({"rate_limits": {create: rp_rate_limit(json!({"next": 1}))}}))
         .await;
     let id = runpod
         .create(&offer, &create_request("gpupool-c0ffee-pod-r"))
         .await
         .expect("create after a 429")
         .id;
-    assert_eq!(sim.calls("runpod.podFindAndDeployOnDemand", 429).await, 1);
+    assert_eq!(sim.calls(create, 429).await, 1);
     assert_eq!(sim.instance_count().await, 1);
 
-    sim.faults(json!({"rate_limits": {"runpod.pod": {"next": 2}}}))
+    sim.faults(json!({"rate_limits": {get: rp_rate_limit(json!({"next": 2}))}}))
         .await;
     assert_eq!(runpod.get(&id).await.expect("get after back-off").id, id);
-    assert_eq!(sim.calls("runpod.pod", 429).await, 2);
-    assert_eq!(sim.calls("runpod.pod", 200).await, 1);
+    assert_eq!(sim.calls(get, 429).await, 2);
+    assert_eq!(sim.calls(get, 200).await, 1);
 
-    sim.faults(json!({"rate_limits": {"runpod.*": {"rate": 1.0}}}))
-        .await;
+    sim.faults(json!({"rate_limits": {
+        rp_op(api, RpOp::Any): rp_rate_limit(json!({"rate": 1.0})),
+    }}))
+    .await;
     assert_eq!(
         runpod.get(&id).await,
         Err(ProviderError::RateLimited { retry_after: None })
     );
-    assert_eq!(sim.calls("runpod.pod", 429).await, 5);
+    assert_eq!(sim.calls(get, 429).await, 5);
     assert_eq!(class(&runpod.list_labeled("gpupool-").await), "RateLimited");
-    assert_eq!(sim.calls("runpod.myself", 429).await, 3);
+    assert_eq!(sim.calls(rp_op(api, RpOp::List), 429).await, 3);
     assert_eq!(class(&runpod.delete(&id).await), "RateLimited");
-    assert_eq!(sim.calls("runpod.podTerminate", 429).await, 3);
+    assert_eq!(sim.calls(rp_op(api, RpOp::Delete), 429).await, 3);
     assert_eq!(sim.state_instance(&id).await["alive"], true);
 }
 
-#[tokio::test]
-async fn runpod_ghost_create_errors_but_find_by_label_finds_the_pod() {
+over_both_apis!(
+    runpod_rate_limits_clear_after_back_off_or_exhaust_the_budget_over_rest_v2,
+    runpod_rate_limits_clear_after_back_off_or_exhaust_the_budget_over_graphql
+    => runpod_rate_limits_clear_after_back_off_or_exhaust_the_budget()
+);
+
+async fn runpod_ghost_create_errors_but_find_by_label_finds_the_pod(api: RunpodApi) {
     let sim = Sim::start(config()).await;
-    let runpod = runpod_client(&sim, RUNPOD_KEY, http());
+    let runpod = runpod_over(&sim, api, RUNPOD_KEY, http());
     let offer = runpod.offers().await.expect("offers").remove(0);
-    sim.faults(json!({"ghost_creates": {"runpod.podFindAndDeployOnDemand": {"next": 1}}}))
+    let create = rp_op(api, RpOp::Create);
+    sim.faults(json!({"ghost_creates": {create: {"next": 1}}}))
         .await;
 
     let label_ = "gpupool-c0ffee-pod-ghost";
@@ -1375,7 +1578,7 @@ async fn runpod_ghost_create_errors_but_find_by_label_finds_the_pod() {
         .await
         .expect_err("the create answers an error");
     assert_eq!(e.label(), "Transient", "{e}");
-    assert_eq!(sim.calls_total("runpod.podFindAndDeployOnDemand").await, 1);
+    assert_eq!(sim.calls_total(create).await, 1);
 
     let ghost = runpod
         .find_by_label(label_)
@@ -1383,11 +1586,17 @@ async fn runpod_ghost_create_errors_but_find_by_label_finds_the_pod() {
         .expect("find")
         .expect("the ghost is found by its name");
     assert_eq!(ghost.label.as_deref(), Some(label_));
-    wait_running(&runpod, &ghost.id).await;
+    wait_running(&*runpod, &ghost.id).await;
     assert_eq!(sim.instance_count().await, 1);
-    delete_and_check_gone(&runpod, &ghost.id).await;
+    delete_and_check_gone(&*runpod, &ghost.id).await;
     sim.assert_billed_and_gone("runpod", &ghost.id, 0.10).await;
 }
+
+over_both_apis!(
+    runpod_ghost_create_errors_but_find_by_label_finds_the_pod_over_rest_v2,
+    runpod_ghost_create_errors_but_find_by_label_finds_the_pod_over_graphql
+    => runpod_ghost_create_errors_but_find_by_label_finds_the_pod()
+);
 
 // ---------------------------------------------------------------- RunPod Serverless
 
@@ -1523,10 +1732,33 @@ async fn serverless_cancel_of_queued_running_and_unknown_jobs() {
     );
 }
 
-#[tokio::test]
-async fn serverless_settings_round_trip_and_keep_the_other_fields() {
-    let sim = Sim::start(config()).await;
-    let sls = serverless_client(&sim, RUNPOD_KEY, ENDPOINT_ID, http());
+/// The endpoint settings over `api`. REST v2 refuses an idle timeout on a queue-based
+/// endpoint scaling by `REQUEST_COUNT` (and leaves it out of its answers), so over v2 the
+/// endpoint scales by `QUEUE_DELAY`; the refusal is checked on a second endpoint.
+async fn serverless_settings_round_trip_and_keep_the_other_fields(api: RunpodApi) {
+    let scaler = match api {
+        RunpodApi::GraphQL => "REQUEST_COUNT",
+        RunpodApi::RestV2 => "QUEUE_DELAY",
+    };
+    let mut cfg = config();
+    cfg.endpoints = vec![
+        EndpointSpec {
+            scaler_type: scaler.into(),
+            ..endpoint_spec(2)
+        },
+        EndpointSpec {
+            id: "gpupoolep2".into(),
+            name: "gpupool-by-requests".into(),
+            scaler_type: "REQUEST_COUNT".into(),
+            ..endpoint_spec(2)
+        },
+    ];
+    let sim = Sim::start(cfg).await;
+    let sls = serverless_client_over(&sim, api, RUNPOD_KEY, ENDPOINT_ID, http());
+    let (save, other_save) = match api {
+        RunpodApi::GraphQL => ("runpod.saveEndpoint", "runpod.v2.updateEndpoint"),
+        RunpodApi::RestV2 => ("runpod.v2.updateEndpoint", "runpod.saveEndpoint"),
+    };
     let query = "{ myself { endpoints { id name templateId gpuIds gpuCount idleTimeout scalerType \
                  scalerValue workersMin workersMax executionTimeoutMs } } }";
     let before = sim.gql(query).await["data"]["myself"]["endpoints"][0].clone();
@@ -1546,9 +1778,9 @@ async fn serverless_settings_round_trip_and_keep_the_other_fields() {
     };
     sls.update_settings(&wanted).await.expect("update");
     assert_eq!(sls.settings().await.expect("settings"), wanted);
-    assert_eq!(sim.calls("runpod.saveEndpoint", 200).await, 1);
+    assert_eq!(sim.calls(save, 200).await, 1);
 
-    // Every other setting survived the full replace.
+    // Every other setting survived: the GraphQL full replace, the REST v2 partial PATCH.
     let after = sim.gql(query).await["data"]["myself"]["endpoints"][0].clone();
     let mut expected = before.clone();
     expected["idleTimeout"] = json!(120);
@@ -1560,7 +1792,7 @@ async fn serverless_settings_round_trip_and_keep_the_other_fields() {
         json!({
             "id": ENDPOINT_ID, "name": "gpupool-video-sim", "templateId": "tpl-video-7",
             "gpuIds": "AMPERE_24,ADA_24", "gpuCount": 2, "idleTimeout": 120,
-            "scalerType": "REQUEST_COUNT", "scalerValue": 3, "workersMin": 1, "workersMax": 4,
+            "scalerType": scaler, "scalerValue": 3, "workersMin": 1, "workersMax": 4,
             "executionTimeoutMs": 120000,
         })
     );
@@ -1578,10 +1810,55 @@ async fn serverless_settings_round_trip_and_keep_the_other_fields() {
     })
     .await;
 
-    // Asking for what is already set sends nothing.
     sls.update_settings(&wanted).await.expect("update");
-    assert_eq!(sim.calls_total("runpod.saveEndpoint").await, 1);
+    match api {
+        // Asking for what is already set sends nothing (the update reads first).
+        RunpodApi::GraphQL => assert_eq!(sim.calls_total(save).await, 1),
+        // REST v2 does not read first: the same partial PATCH again, which changes nothing.
+        RunpodApi::RestV2 => assert_eq!(sim.calls(save, 200).await, 2),
+    }
+    assert_eq!(sls.settings().await.expect("settings"), wanted);
+    assert_eq!(sim.calls_total(other_save).await, 0, "only {save} was used");
+
+    let by_requests = serverless_client_over(&sim, api, RUNPOD_KEY, "gpupoolep2", http());
+    match api {
+        // GraphQL keeps the idle timeout of an endpoint scaling by request count.
+        RunpodApi::GraphQL => {
+            assert_eq!(
+                by_requests
+                    .settings()
+                    .await
+                    .expect("settings")
+                    .idle_timeout_seconds,
+                30
+            );
+            by_requests.update_settings(&wanted).await.expect("update");
+            assert_eq!(by_requests.settings().await.expect("settings"), wanted);
+        }
+        // REST v2 leaves it out and refuses to set it: Permanent, naming REQUEST_COUNT.
+        RunpodApi::RestV2 => {
+            match by_requests.settings().await {
+                Err(ProviderError::Permanent(msg)) => {
+                    assert!(msg.contains("REQUEST_COUNT"), "{msg}")
+                }
+                other => panic!("settings of a REQUEST_COUNT endpoint: {other:?}"),
+            }
+            match by_requests.update_settings(&wanted).await {
+                Err(ProviderError::Permanent(msg)) => {
+                    assert!(msg.contains("REQUEST_COUNT"), "{msg}")
+                }
+                other => panic!("update of a REQUEST_COUNT endpoint: {other:?}"),
+            }
+            assert_eq!(sim.calls(save, 422).await, 1, "not retried");
+        }
+    }
 }
+
+over_both_apis!(
+    serverless_settings_round_trip_and_keep_the_other_fields_over_rest_v2,
+    serverless_settings_round_trip_and_keep_the_other_fields_over_graphql
+    => serverless_settings_round_trip_and_keep_the_other_fields()
+);
 
 #[tokio::test]
 async fn serverless_unauthorized_not_found_and_invalid_requests() {
