@@ -348,12 +348,12 @@ async fn finish(
     // A failed attempt that will be retried frees (or replaces) its instance first, so the
     // pool never sees the job Pending while the instance still claims it (which it would
     // take for a binding to complete). Any other outcome is recorded on the job first.
-    let charged = job
+    // The job as the attempt started: its `attempts` is this attempt.
+    let may_retry = job
         .status
         .as_ref()
-        .map_or(attempt, |s| attempt - s.preemptions);
-    let retrying = preempted
-        || matches!(&outcome, Err(e) if e.is_retryable() && charged <= job.spec.max_retries);
+        .is_some_and(|s| s.may_retry(job.spec.max_retries));
+    let retrying = preempted || matches!(&outcome, Err(e) if e.is_retryable() && may_retry);
     if retrying {
         release(
             ctx,

@@ -208,12 +208,7 @@ async fn run_on_instance(
         let why = format!("instance {instance_name} was preempted during the attempt");
         let mut s = status_of(&job);
         let reason = s.preempt(why.clone(), job.metadata.generation, ctx.now());
-        let job = apply_status(api, &job, &s).await?;
-        if let Some(outcome) = s.outcome() {
-            count_outcome(ctx, &job, outcome);
-        }
-        ctx.event(&job, EventType::Warning, reason, why).await;
-        return Ok(Action::await_change());
+        return write_lost(&job, ctx, api, s, reason, &why).await;
     }
     if !usable && running {
         // The attempt was under way when the instance went: count it as a lost attempt.
@@ -268,6 +263,19 @@ async fn lost_attempt(
     why: &str,
 ) -> Result<Action> {
     let (s, reason) = lose_attempt(job, why, ctx.now());
+    write_lost(job, ctx, api, s, reason, why).await
+}
+
+/// Writes the status a lost attempt left (`s`), counts the job if that finished it, and
+/// says why in a Warning event with `reason`.
+async fn write_lost(
+    job: &VideoJob,
+    ctx: &Context,
+    api: &Api<VideoJob>,
+    s: VideoJobStatus,
+    reason: &str,
+    why: &str,
+) -> Result<Action> {
     let job = apply_status(api, job, &s).await?;
     if let Some(outcome) = s.outcome() {
         count_outcome(ctx, &job, outcome);

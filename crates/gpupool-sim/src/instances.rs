@@ -161,11 +161,8 @@ async fn outbid_later(
 /// A higher bid takes an interruptible instance: stopped (no worker, open connections cut),
 /// billed until destroyed, shown as outbid. `None` if unknown or destroyed.
 pub fn outbid(sim: &Sim, provider: Provider, id: &str) -> Option<Option<JoinHandle<()>>> {
-    let task = stop(sim, provider, id)?;
-    if let Some(i) = sim.lock().instance_mut(provider, id) {
-        i.outbid = true;
-        warn!(provider = provider.name(), id, "instance outbid");
-    }
+    let task = stop_as(sim, provider, id, true)?;
+    warn!(provider = provider.name(), id, "instance outbid");
     Some(task)
 }
 
@@ -204,6 +201,17 @@ pub fn destroy(sim: &Sim, provider: Provider, id: &str) -> Option<Option<JoinHan
 
 /// Stops a running (or starting) instance: no worker, machine kept. `None` if unknown.
 pub fn stop(sim: &Sim, provider: Provider, id: &str) -> Option<Option<JoinHandle<()>>> {
+    stop_as(sim, provider, id, false)
+}
+
+/// Stops an instance, `outbid` saying whether a higher bid did it (in the same change of
+/// state, so no read sees it stopped but not yet outbid).
+fn stop_as(
+    sim: &Sim,
+    provider: Provider,
+    id: &str,
+    outbid: bool,
+) -> Option<Option<JoinHandle<()>>> {
     let mut st = sim.lock();
     let i = st.instance_mut(provider, id)?;
     if i.is_destroyed() {
@@ -214,6 +222,7 @@ pub fn stop(sim: &Sim, provider: Provider, id: &str) -> Option<Option<JoinHandle
     }
     i.generation = sim.next_generation();
     i.phase = Phase::Stopped;
+    i.outbid = outbid;
     i.last_status_change = util::now_ms();
     Some(take_worker(i))
 }
