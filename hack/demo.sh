@@ -73,6 +73,23 @@ HTTP_PORT=$(free_port)
   --sweep-interval-seconds 10 >"$STATE/operator.log" 2>&1 &
 PIDS+=($!)
 
+say "Starting the HTTP gateway (gpupool gateway) and calling it as a VPS app would"
+GW_KEY=$(openssl rand -hex 16)
+kubectl create secret generic gpupool-gateway-keys -n "$NS" --from-literal=vps-app="$GW_KEY" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+GW_PORT=$(free_port)
+"$BIN/gpupool" gateway --namespace "$NS" --http-addr "127.0.0.1:$GW_PORT" >"$STATE/gateway.log" 2>&1 &
+PIDS+=($!)
+GW="http://127.0.0.1:$GW_PORT"
+for _ in $(seq 100); do curl -sf "$GW/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+echo "POST $GW/video/caption (synchronous, X-API-Key, Idempotency-Key: order-1001):"
+curl -sS --max-time 120 -X POST "$GW/video/caption" -H "X-API-Key: $GW_KEY" \
+  -H 'Idempotency-Key: order-1001' -H 'Content-Type: application/json' \
+  -d '{"videoUrl": "https://media.example.com/in/1001.mp4", "language": "en"}' \
+  -w '\n  -> HTTP %{http_code}\n'
+echo "GET $GW/pool/stats:"
+curl -sS "$GW/pool/stats" -H "X-API-Key: $GW_KEY"; echo
+
 say "Jobs and instances until every job is done and every machine is destroyed"
 echo "(caption-42 and transcode-43 go to RunPod Serverless, first in the pool's order;"
 echo " thumbnails-44 is pinned to Vast.ai and reuses the pre-warmed instance.)"

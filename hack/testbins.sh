@@ -16,7 +16,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 K8S=${K8S_VERSION:-1.36.3}
 ETCD=${ETCD_VERSION:-3.6.16}
-HELM=${HELM_VERSION:-3.22.0}
+HELM=${HELM_VERSION:-3.21.4}
 # Test tools. Prometheus tags its Go module v0.MMM.P for release M.MM.P (0.316.0 is 3.16.0).
 PROMETHEUS=${PROMETHEUS_VERSION:-0.316.0}
 ACTIONLINT=${ACTIONLINT_VERSION:-1.7.12}

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod gateway;
 pub mod http;
 pub mod leader;
 pub mod metrics;

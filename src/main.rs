@@ -15,12 +15,46 @@ use gpupool::{
         self, Context,
         providers::{HttpProviders, Providers},
     },
+    gateway::GatewayConfig,
     metrics::Metrics,
 };
 
+/// `gpupool [flags]` runs the operator; `gpupool gateway [flags]` the HTTP gateway (one image
+/// serves both).
+#[derive(Parser, Debug)]
+#[command(
+    name = "gpupool",
+    version,
+    about = "Rents GPU machines on Vast.ai and RunPod only while there is video work for them",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    operator: Config,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// The HTTP gateway: POST /video/{operation} and friends, backed by VideoJobs.
+    Gateway(GatewayConfig),
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Gateway(config)) = cli.command {
+        gpupool::telemetry::init(&config.log_format);
+        return match gpupool::gateway::run(config).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                error!(error = %e, "gpupool gateway stopped");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let config = cli.operator;
     gpupool::telemetry::init(&config.log_format);
     match run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

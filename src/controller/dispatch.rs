@@ -19,7 +19,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::{
-    crd::{GpuInstance, GpuPool, JobPhase, Money, VideoJob, VideoJobStatus},
+    crd::{GpuInstance, GpuPool, JobPhase, Money, TIMED_OUT_REASON, VideoJob, VideoJobStatus},
     metrics::JobLabels,
     provider::Credentials,
     worker::{Dispatch, WorkerError},
@@ -296,10 +296,12 @@ pub fn record(
             (EventType::Warning, "Retrying", note)
         }
         Err(e) => {
-            let reason = if e.is_retryable() {
-                "RetriesExhausted"
-            } else {
-                e.label()
+            // A last attempt that ran out of time says so (the gateway answers it 504);
+            // any other retryable failure used up the retries.
+            let reason = match e {
+                WorkerError::Timeout(_) => TIMED_OUT_REASON,
+                _ if e.is_retryable() => "RetriesExhausted",
+                _ => e.label(),
             };
             s.fail(reason, e.to_string(), generation, now);
             (
@@ -514,6 +516,7 @@ pub async fn release(
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+    use std::time::Duration;
 
     use super::record;
     use crate::{
@@ -568,6 +571,16 @@ mod tests {
             (Some(JobPhase::Failed), "Failed")
         );
         assert_eq!(r.status.conditions[0].reason, "RetriesExhausted");
+    }
+
+    #[test]
+    fn a_last_attempt_that_timed_out_fails_the_job_as_timed_out() {
+        let err = Err(WorkerError::Timeout(Duration::from_secs(5)));
+        let r = record(&running(2), 2, "gi", price(), &err, false, at(10)).unwrap();
+        assert_eq!(r.status.phase, Some(JobPhase::Pending));
+        let r = record(&running(3), 3, "gi", price(), &err, false, at(10)).unwrap();
+        assert_eq!(r.status.phase, Some(JobPhase::Failed));
+        assert_eq!(r.status.finish_reason(), Some("TimedOut"));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub const OPERATION_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 pub const DEFAULT_JOB_TIMEOUT_SECONDS: i64 = 600;
 /// Default retries after infrastructure failures.
 pub const DEFAULT_MAX_RETRIES: i32 = 2;
+/// The `Complete=False` reason of a job whose last attempt ran out of its timeoutSeconds.
+pub const TIMED_OUT_REASON: &str = "TimedOut";
 /// Preemptions a job survives; the next one fails it (a bound apart from maxRetries, so a
 /// job on machines that keep being taken back does not loop for ever).
 pub const MAX_PREEMPTIONS: i32 = 5;
@@ -374,6 +376,16 @@ impl VideoJobStatus {
             self.retry(why.clone(), "Preempted", &why, generation, now);
             "Preempted"
         }
+    }
+
+    /// The reason of the `Complete` condition once the job is finished: `WorkerSucceeded`,
+    /// [`TIMED_OUT_REASON`], `RetriesExhausted`, a worker error's label, `PreemptedTooOften`.
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.phase.filter(|p| p.is_finished())?;
+        self.conditions
+            .iter()
+            .find(|c| c.type_ == ConditionType::Complete.as_str())
+            .map(|c| c.reason.as_str())
     }
 
     /// The outcome's name for metrics and events, once the job is finished.

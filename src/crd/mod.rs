@@ -14,7 +14,7 @@ pub mod pool;
 
 pub use common::{ConditionType, Money, SecretKeyRef};
 pub use instance::{GpuInstance, GpuInstanceSpec, GpuInstanceStatus, InstancePhase, OfferInfo};
-pub use job::{JobPhase, VideoJob, VideoJobSpec, VideoJobStatus};
+pub use job::{JobPhase, TIMED_OUT_REASON, VideoJob, VideoJobSpec, VideoJobStatus};
 pub use pool::{
     CapacityType, CloudType, GpuPool, GpuPoolSpec, GpuPoolStatus, ProviderKind, ProviderSpec,
     RunpodApi, RunpodProvider, RunpodServerlessProvider, VastProvider, WorkerSpec,

@@ -114,3 +114,48 @@ there because the operator makes that request (src/controller/); nothing else is
   resources: [events]
   verbs: [create, patch]
 {{- end -}}
+
+{{/*
+The gateway's objects are named "<full name>-gateway". Their selector labels differ from the
+operator's in app.kubernetes.io/name, so the operator's Deployment, Service, ServiceMonitor and
+NetworkPolicy, which select by name and instance, never pick the gateway's Pods.
+*/}}
+{{- define "gpupool.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "gpupool.fullname" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "gpupool.gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-gateway" (include "gpupool.name" . | trunc 55 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "gpupool.gateway.labels" -}}
+helm.sh/chart: {{ include "gpupool.chart" . }}
+{{ include "gpupool.gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/part-of: {{ include "gpupool.name" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "gpupool.gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create -}}
+{{- default (include "gpupool.gateway.fullname" .) .Values.gateway.serviceAccount.name -}}
+{{- else -}}
+{{- required "gateway.serviceAccount.name is required when gateway.serviceAccount.create is false" .Values.gateway.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The namespace the gateway creates VideoJobs in (--namespace): gateway.namespace, else the one
+watched namespace, else the release namespace. Refused when the operator does not watch it:
+nothing would ever run the jobs the gateway creates there.
+*/}}
+{{- define "gpupool.gateway.namespace" -}}
+{{- $watch := include "gpupool.watchNamespace" . -}}
+{{- $ns := .Values.gateway.namespace | default $watch | default .Release.Namespace -}}
+{{- if and $watch (ne $ns $watch) -}}
+{{- fail (printf "gateway.namespace %q is not watched by the operator (watchNamespaces: [%s]): nothing would run its jobs; leave it empty or set it to %q" $ns $watch $watch) -}}
+{{- end -}}
+{{- $ns -}}
+{{- end -}}

@@ -5,7 +5,7 @@
 //!
 //!   hack/with-control-plane.sh cargo bench --features e2e --bench cluster [-- NAME...]
 //!
-//! NAME is any of `dispatch`, `warm`, `burst`, `teardown`, `scale` (default: all). `make bench` runs
+//! NAME is any of `dispatch`, `warm`, `burst`, `teardown`, `scale`, `gateway` (default: all). `make bench` runs
 //! them all after the policy benchmark. Scale knobs (for a quicker look): BENCH_JOBS,
 //! BENCH_SCALE_JOBS, BENCH_SCALE_INSTANCES, BENCH_TEARDOWN_INSTANCES.
 
@@ -772,6 +772,266 @@ async fn wait_ready(addr: &str) -> f64 {
     }
 }
 
+/// A `gpupool gateway` process for the benchmark (release build, no rate or in-flight limit
+/// in the way); killed when dropped.
+struct GatewayProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_gateway(ns: &str) -> GatewayProcess {
+    let dir = support::state_dir().join("operator-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join(format!("{ns}-gateway.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(support::operator_binary())
+        .args([
+            "gateway",
+            &format!("--namespace={ns}"),
+            "--http-addr=127.0.0.1:0",
+            "--rate-per-client=1000000",
+            "--max-in-flight-per-client=1000000",
+        ])
+        .env("RUST_LOG", "warn,gpupool=info")
+        .stdout(std::process::Stdio::from(out.try_clone().unwrap()))
+        .stderr(std::process::Stdio::from(out))
+        .spawn()
+        .expect("gateway starts");
+    // Owned at once, so the process is killed and reaped on every path out of here.
+    let mut gateway = GatewayProcess {
+        child,
+        url: String::new(),
+    };
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(addr) = text
+            .lines()
+            .find(|l| l.contains("gpupool gateway listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+        {
+            let url = format!("http://{addr}");
+            if http()
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                gateway.url = url;
+                return gateway;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the gateway did not start:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a Kubernetes client without the gateway does: one watch on the namespace's jobs,
+/// started once (as an informer would be), telling who waits on which job that it finished.
+fn watch_finished(client: &Client, ns: &str) -> tokio::sync::broadcast::Sender<String> {
+    let (tx, _) = tokio::sync::broadcast::channel(4096);
+    let api: Api<VideoJob> = Api::namespaced(client.clone(), ns);
+    let sender = tx.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+        while let Ok(Some(ev)) = stream.try_next().await {
+            if let watcher::Event::Apply(j) | watcher::Event::InitApply(j) = ev
+                && finished(&j)
+            {
+                let _ = sender.send(j.name_any());
+            }
+        }
+    });
+    tx
+}
+
+/// Creates the VideoJob directly and waits for the watch to see it finished. Seconds.
+async fn direct_job(
+    client: &Client,
+    ns: &str,
+    finished_jobs: &tokio::sync::broadcast::Sender<String>,
+    name: &str,
+) -> f64 {
+    let api: Api<VideoJob> = Api::namespaced(client.clone(), ns);
+    let mut rx = finished_jobs.subscribe();
+    let t = Instant::now();
+    let body: VideoJob = serde_json::from_value(json!({
+        "apiVersion": "gpupool.dev/v1alpha1", "kind": "VideoJob", "metadata": {"name": name},
+        "spec": {"pool": "bench", "operation": "caption", "input": {"simulate": {"seconds": 0}}}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &body).await.unwrap();
+    while rx.recv().await.unwrap() != name {}
+    t.elapsed().as_secs_f64()
+}
+
+/// One synchronous request through the gateway. Seconds.
+async fn gateway_job(web: &reqwest::Client, url: &str) -> f64 {
+    let t = Instant::now();
+    let res = web
+        .post(format!("{url}/video/caption?pool=bench"))
+        .header("x-api-key", "bench-key")
+        .json(&json!({"simulate": {"seconds": 0}}))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{:?}", res.text().await);
+    t.elapsed().as_secs_f64()
+}
+
+/// The gateway's overhead and throughput: a synchronous job on a warm machine through the
+/// gateway against the same job created directly and watched (alternating, one at a time),
+/// then what one replica sustains: synchronous jobs 32 at once on 10 warm machines, async
+/// submissions (create only), and reads of a job (cache only).
+async fn gateway(n: usize) {
+    let ns = namespace_with_secrets("bench-gateway").await;
+    let client = ns.client();
+    let keys: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gpupool-gateway-keys"},
+        "stringData": {"bench": "bench-key"}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &keys)
+        .await
+        .unwrap();
+    let instances = 10;
+    let sim = big_sim(4 * instances as u32).await;
+    create_pool(
+        &client,
+        &ns.name,
+        "bench",
+        pool_spec(instances, instances, 3600),
+    )
+    .await;
+    let op = start_operator(&ns.name, &sim, "gateway");
+    wait_for_addr(&op).await;
+    warm_up(&client, &ns.name, instances).await;
+    let gw = start_gateway(&ns.name).await;
+    let gw_pid = gw.child.id();
+    // One HTTP client, keeping its connections, as an app would.
+    let web = http();
+    let finished_jobs = watch_finished(&client, &ns.name);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (mut via_gateway, mut direct) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let name = format!("direct-{i:05}");
+        direct.push(direct_job(&client, &ns.name, &finished_jobs, &name).await);
+        via_gateway.push(gateway_job(&web, &gw.url).await);
+    }
+    header(&format!(
+        "gateway: a synchronous job on a warm machine (worker 0 s), {n} each, alternating"
+    ));
+    let (direct, via_gateway) = (sorted(direct), sorted(via_gateway));
+    print_latency("create VideoJob + watch to finish", &direct);
+    print_latency("POST /video/caption (sync)", &via_gateway);
+    row(
+        "gateway overhead",
+        format!(
+            "p50 {:+.1} ms  p99 {:+.1} ms",
+            (pct(&via_gateway, 0.5) - pct(&direct, 0.5)) * 1e3,
+            (pct(&via_gateway, 0.99) - pct(&direct, 0.99)) * 1e3
+        ),
+    );
+
+    let (cpu0, _) = proc_usage(gw_pid);
+    let (api0, _) = control_plane_cpu();
+    let sync_n = n * 3;
+    let t = Instant::now();
+    futures::stream::iter(0..sync_n)
+        .map(|_| gateway_job(&web, &gw.url))
+        .buffer_unordered(32)
+        .collect::<Vec<f64>>()
+        .await;
+    let sync_secs = t.elapsed().as_secs_f64();
+    let (cpu1, rss) = proc_usage(gw_pid);
+    let (api1, _) = control_plane_cpu();
+    row(
+        "sync jobs, 32 at once, 10 warm machines",
+        format!(
+            "{:.1} jobs/s  (gateway CPU {:.2} ms/job, kube-apiserver {:.2} ms/job)",
+            sync_n as f64 / sync_secs,
+            (cpu1 - cpu0) * 1e3 / sync_n as f64,
+            (api1 - api0) * 1e3 / sync_n as f64
+        ),
+    );
+
+    let t = Instant::now();
+    let names: Vec<String> = futures::stream::iter(0..sync_n)
+        .map(|_| {
+            let (url, web) = (gw.url.clone(), web.clone());
+            async move {
+                let res = web
+                    .post(format!("{url}/video/caption?pool=bench"))
+                    .header("x-api-key", "bench-key")
+                    .header("prefer", "respond-async")
+                    .json(&json!({"simulate": {"seconds": 0}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 202);
+                res.headers()["x-gpupool-job"].to_str().unwrap().to_string()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    row(
+        "async submissions (Prefer: respond-async), 32 at once",
+        format!(
+            "{:.1} requests/s",
+            sync_n as f64 / t.elapsed().as_secs_f64()
+        ),
+    );
+    let reads = 20_000;
+    let t = Instant::now();
+    futures::stream::iter(0..reads)
+        .map(|i| {
+            let url = format!("{}/jobs/{}", gw.url, names[i % names.len()]);
+            let web = web.clone();
+            async move {
+                let res = web
+                    .get(url)
+                    .header("x-api-key", "bench-key")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 200);
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<()>()
+        .await;
+    let (cpu2, rss2) = proc_usage(gw_pid);
+    row(
+        "GET /jobs/{name}, 32 at once",
+        format!("{:.0} requests/s", reads as f64 / t.elapsed().as_secs_f64()),
+    );
+    row(
+        "gateway process",
+        format!(
+            "peak RSS {:.1} MiB after the sync jobs, {:.1} MiB after the reads; CPU {:.1} s in all",
+            rss, rss2, cpu2
+        ),
+    );
+    drop(gw);
+    drop(op);
+    ns.cleanup().await;
+}
+
 #[tokio::main]
 async fn main() {
     let wanted: Vec<String> = std::env::args()
@@ -815,6 +1075,9 @@ async fn main() {
             env_usize("BENCH_SCALE_INSTANCES", 1000),
         )
         .await;
+    }
+    if run("gateway") {
+        gateway(env_usize("BENCH_GATEWAY_JOBS", 100)).await;
     }
     println!("\ntotal {:.0} s", started.elapsed().as_secs_f64());
 }

@@ -2,7 +2,8 @@
 //! accepted by a server-side dry run, it installs (no `--wait`: no Pod ever runs here), the
 //! committed rendered manifests match it, and its RBAC is proven both ways with a token of its
 //! own ServiceAccount: the operator binary runs a whole job life cycle with nothing else, and
-//! every request outside its rules is refused.
+//! every request outside its rules is refused. The gateway's ServiceAccount gets the same
+//! treatment: exactly its verbs in its namespace, nothing else.
 
 use std::{
     io::Write,
@@ -121,6 +122,14 @@ pub(crate) fn has(objs: &[(String, String, String)], kind: &str, ns: &str, name:
         .any(|(k, n, m)| k == kind && n == ns && m == name)
 }
 
+/// The document of kind `kind` named `name` in a multi-document YAML stream.
+pub(crate) fn document(yaml: &str, kind: &str, name: &str) -> Value {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).ok()?).ok())
+        .find(|v| v["kind"] == kind && v["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendering"))
+}
+
 /// A server-side dry run of `yaml`: the API server validates (strictly: unknown fields are
 /// errors) and admits every object, or says why not.
 pub(crate) fn dry_run_output(yaml: &str) -> Output {
@@ -175,6 +184,10 @@ async fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
             || k == "PrometheusRule"
             || n.ends_with("-dashboard")),
         "monitoring and the NetworkPolicy are off by default: {objs:?}"
+    );
+    assert!(
+        !objs.iter().any(|(_, _, n)| n.ends_with("-gateway")),
+        "the gateway is off by default: {objs:?}"
     );
     dry_run(&yaml);
 
@@ -238,7 +251,170 @@ async fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
     assert!(yaml.contains("name: GPUPOOL_CLUSTER_ID\n              value: \"prod-1\""));
     dry_run(&yaml);
 
+    // The gateway with default values: its Role and its jobs in the release namespace (every
+    // namespace is watched), and Pods the operator's selectors never pick.
+    let gw = format!("{full}-gateway");
+    let yaml = ok(
+        "helm template",
+        render(&release, &ns.name, &["gateway.enabled=true"]),
+    );
+    let objs = objects(&yaml);
+    for (kind, n) in [
+        ("Deployment", ns.name.as_str()),
+        ("Service", &ns.name),
+        ("ServiceAccount", &ns.name),
+        ("PodDisruptionBudget", &ns.name),
+        ("Role", &ns.name),
+        ("RoleBinding", &ns.name),
+    ] {
+        assert!(has(&objs, kind, n, &gw), "{kind} {n}/{gw} in {objs:?}");
+    }
+    assert!(
+        !objs.iter().any(|(k, _, n)| n == &gw
+            && (k == "Ingress" || k == "NetworkPolicy" || k.starts_with("Cluster"))),
+        "no Ingress, NetworkPolicy or cluster-wide rules for the gateway: {objs:?}"
+    );
+    let deployment = document(&yaml, "Deployment", &gw);
+    let operator = document(&yaml, "Deployment", &full);
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selector = operator["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    assert!(
+        selector.iter().any(|(k, v)| &pod_labels[k] != v),
+        "the operator's selector {selector:?} picks the gateway's Pods {pod_labels}"
+    );
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["args"], json!(["gateway"]));
+    assert_eq!(
+        container["image"],
+        operator["spec"]["template"]["spec"]["containers"][0]["image"]
+    );
+    let env = |name: &str| {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {container}"))["value"]
+            .clone()
+    };
+    assert_eq!(env("GPUPOOL_GATEWAY_NAMESPACE"), ns.name.as_str());
+    assert_eq!(env("GPUPOOL_GATEWAY_HTTP_ADDR"), "0.0.0.0:8090");
+    assert_eq!(env("GPUPOOL_GATEWAY_KEYS_SECRET"), "gpupool-gateway-keys");
+    assert_eq!(env("GPUPOOL_GATEWAY_INSECURE_NO_AUTH"), "false");
+    assert_eq!(env("GPUPOOL_GATEWAY_MAX_BODY_BYTES"), "1048576");
+    assert_eq!(env("GPUPOOL_GATEWAY_JOB_TTL_SECONDS"), "86400");
+    let role = document(&yaml, "Role", &gw);
+    assert_eq!(
+        role["rules"][2]["resourceNames"],
+        json!(["gpupool-gateway-keys"]),
+        "{role}"
+    );
+    dry_run(&yaml);
+
+    // The gateway with one watched namespace (its Role and jobs go there), an Ingress with a
+    // host and TLS, the NetworkPolicies and the ServiceMonitors.
+    let yaml = ok(
+        "helm template",
+        render(
+            &release,
+            &ns.name,
+            &[
+                &watch,
+                "gateway.enabled=true",
+                "gateway.ingress.enabled=true",
+                "gateway.ingress.className=nginx",
+                "gateway.ingress.host=gpupool.example.com",
+                "gateway.ingress.tls[0].secretName=gateway-tls",
+                "gateway.ingress.tls[0].hosts[0]=gpupool.example.com",
+                "gateway.ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-body-size=1m",
+                "networkPolicy.enabled=true",
+                "serviceMonitor.enabled=true",
+            ],
+        ),
+    );
+    let objs = objects(&yaml);
+    assert!(has(&objs, "Role", &watched.name, &gw), "{objs:?}");
+    assert!(has(&objs, "RoleBinding", &watched.name, &gw), "{objs:?}");
+    for kind in ["Ingress", "NetworkPolicy", "ServiceMonitor", "Deployment"] {
+        assert!(has(&objs, kind, &ns.name, &gw), "{kind} in {objs:?}");
+    }
+    assert!(yaml.contains(&format!(
+        "name: GPUPOOL_GATEWAY_NAMESPACE\n              value: \"{}\"",
+        watched.name
+    )));
+    let ingress = document(&yaml, "Ingress", &gw);
+    assert_eq!(ingress["spec"]["rules"][0]["host"], "gpupool.example.com");
+    assert_eq!(
+        ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"],
+        json!({"name": gw, "port": {"name": "http"}})
+    );
+    // The port is open to everyone by default; the operator's policy never selects the gateway.
+    let policy = document(&yaml, "NetworkPolicy", &gw);
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"ports": [{"port": 8090, "protocol": "TCP"}]}])
+    );
+    dry_run(&yaml);
+
+    // An Ingress for every host, a narrowed NetworkPolicy, an existing ServiceAccount, no PDB,
+    // and a namespace named explicitly while every namespace is watched.
+    let yaml = ok(
+        "helm template",
+        render(
+            &release,
+            &ns.name,
+            &[
+                "gateway.enabled=true",
+                &format!("gateway.namespace={}", watched.name),
+                "gateway.ingress.enabled=true",
+                "networkPolicy.enabled=true",
+                "gateway.networkPolicy.ingressFrom[0].namespaceSelector.matchLabels.team=web",
+                "gateway.networkPolicy.callbackCIDRs={203.0.113.0/24}",
+                "gateway.serviceAccount.create=false",
+                "gateway.serviceAccount.name=existing-sa",
+                "gateway.podDisruptionBudget.enabled=false",
+                "gateway.insecureNoAuth=true",
+            ],
+        ),
+    );
+    let objs = objects(&yaml);
+    assert!(has(&objs, "Role", &watched.name, &gw), "{objs:?}");
+    assert!(
+        !objs
+            .iter()
+            .any(|(k, _, n)| n == &gw && (k == "ServiceAccount" || k == "PodDisruptionBudget")),
+        "{objs:?}"
+    );
+    let ingress = document(&yaml, "Ingress", &gw);
+    assert!(
+        ingress["spec"]["rules"][0].get("host").is_none(),
+        "{ingress}"
+    );
+    let binding = document(&yaml, "RoleBinding", &gw);
+    assert_eq!(binding["subjects"][0]["name"], "existing-sa");
+    assert_eq!(
+        document(&yaml, "Deployment", &gw)["spec"]["template"]["spec"]["serviceAccountName"],
+        "existing-sa"
+    );
+    dry_run(&yaml);
+
     // Values the operator cannot honour are refused at render time, with the reason.
+    let out = render(
+        &release,
+        &ns.name,
+        &[
+            &watch,
+            "gateway.enabled=true",
+            "gateway.namespace=elsewhere",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not watched by the operator"),
+        "{err}"
+    );
     let out = render(&release, &ns.name, &["watchNamespaces={a,b}"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -393,21 +569,69 @@ async fn committed_rendered_manifests_match_the_chart_and_apply() {
     dry_run(&built);
 }
 
+/// The full name of release `r<release_ns>` of the chart, which names the operator's objects.
+pub(crate) fn release_full_name(release_ns: &str) -> String {
+    format!("r{release_ns}-gpupool")
+}
+
+/// The name of the gateway's objects (its Deployment, Service and ServiceAccount) in release
+/// `r<release_ns>`.
+pub(crate) fn gateway_full_name(release_ns: &str) -> String {
+    format!("{}-gateway", release_full_name(release_ns))
+}
+
 /// Installs the chart as release `r<ns>` in `release_ns`, watching only `watched`, and returns
 /// the path of a kubeconfig that authenticates as its ServiceAccount (same server and CA).
 fn install_and_token(release_ns: &str, watched: &str) -> (String, PathBuf) {
-    let release = format!("r{release_ns}");
-    let full = format!("{release}-gpupool");
-    helm_ok(&[
-        "install",
-        &release,
-        CHART,
-        "--namespace",
+    let full = release_full_name(release_ns);
+    let kubeconfig = install_and_token_for(
         release_ns,
-        "--set",
-        &format!("watchNamespaces={{{watched}}}"),
+        &[&format!("watchNamespaces={{{watched}}}")],
+        &full,
+    );
+    (full, kubeconfig)
+}
+
+/// Installs the chart with the gateway on, as release `r<release_ns>` in `release_ns`, the
+/// operator watching only `watched` (so the gateway's Role and jobs are there too), and returns
+/// the path of a kubeconfig that authenticates as the gateway's ServiceAccount, to run
+/// `gpupool gateway --namespace <watched>` with (its RBAC is all it gets). `sets` are more
+/// `--set` values, e.g. `gateway.keysSecret=...`.
+pub(crate) fn gateway_kubeconfig(release_ns: &str, watched: &str, sets: &[&str]) -> PathBuf {
+    let watch = format!("watchNamespaces={{{watched}}}");
+    let mut all = vec![watch.as_str(), "gateway.enabled=true"];
+    all.extend_from_slice(sets);
+    install_and_token_for(release_ns, &all, &gateway_full_name(release_ns))
+}
+
+/// Installs the chart as release `r<release_ns>` in `release_ns` with `sets` (`--set` values)
+/// and returns the path of a kubeconfig that authenticates as the ServiceAccount
+/// `service_account` of `release_ns` (same server and CA as the admin's), with a 1 h token.
+pub(crate) fn install_and_token_for(
+    release_ns: &str,
+    sets: &[&str],
+    service_account: &str,
+) -> PathBuf {
+    let release = format!("r{release_ns}");
+    let mut args = vec!["install", &release, CHART, "--namespace", release_ns];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    helm_ok(&args);
+    token_kubeconfig(release_ns, service_account)
+}
+
+/// A kubeconfig file for ServiceAccount `service_account` of namespace `ns`: a token from
+/// `kubectl create token`, the admin kubeconfig's server and CA.
+pub(crate) fn token_kubeconfig(ns: &str, service_account: &str) -> PathBuf {
+    let token = kubectl_ok(&[
+        "create",
+        "token",
+        service_account,
+        "-n",
+        ns,
+        "--duration=1h",
     ]);
-    let token = kubectl_ok(&["create", "token", &full, "-n", release_ns, "--duration=1h"]);
     let server = kubectl_ok(&[
         "config",
         "view",
@@ -427,15 +651,15 @@ fn install_and_token(release_ns: &str, watched: &str) -> (String, PathBuf) {
     let kubeconfig = json!({
         "apiVersion": "v1", "kind": "Config",
         "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority-data": ca}}],
-        "users": [{"name": full, "user": {"token": token.trim()}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": full}}],
+        "users": [{"name": service_account, "user": {"token": token.trim()}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": service_account}}],
         "current-context": "sa",
     });
     let dir = crate::support::state_dir().join("chart-e2e");
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{release_ns}.kubeconfig"));
+    let path = dir.join(format!("{ns}-{service_account}.kubeconfig"));
     std::fs::write(&path, serde_json::to_string_pretty(&kubeconfig).unwrap()).unwrap();
-    (full, path)
+    path
 }
 
 /// kubectl as the chart's ServiceAccount.
@@ -702,6 +926,172 @@ async fn the_chart_rbac_refuses_everything_else() {
     std::fs::write(&path, renewed.to_string()).unwrap();
     ok("update the Lease", kubectl_as(&kc, &["replace", "-f", p]));
     let _ = std::fs::remove_file(&path);
+
+    other.cleanup().await;
+    release_ns.cleanup().await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_gateway_rbac_is_least_privilege() {
+    let ns = namespace_with_secrets("chart-gw-rbac").await;
+    let release_ns = TestNamespace::new("chart-gw-rbac-rel").await;
+    let other = namespace_with_secrets("chart-gw-rbac-other").await;
+    let kc = gateway_kubeconfig(&release_ns.name, &ns.name, &[]);
+    let (w, r, o) = (
+        ns.name.as_str(),
+        release_ns.name.as_str(),
+        other.name.as_str(),
+    );
+    let keys = "secrets/gpupool-gateway-keys";
+
+    // Exactly what the gateway does, in its namespace.
+    let mut allowed: Vec<Vec<&str>> = Vec::new();
+    for verb in ["create", "get", "list", "watch", "delete", "patch"] {
+        allowed.push(vec![verb, "videojobs.gpupool.dev", "-n", w]);
+    }
+    for verb in ["get", "list", "watch"] {
+        allowed.push(vec![verb, "gpupools.gpupool.dev", "-n", w]);
+        allowed.push(vec![verb, "gpuinstances.gpupool.dev", "-n", w]);
+    }
+    allowed.push(vec!["get", keys, "-n", w]);
+    for args in &allowed {
+        assert!(can_i(&kc, args), "should be allowed: {args:?}");
+    }
+
+    let mut refused: Vec<Vec<&str>> = vec![
+        // Secrets: only the keys Secret, only get, only in its namespace.
+        vec!["list", "secrets", "-n", w],
+        vec!["watch", "secrets", "-n", w],
+        vec!["get", "secrets", "-n", w],
+        vec!["get", "secrets/vast", "-n", w],
+        vec!["update", keys, "-n", w],
+        vec!["patch", keys, "-n", w],
+        vec!["delete", keys, "-n", w],
+        vec!["create", "secrets", "-n", w],
+        vec!["get", keys, "-n", o],
+        vec!["get", keys, "-n", r],
+        // Pools and instances are read only.
+        vec!["create", "gpuinstances.gpupool.dev", "-n", w],
+        vec!["update", "gpuinstances.gpupool.dev", "-n", w],
+        vec!["patch", "gpuinstances.gpupool.dev", "-n", w],
+        vec!["delete", "gpuinstances.gpupool.dev", "-n", w],
+        vec!["create", "gpupools.gpupool.dev", "-n", w],
+        vec!["update", "gpupools.gpupool.dev", "-n", w],
+        vec!["delete", "gpupools.gpupool.dev", "-n", w],
+        // Jobs: no update, no status (the operator's), nothing outside its namespace.
+        vec!["update", "videojobs.gpupool.dev", "-n", w],
+        vec![
+            "update",
+            "videojobs.gpupool.dev",
+            "--subresource=status",
+            "-n",
+            w,
+        ],
+        vec![
+            "patch",
+            "videojobs.gpupool.dev",
+            "--subresource=status",
+            "-n",
+            w,
+        ],
+        vec!["create", "videojobs.gpupool.dev", "-n", o],
+        vec!["create", "videojobs.gpupool.dev", "-n", r],
+        vec!["list", "videojobs.gpupool.dev", "-n", o],
+        vec!["list", "videojobs.gpupool.dev", "--all-namespaces"],
+        vec!["list", "gpupools.gpupool.dev", "--all-namespaces"],
+        // None of the operator's other rights: no Lease, no Events, no Namespace.
+        vec!["create", "leases.coordination.k8s.io", "-n", r],
+        vec!["create", "events.events.k8s.io", "-n", w],
+        vec!["create", "events", "-n", w],
+        vec!["get", "namespaces/kube-system"],
+        vec!["list", "namespaces"],
+        // RBAC itself and the CRDs.
+        vec!["create", "rolebindings.rbac.authorization.k8s.io", "-n", w],
+        vec!["update", "customresourcedefinitions.apiextensions.k8s.io"],
+    ];
+    for n in [w, r] {
+        for verb in ["get", "list", "create"] {
+            refused.push(vec![verb, "pods", "-n", n]);
+        }
+        refused.push(vec!["create", "deployments.apps", "-n", n]);
+        refused.push(vec!["get", "configmaps", "-n", n]);
+    }
+    for args in &refused {
+        assert!(!can_i(&kc, args), "should be refused: {args:?}");
+    }
+
+    // Real requests, not only access reviews: the keys Secret is read, no other; a job is
+    // created, read and deleted in the gateway's namespace, and refused in another.
+    kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "gpupool-gateway-keys",
+        "-n",
+        w,
+        "--from-literal=vps-app=k1",
+    ]);
+    let got = ok(
+        "get the keys Secret as the gateway",
+        kubectl_as(&kc, &["get", keys, "-n", w, "-o", "name"]),
+    );
+    assert_eq!(got.trim(), "secret/gpupool-gateway-keys");
+    let job = |namespace: &str| {
+        json!({"apiVersion": "gpupool.dev/v1alpha1", "kind": "VideoJob",
+            "metadata": {"name": "gw-rbac", "namespace": namespace,
+                "labels": {"gpupool.dev/client": "vps-app"}},
+            "spec": {"operation": "caption", "input": {"videoUrl": "https://x/1.mp4"}}})
+    };
+    let path = std::env::temp_dir().join(format!("{w}-gw-job.json"));
+    std::fs::write(&path, job(w).to_string()).unwrap();
+    let p = path.to_str().unwrap();
+    ok(
+        "create a job as the gateway",
+        kubectl_as(&kc, &["create", "-f", p]),
+    );
+    ok(
+        "annotate a job as the gateway",
+        kubectl_as(
+            &kc,
+            &[
+                "patch",
+                "videojob",
+                "gw-rbac",
+                "-n",
+                w,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"annotations":{"gpupool.dev/callback":"{}"}}}"#,
+            ],
+        ),
+    );
+    ok(
+        "list jobs as the gateway",
+        kubectl_as(&kc, &["get", "videojobs", "-n", w, "-o", "name"]),
+    );
+    std::fs::write(&path, job(o).to_string()).unwrap();
+    for args in [
+        vec!["create", "-f", p],
+        vec!["get", "secret", "vast", "-n", w],
+        vec!["get", "secrets", "-n", w],
+        vec!["get", "pods", "-n", w],
+    ] {
+        let out = kubectl_as(&kc, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.to_lowercase().contains("forbidden"),
+            "kubectl {args:?} should be Forbidden: {err}"
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+    ok(
+        "delete a job as the gateway",
+        kubectl_as(
+            &kc,
+            &["delete", "videojob", "gw-rbac", "-n", w, "--wait=false"],
+        ),
+    );
 
     other.cleanup().await;
     release_ns.cleanup().await;
