@@ -24,8 +24,8 @@ fidelity:
 	hack/fidelity.sh
 
 ## End-to-end tests against a real kube-apiserver + etcd started (and stopped) for the run.
-e2e: testbins testtools
-	cargo build --locked -p gpupool --bin gpupool
+e2e: testbins testtools ffmpeg
+	cargo build --locked -p gpupool --bin gpupool -p gpupool-worker
 	hack/with-control-plane.sh cargo test --locked -p gpupool-e2e --features e2e --test e2e -- --test-threads=8
 
 ## The full chaos run (300 jobs, 10 SIGKILLs, provider faults; the short one is in `make test`).

@@ -29,6 +29,9 @@ pub struct SimConfig {
     pub runpod_gpu_pools: Vec<GpuPoolSpec>,
     /// The quota RunPod REST v2 reports in `RateLimit`/`RateLimit-Policy` (and enforces, if told).
     pub runpod_v2_rate_limit: RateLimitSpec,
+    /// Run each machine's worker as a real process (`gpupool-worker`) behind the simulator's
+    /// port for it, instead of the built-in stand-in. `None` (default): the stand-in.
+    pub worker_process: Option<WorkerProcessSpec>,
 }
 
 impl Default for SimConfig {
@@ -44,6 +47,7 @@ impl Default for SimConfig {
             runpod_data_centers: default_data_centers(),
             runpod_gpu_pools: default_gpu_pools(),
             runpod_v2_rate_limit: RateLimitSpec::default(),
+            worker_process: None,
         }
     }
 }
@@ -71,6 +75,28 @@ impl SimConfig {
             ..Self::default()
         }
     }
+}
+
+/// The real worker a running machine gets: `command` started with the machine's environment
+/// (what the operator asked the provider for: session token, API key, `worker.env`), then
+/// `env` on top, `GPUPOOL_WORKER_PORT` set to a free loopback port and
+/// `GPUPOOL_WORKER_BIND=127.0.0.1`. It is killed (SIGKILL) when the machine stops, dies or is
+/// destroyed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerProcessSpec {
+    /// Path of the worker binary (e.g. `target/debug/gpupool-worker`), or a name on `PATH`.
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Added to every worker's environment (e.g. `GPUPOOL_WORKER_ALLOW_PRIVATE_URLS: "true"`,
+    /// which a worker fetching from this machine's loopback needs).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Each worker's output goes to `{log_dir}/worker-{instance}.log`; the simulator's own
+    /// stderr when unset.
+    #[serde(default)]
+    pub log_dir: Option<String>,
 }
 
 /// API keys each provider accepts. An empty list accepts any non-empty key.

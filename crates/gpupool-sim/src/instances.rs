@@ -4,13 +4,16 @@
 //! Transitions caused from outside (stop, destroy, death) bump the instance's generation so a
 //! lifecycle task still sleeping towards "running" stands down instead of resurrecting it.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, atomic::AtomicU32},
+    time::Instant,
+};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
-    serve,
+    process, serve,
     state::{Instance, Phase, Provider, Sim, WorkerHandle},
     util, worker,
 };
@@ -107,6 +110,23 @@ fn run_worker(
     if i.generation != generation || i.phase != Phase::Loading {
         return;
     }
+    let spawned = match sim.initial.worker_process.as_ref() {
+        None => None,
+        Some(spec) => match process::free_port().and_then(|p| Ok((p, process::spawn(spec, i, p)?)))
+        {
+            Ok(started) => Some(started),
+            Err(e) => {
+                warn!(error = %e, command = %spec.command, "cannot start the worker process; the instance dies");
+                drop(st);
+                die(sim, provider, id, "worker process did not start");
+                return;
+            }
+        },
+    };
+    let backend = spawned.as_ref().map(|(p, child)| process::Backend {
+        port: *p,
+        pid: Arc::new(AtomicU32::new(child.id().unwrap_or(0))),
+    });
     let ctx = worker::WorkerCtx {
         sim: sim.clone(),
         provider,
@@ -115,14 +135,23 @@ fn run_worker(
         boot: util::secs(boot),
         api_key: i.env_value(crate::ENV_API_KEY).map(str::to_string),
         session_token: i.env_value(crate::ENV_SESSION_TOKEN).map(str::to_string),
+        backend: backend.clone(),
     };
-    let task = tokio::spawn(serve::serve(
-        listener,
-        worker::router(ctx),
-        sim.shutdown.subscribe(),
-    ));
+    let pid = backend.as_ref().map(|b| b.pid.clone());
+    let served = serve::serve(listener, worker::router(ctx), sim.shutdown.subscribe());
+    let task = match (spawned, backend) {
+        (Some((_, child)), Some(b)) => tokio::spawn(with_process(
+            served,
+            child,
+            b,
+            sim.clone(),
+            provider,
+            id.to_string(),
+        )),
+        _ => tokio::spawn(served),
+    };
     let now = util::now_ms();
-    i.worker = Some(WorkerHandle { port, task });
+    i.worker = Some(WorkerHandle { port, task, pid });
     i.worker_started = Some(Instant::now());
     i.phase = Phase::Running;
     i.running_at.get_or_insert(now);
@@ -142,6 +171,29 @@ fn run_worker(
             generation,
             after,
         ));
+    }
+}
+
+/// Serves the machine's port while its worker process lives. The process is killed when this
+/// task is aborted (stop, death, destruction: the child is dropped); a process that exits on
+/// its own is a container whose entrypoint ended, so the machine dies.
+async fn with_process(
+    served: impl std::future::Future<Output = ()>,
+    child: tokio::process::Child,
+    backend: process::Backend,
+    sim: Arc<Sim>,
+    provider: Provider,
+    id: String,
+) {
+    tokio::select! {
+        () = served => {}
+        () = process::hold(child, backend.pid.clone(), id.clone()) => {
+            tokio::spawn(async move {
+                let task = die(&sim, provider, &id, "worker process exited");
+                reap(task).await;
+            });
+            std::future::pending::<()>().await;
+        }
     }
 }
 

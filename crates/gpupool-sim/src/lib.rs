@@ -24,6 +24,7 @@ mod graphql;
 mod http;
 mod instances;
 mod pods;
+mod process;
 mod proxy;
 mod query;
 mod ratelimit;
@@ -33,6 +34,7 @@ mod runpod_v2;
 mod serve;
 mod serverless;
 mod state;
+mod storage;
 mod util;
 mod vast;
 mod worker;
@@ -51,7 +53,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 pub use config::{
     ApiKeys, DataCenterSpec, EndpointSpec, GpuPoolSpec, GpuTypeSpec, RateLimitSpec, SimConfig,
-    Timing, VastOfferSpec,
+    Timing, VastOfferSpec, WorkerProcessSpec,
 };
 pub use faults::{Faults, Trigger};
 
@@ -173,6 +175,8 @@ fn router(sim: Arc<Sim>) -> Router {
         .fallback(not_found)
         // Serverless accepts 20 MB payloads (/runsync); keep the same ceiling everywhere.
         .layer(DefaultBodyLimit::max(20 * 1024 * 1024))
+        // The storage stand-in has its own, larger limit.
+        .merge(storage::routes())
         .layer(middleware::from_fn_with_state(
             sim.clone(),
             http::record_calls,

@@ -42,6 +42,8 @@ pub struct Sim {
     pub jobs_changed: watch::Sender<u64>,
     /// HTTP client of the RunPod proxy stand-in.
     pub client: Client<HttpConnector, Body>,
+    /// The presigned-URL storage stand-in (`/storage/...`).
+    pub storage: super::storage::Store,
     /// Source of instance generations, unique for the process so that a lifecycle task from
     /// before a reset never mistakes a new instance with a reused id for its own.
     generations: AtomicU64,
@@ -57,6 +59,7 @@ impl Sim {
             shutdown: watch::channel(false).0,
             jobs_changed: watch::channel(0).0,
             client,
+            storage: Default::default(),
             generations: AtomicU64::new(1),
         })
     }
@@ -137,6 +140,8 @@ pub struct PortSpec {
 pub struct WorkerHandle {
     pub port: u16,
     pub task: JoinHandle<()>,
+    /// The pid of the real worker process behind the port (`worker_process`); 0 once gone.
+    pub pid: Option<std::sync::Arc<std::sync::atomic::AtomicU32>>,
 }
 
 /// A rented machine, Vast instance or RunPod pod.
@@ -421,6 +426,7 @@ pub fn instance_summary(i: &Instance, now: Timestamp) -> Value {
         "billed_seconds": i.billed_seconds(now),
         "cost": i.cost(now),
         "worker_port": i.worker_host_port(),
+        "worker_pid": i.worker.as_ref().and_then(|w| w.pid.as_ref()).map(|p| p.load(std::sync::atomic::Ordering::SeqCst)),
         "executions": i.executions,
     })
 }

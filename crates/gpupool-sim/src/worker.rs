@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
 use super::{
     config::Timing,
     http::{self, Family, OpSlot},
-    instances,
+    instances, process,
     state::{Provider, Sim},
     util,
 };
@@ -41,6 +41,8 @@ pub struct WorkerCtx {
     pub boot: Duration,
     pub api_key: Option<String>,
     pub session_token: Option<String>,
+    /// The real worker process behind this port (`worker_process`), if any.
+    pub backend: Option<process::Backend>,
 }
 
 /// The worker's routes (everything goes through one handler: health is "any other GET").
@@ -167,6 +169,13 @@ async fn handle(
     slot.set_instance(ctx.instance_id.clone());
     let booted = ctx.started.elapsed() >= ctx.boot;
     let Some(op) = uri.path().strip_prefix("/video/") else {
+        if let Some(b) = &ctx.backend {
+            slot.set("worker.health");
+            if let Err(r) = health_faults(&ctx).await {
+                return r;
+            }
+            return process::forward_other(&ctx, b, method, &uri, &headers, body).await;
+        }
         return health(&ctx, &slot, &method, booted).await;
     };
     match video(&ctx, &slot, &method, op, &headers, &body, booted).await {
@@ -180,12 +189,8 @@ async fn health(ctx: &WorkerCtx, slot: &OpSlot, method: &Method, booted: bool) -
         slot.set("worker.other");
         return error(StatusCode::NOT_FOUND, "not found");
     }
-    let op = "worker.health";
-    slot.set(op);
-    if let Err(r) = http::delay_faults(&ctx.sim, op, Family::Worker).await {
-        return r;
-    }
-    if let Err(r) = http::status_faults(&ctx.sim, op, Family::Worker) {
+    slot.set("worker.health");
+    if let Err(r) = health_faults(ctx).await {
         return r;
     }
     if booted {
@@ -196,6 +201,13 @@ async fn health(ctx: &WorkerCtx, slot: &OpSlot, method: &Method, booted: bool) -
             &json!({"status": "starting"}),
         )
     }
+}
+
+/// The faults of a health check (delays first, then injected statuses).
+async fn health_faults(ctx: &WorkerCtx) -> Result<(), Response> {
+    let op = "worker.health";
+    http::delay_faults(&ctx.sim, op, Family::Worker).await?;
+    http::status_faults(&ctx.sim, op, Family::Worker)
 }
 
 /// `POST /video/{op}`: the request checked (path, method, faults, boot, credentials, job
@@ -238,6 +250,11 @@ async fn video(
         }
     };
     let plan = plan_execution(ctx, &input, op, &job_id);
+    if let Some(b) = &ctx.backend {
+        // A real worker runs the job; of the hooks only `die` applies (as a real SIGKILL).
+        let die_after = plan.die.then_some(plan.seconds / 2.0);
+        return Ok(process::forward_job(ctx, b, op, headers, input, die_after).await);
+    }
     Ok(execute(ctx, op, &job_id, &input, &plan).await)
 }
 

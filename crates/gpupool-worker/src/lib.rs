@@ -40,6 +40,9 @@ pub const REMEMBERED_JOBS: usize = 256;
 #[derive(Clone)]
 pub struct Config {
     pub port: u16,
+    /// The address to listen on: `GPUPOOL_WORKER_BIND`, `0.0.0.0` by default (a container's
+    /// port is published by the provider); the simulator and the tests use `127.0.0.1`.
+    pub bind: std::net::IpAddr,
     pub session_token: String,
     pub api_key: Option<String>,
     pub health_path: String,
@@ -49,6 +52,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("port", &self.port)
+            .field("bind", &self.bind)
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .field("health_path", &self.health_path)
             .finish_non_exhaustive()
@@ -65,6 +69,12 @@ impl Config {
                 .parse()
                 .map_err(|_| format!("GPUPOOL_WORKER_PORT is not a port number: {p:?}"))?,
         };
+        let bind = match get("GPUPOOL_WORKER_BIND") {
+            None => std::net::IpAddr::from([0, 0, 0, 0]),
+            Some(b) => b
+                .parse()
+                .map_err(|_| format!("GPUPOOL_WORKER_BIND is not an IP address: {b:?}"))?,
+        };
         let session_token = get("GPUPOOL_SESSION_TOKEN")
             .filter(|t| !t.is_empty())
             .ok_or("GPUPOOL_SESSION_TOKEN is not set: the worker refuses to run unprotected")?;
@@ -77,6 +87,7 @@ impl Config {
         }
         Ok(Self {
             port,
+            bind,
             session_token,
             api_key,
             health_path,

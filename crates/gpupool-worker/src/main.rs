@@ -1,8 +1,7 @@
 //! The `gpupool-worker` binary: reads its settings from the environment the provider gives the
-//! machine and serves `docs/worker-api.md` on `0.0.0.0:$GPUPOOL_WORKER_PORT`.
-//!
-//! Operations: `probe` (ffprobe). `transcode`, `thumbnails` and `caption` (issue 16) are not
-//! built yet, and are answered 404 like any unknown operation.
+//! machine and serves `docs/worker-api.md` on `$GPUPOOL_WORKER_BIND:$GPUPOOL_WORKER_PORT`
+//! (`0.0.0.0:8000` by default), with the operations of `docs/worker.md`: `probe`,
+//! `thumbnails`, `transcode` and `caption`, run by ffmpeg.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -25,7 +24,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let addr = SocketAddr::from(([0, 0, 0, 0], config.port));
+    let addr = SocketAddr::from((config.bind, config.port));
     let worker = Worker::new(config, Arc::new(ops));
     match worker.serve(addr).await {
         Ok((bound, server)) => {

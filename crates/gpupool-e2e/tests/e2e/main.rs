@@ -12,6 +12,7 @@ mod lifecycle;
 mod monitoring;
 mod nodeclient;
 mod operator;
+mod realworker;
 mod replicas;
 mod support;
 mod validation;

@@ -61,6 +61,18 @@ pub fn operator_binary() -> PathBuf {
     path
 }
 
+/// The reference worker binary (`gpupool-worker`), next to the operator's: `make e2e` builds
+/// both (`cargo build -p gpupool --bin gpupool -p gpupool-worker`).
+pub fn worker_binary() -> PathBuf {
+    let path = operator_binary().with_file_name("gpupool-worker");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build -p gpupool-worker), as `make e2e` does",
+        path.display()
+    );
+    path
+}
+
 fn kubeconfig_path() -> PathBuf {
     match std::env::var_os("KUBECONFIG") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
