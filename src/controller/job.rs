@@ -377,6 +377,15 @@ async fn submit(
     api: &Api<VideoJob>,
 ) -> Result<Action> {
     let job = set_finalizer(&job, api, true).await?;
+    // The cache can be behind this reconciler's own last write (the previous pass recorded a
+    // submission a moment ago): read the job from the API server before submitting, so that
+    // a stale copy never sends the same attempt twice (found with real serverless workers).
+    let fresh = api.get(&job.name_any()).await?;
+    if fresh.resource_version() != job.resource_version()
+        || status_of(&fresh).remote_job_id.is_some()
+    {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
     let mut input = job.spec.input.clone();
     input.insert(
         "operation".into(),

@@ -316,8 +316,16 @@ pub fn die(sim: &Sim, provider: Provider, id: &str, why: &str) -> Option<JoinHan
     take_worker(i)
 }
 
-/// Stops every worker (shutdown and reset).
+/// Stops every worker (shutdown and reset): the machines' and the serverless workers'
+/// processes.
 pub fn stop_all_workers(sim: &Sim) -> Vec<JoinHandle<()>> {
     let mut st = sim.lock();
-    st.instances.iter_mut().filter_map(take_worker).collect()
+    let mut tasks: Vec<_> = st.instances.iter_mut().filter_map(take_worker).collect();
+    for w in st.endpoints.iter_mut().flat_map(|e| e.workers.iter_mut()) {
+        if let Some(t) = w.process.take() {
+            t.abort();
+            tasks.push(t);
+        }
+    }
+    tasks
 }

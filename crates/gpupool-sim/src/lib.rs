@@ -142,6 +142,7 @@ pub async fn start_on(config: SimConfig, addr: SocketAddr) -> Result<SimHandle, 
         .local_addr()
         .map_err(|source| SimError::Bind { addr, source })?;
     let sim = Sim::new(config);
+    let _ = sim.base_url.set(format!("http://{addr}"));
     for spec in sim.initial.endpoints.clone() {
         serverless::install(&sim, spec);
     }

@@ -23,6 +23,8 @@ use tokio::{
     time::Instant,
 };
 
+mod queue;
+
 use super::{
     config::EndpointSpec,
     http::{self, AuthMode, Family, OpSlot},
@@ -78,6 +80,11 @@ pub struct ServerlessWorker {
     pub idle_since: Instant,
     pub stopped_at: Option<Timestamp>,
     pub died: bool,
+    /// The task holding this worker's real process (`worker_process`); aborting it kills it.
+    pub process: Option<tokio::task::JoinHandle<()>>,
+    /// Heartbeats received from the worker process, and whether one reported it unhealthy.
+    pub pings: u64,
+    pub unhealthy: bool,
 }
 
 impl ServerlessWorker {
@@ -255,16 +262,34 @@ fn reconcile(sim: &Arc<Sim>, st: &mut SimState, idx: usize) -> Option<Instant> {
     let now = Instant::now();
     let now_ts = util::now_ms();
     let scaling = Scaling::of(&st.endpoints[idx].spec);
-    for w in &mut st.endpoints[idx].workers {
-        if w.state == WorkerState::Initializing && now >= w.ready_at {
-            w.state = WorkerState::Idle;
-            w.idle_since = now;
+    let real = sim.initial.worker_process.as_ref();
+    if real.is_none() {
+        // Real workers become idle by asking for a job (queue.rs), not after a set time.
+        for w in &mut st.endpoints[idx].workers {
+            if w.state == WorkerState::Initializing && now >= w.ready_at {
+                w.state = WorkerState::Idle;
+                w.idle_since = now;
+            }
         }
+        dispatch_queue(sim, st, idx, now, now_ts);
     }
-    dispatch_queue(sim, st, idx, now, now_ts);
     let ep = &mut st.endpoints[idx];
     scale_up(ep, &scaling, now, now_ts);
     let active = scale_down(ep, &scaling, now, now_ts);
+    if let Some(spec) = real {
+        queue::reap(ep);
+        for i in 0..ep.workers.len() {
+            if ep.workers[i].state != WorkerState::Stopped && ep.workers[i].process.is_none() {
+                let task = queue::spawn(sim, spec, ep, &ep.workers[i]);
+                if task.is_none() {
+                    ep.workers[i].state = WorkerState::Stopped;
+                    ep.workers[i].stopped_at = Some(now_ts);
+                    ep.workers[i].died = true;
+                }
+                ep.workers[i].process = task;
+            }
+        }
+    }
     next_wake(ep, &scaling, active)
 }
 
@@ -359,6 +384,9 @@ fn scale_up(ep: &mut Endpoint, scaling: &Scaling, now: Instant, now_ts: Timestam
             idle_since: now,
             stopped_at: None,
             died: false,
+            process: None,
+            pings: 0,
+            unhealthy: false,
         });
     }
 }
@@ -511,6 +539,7 @@ pub fn routes() -> Router<Arc<Sim>> {
         .route("/v2/{endpoint}/retry/{job}", post(retry))
         .route("/v2/{endpoint}/health", get(health))
         .route("/v2/{endpoint}/purge-queue", post(purge))
+        .merge(queue::routes())
 }
 
 fn not_found(what: &str, id: &str) -> Response {
@@ -1116,6 +1145,8 @@ pub fn admin_endpoint(ep: &Endpoint, now: Timestamp) -> Value {
                 "stopped_at": w.stopped_at.map(util::rfc3339),
                 "billed_seconds": util::seconds_between(w.started_at, w.stopped_at.unwrap_or(now)),
                 "cost": w.cost(ep.spec.price_per_hour, now),
+                "pings": w.pings,
+                "unhealthy": w.unhealthy,
             })
         })
         .collect();

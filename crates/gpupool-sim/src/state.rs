@@ -42,6 +42,10 @@ pub struct Sim {
     pub jobs_changed: watch::Sender<u64>,
     /// HTTP client of the RunPod proxy stand-in.
     pub client: Client<HttpConnector, Body>,
+    /// `http://127.0.0.1:PORT`, once listening (what real serverless workers are pointed at).
+    pub base_url: std::sync::OnceLock<String>,
+    /// The key real serverless workers present to the queue (`RUNPOD_AI_API_KEY`).
+    pub queue_key: String,
     /// The presigned-URL storage stand-in (`/storage/...`).
     pub storage: super::storage::Store,
     /// Source of instance generations, unique for the process so that a lifecycle task from
@@ -60,6 +64,8 @@ impl Sim {
             jobs_changed: watch::channel(0).0,
             client,
             storage: Default::default(),
+            base_url: std::sync::OnceLock::new(),
+            queue_key: format!("rp-queue-{}", uuid::Uuid::new_v4().simple()),
             generations: AtomicU64::new(1),
         })
     }

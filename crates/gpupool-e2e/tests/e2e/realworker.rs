@@ -142,6 +142,21 @@ fn gone(pid: u32) -> bool {
     }
 }
 
+/// The attempts the VideoJobs `names` made, summed.
+async fn job_attempts(client: &kube::Client, ns: &str, names: &[&str]) -> i32 {
+    let api: Api<gpupool::crd::VideoJob> = Api::namespaced(client.clone(), ns);
+    let mut n = 0;
+    for name in names {
+        n += api
+            .get(name)
+            .await
+            .unwrap()
+            .status
+            .map_or(0, |s| s.attempts);
+    }
+    n
+}
+
 /// The simulator's machine behind a GpuInstance.
 async fn machine_of(client: &kube::Client, ns: &str, instance: &str) -> String {
     let gis: Api<GpuInstance> = Api::namespaced(client.clone(), ns);
@@ -330,5 +345,108 @@ async fn a_real_worker_killed_mid_job_is_retried_on_another_machine() {
         st.instance,
         st.output.unwrap()
     );
+    ns.cleanup().await;
+}
+
+/// A GpuPool on the simulated RunPod Serverless endpoint whose workers are real
+/// `gpupool-worker serverless` processes: the jobs go through the endpoint's queue to them
+/// (take, progress, result, ping), a bad input fails with the worker's message naming the
+/// field, a deleted running job is stopped at the worker, and the workers are killed when the
+/// endpoint scales down.
+#[tokio::test]
+async fn serverless_jobs_run_on_real_serverless_workers() {
+    let ns = namespace_with_secrets("realsls").await;
+    let client = ns.client();
+    let sim = sim_with_real_workers(SimConfig::fast()).await;
+    let op = Operator::start(&ns.name, &sim, &[]);
+    let clip = stored_clip(&sim, "in/sls.mp4", 3).await;
+    create_pool(
+        &client,
+        &ns.name,
+        "default",
+        json!({
+            // The operator sets the endpoint's idle timeout from the pool's.
+            "idleTimeoutSeconds": 3,
+            "providers": [{"name": "sls", "runpodServerless": {"endpointId": "abc123xyz",
+                           "credentialsSecretRef": {"name": "runpod", "key": "apiKey"}}}]
+        }),
+    )
+    .await;
+    let thumb = format!("{}/storage/out/sls-thumb.jpg", sim.base_url);
+    create_job(
+        &client,
+        &ns.name,
+        "sls-thumbs",
+        json!({"operation": "thumbnails", "input": {"videoUrl": clip, "times": [1.0],
+               "width": 96, "uploadUrls": [thumb]}}),
+    )
+    .await;
+    create_job(
+        &client,
+        &ns.name,
+        "sls-bad",
+        json!({"operation": "probe", "input": {"videoUrl": "file:///etc/passwd"}}),
+    )
+    .await;
+    let job = finished_job(
+        &client,
+        &ns.name,
+        "sls-thumbs",
+        Duration::from_secs(120),
+        &op,
+    )
+    .await;
+    assert_eq!(phase(&job), JobPhase::Succeeded, "{:?}", job.status);
+    let output = job.status.unwrap().output.unwrap();
+    assert_eq!(
+        output["outputs"][0]["bytes"].as_u64().map(|b| b > 0),
+        Some(true),
+        "{output}"
+    );
+    let p = probe_stored(&thumb).await;
+    assert_eq!(p["streams"][0]["codec_name"], "mjpeg", "{p}");
+    assert_eq!(p["streams"][0]["width"], 96, "{p}");
+    let bad = finished_job(&client, &ns.name, "sls-bad", Duration::from_secs(120), &op).await;
+    assert_eq!(phase(&bad), JobPhase::Failed, "{:?}", bad.status);
+    let msg = bad.status.unwrap().error.unwrap_or_default();
+    assert!(
+        msg.contains("videoUrl"),
+        "the failure does not name the field: {msg}"
+    );
+
+    // One job at the endpoint per attempt: no attempt was submitted twice.
+    let state = admin(&sim, "state").await;
+    let attempts = job_attempts(&client, &ns.name, &["sls-thumbs", "sls-bad"]).await;
+    assert_eq!(
+        state["jobs"].as_array().unwrap().len() as i32,
+        attempts,
+        "endpoint jobs vs attempts: {}",
+        state["jobs"]
+    );
+    // The workers ran as processes, pinged, and stop once idle past the endpoint's timeout.
+    let workers = state["endpoints"][0]["workers"].as_array().unwrap().clone();
+    assert!(!workers.is_empty(), "{state}");
+    assert!(
+        workers.iter().any(|w| w["pings"].as_u64() > Some(0)),
+        "no worker pinged: {workers:?}"
+    );
+    let jobs = state["jobs"].as_array().unwrap();
+    assert!(
+        jobs.iter().all(|j| j["worker_id"].is_string()),
+        "a job ran on no worker: {jobs:?}"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "every serverless worker to stop",
+        Some(&op),
+        || {
+            let sim = &sim;
+            async move {
+                let s = admin(sim, "state").await;
+                (s["endpoints"][0]["active_workers"] == 0).then_some(())
+            }
+        },
+    )
+    .await;
     ns.cleanup().await;
 }
