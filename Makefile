@@ -34,7 +34,7 @@ chaos: testbins
 	hack/with-control-plane.sh env GPUPOOL_CHAOS=full cargo test --locked -p gpupool-e2e --features e2e --test e2e chaos -- --nocapture
 
 ## The demo on a local control plane (or DEMO_CLUSTER=current for the current kube context).
-demo: testbins
+demo: testbins ffmpeg
 	hack/demo.sh
 
 ## Regenerate crds/ and the chart's copy from the Rust types.
