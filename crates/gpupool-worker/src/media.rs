@@ -21,6 +21,8 @@ pub struct Limits {
     pub download_timeout: Duration,
     pub allow_private: bool,
     pub tool_timeout: Duration,
+    /// `GPUPOOL_WORKER_REQUIRE_GPU`: health is ready only with a GPU and an NVENC encoder.
+    pub require_gpu: bool,
 }
 
 impl Default for Limits {
@@ -30,13 +32,15 @@ impl Default for Limits {
             download_timeout: Duration::from_secs(600),
             allow_private: false,
             tool_timeout: Duration::from_secs(3600),
+            require_gpu: false,
         }
     }
 }
 
 impl Limits {
     /// `GPUPOOL_WORKER_MAX_INPUT_BYTES` (1 GiB), `GPUPOOL_WORKER_DOWNLOAD_TIMEOUT_SECONDS`
-    /// (600), `GPUPOOL_WORKER_ALLOW_PRIVATE_URLS` (`true` to allow; off by default).
+    /// (600), `GPUPOOL_WORKER_ALLOW_PRIVATE_URLS` (`true` to allow; off by default),
+    /// `GPUPOOL_WORKER_REQUIRE_GPU` (`true`: not ready without a GPU and NVENC).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let mut l = Self::default();
         if let Some(v) = get("GPUPOOL_WORKER_MAX_INPUT_BYTES") {
@@ -51,6 +55,15 @@ impl Limits {
             l.download_timeout = Duration::from_secs(s);
         }
         l.allow_private = get("GPUPOOL_WORKER_ALLOW_PRIVATE_URLS").as_deref() == Some("true");
+        l.require_gpu = match get("GPUPOOL_WORKER_REQUIRE_GPU").as_deref() {
+            None | Some("" | "false" | "0") => false,
+            Some("true" | "1") => true,
+            Some(v) => {
+                return Err(format!(
+                    "GPUPOOL_WORKER_REQUIRE_GPU must be true or false, not {v:?}"
+                ));
+            }
+        };
         Ok(l)
     }
 }

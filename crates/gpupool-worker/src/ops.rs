@@ -283,17 +283,37 @@ async fn listed_encoders(timeout: std::time::Duration) -> Vec<String> {
         .clone()
 }
 
-/// Whether an NVIDIA GPU is visible (`nvidia-smi -L` lists one), asked once: a machine's
-/// GPUs do not come and go while its worker runs.
+/// The NVIDIA GPUs `nvidia-smi -L` lists (none when it is missing or fails), asked once: a
+/// machine's GPUs do not come and go while its worker runs.
+async fn gpus() -> Vec<String> {
+    static GPUS: tokio::sync::OnceCell<Vec<String>> = tokio::sync::OnceCell::const_new();
+    GPUS.get_or_init(|| async {
+        run_tool("nvidia-smi", &["-L"], std::time::Duration::from_secs(10))
+            .await
+            .map(|o| {
+                String::from_utf8_lossy(&o)
+                    .lines()
+                    .filter(|l| l.starts_with("GPU "))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+    .await
+    .clone()
+}
+
 async fn gpu_visible() -> bool {
-    static VISIBLE: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
-    *VISIBLE
-        .get_or_init(|| async {
-            run_tool("nvidia-smi", &["-L"], std::time::Duration::from_secs(10))
-                .await
-                .is_ok_and(|o| String::from_utf8_lossy(&o).contains("GPU "))
-        })
+    !gpus().await.is_empty()
+}
+
+/// The hardware encoders ffmpeg lists (`*_nvenc`).
+async fn nvenc_listed(timeout: std::time::Duration) -> Vec<String> {
+    listed_encoders(timeout)
         .await
+        .into_iter()
+        .filter(|e| e.ends_with("_nvenc"))
+        .collect()
 }
 
 /// Whether the NVENC encoder `name` can run here: ffmpeg lists it and a GPU is visible
@@ -758,14 +778,32 @@ impl Operations for VideoOps {
         };
         let ffmpeg = version(run_tool("ffmpeg", &["-hide_banner", "-version"], t).await);
         let ffprobe = version(run_tool("ffprobe", &["-hide_banner", "-version"], t).await);
-        let ready = ffmpeg.is_ok() && ffprobe.is_ok();
+        let tools = ffmpeg.is_ok() && ffprobe.is_ok();
+        let devices = gpus().await;
+        let nvenc = if tools {
+            nvenc_listed(t).await
+        } else {
+            Vec::new()
+        };
+        // With GPUPOOL_WORKER_REQUIRE_GPU, a machine without a visible GPU and an NVENC
+        // encoder is not ready: the operator replaces it instead of running jobs on the CPU.
+        let gpu_ok = !self.limits.require_gpu || (!devices.is_empty() && !nvenc.is_empty());
         let show = |r: Result<String, String>| match r {
             Ok(v) => json!(v),
             Err(e) => json!({"error": e}),
         };
+        let mut gpu = json!({"required": self.limits.require_gpu, "devices": devices,
+                             "nvencListed": nvenc});
+        if !gpu_ok {
+            gpu["error"] = json!(if gpu["devices"].as_array().is_some_and(Vec::is_empty) {
+                "GPUPOOL_WORKER_REQUIRE_GPU is set and nvidia-smi -L lists no GPU"
+            } else {
+                "GPUPOOL_WORKER_REQUIRE_GPU is set and ffmpeg lists no NVENC encoder"
+            });
+        }
         (
-            ready,
-            json!({"ffmpeg": show(ffmpeg), "ffprobe": show(ffprobe)}),
+            tools && gpu_ok,
+            json!({"ffmpeg": show(ffmpeg), "ffprobe": show(ffprobe), "gpu": gpu}),
         )
     }
 

@@ -806,3 +806,143 @@ async fn bad_caption_requests_are_refused_naming_the_field() {
         assert!(!scratch_left(&uid), "{what}");
     }
 }
+
+/// With `GPUPOOL_WORKER_REQUIRE_GPU`, a machine without a visible GPU (this one) is not
+/// ready, and says why; without it, the same machine is ready and shows what it found.
+#[tokio::test]
+async fn health_requires_a_gpu_only_when_told() {
+    let has_gpu = std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("GPU "));
+    if has_gpu {
+        eprintln!("a GPU is visible here: the no-GPU case cannot be shown on this machine");
+    }
+    let get = |w: String| async move {
+        let res = reqwest::Client::new()
+            .get(format!("{w}/health"))
+            .header("x-session-token", TOKEN)
+            .send()
+            .await
+            .unwrap();
+        (res.status().as_u16(), res.json::<Value>().await.unwrap())
+    };
+    let limits =
+        Limits::from_env(|k| (k == "GPUPOOL_WORKER_REQUIRE_GPU").then(|| "true".into())).unwrap();
+    assert!(limits.require_gpu);
+    let (status, body) = get(worker(limits).await).await;
+    let gpu = &body["details"]["gpu"];
+    assert_eq!(gpu["required"], true, "{body}");
+    if !has_gpu {
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["ready"], false, "{body}");
+        assert!(gpu["error"].as_str().unwrap().contains("no GPU"), "{body}");
+    }
+    let (status, body) = get(worker(loopback()).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["details"]["gpu"]["required"], false, "{body}");
+    assert!(body["details"]["gpu"]["devices"].is_array(), "{body}");
+    let err = Limits::from_env(|k| (k == "GPUPOOL_WORKER_REQUIRE_GPU").then(|| "yes".into()))
+        .unwrap_err();
+    assert!(err.contains("GPUPOOL_WORKER_REQUIRE_GPU"), "{err}");
+}
+
+/// Serves endless zeros: `/declared` says `Content-Length: 2147483648` (2 GiB) up front,
+/// `/chunked` says nothing and just keeps sending.
+async fn endless_server() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let declared = String::from_utf8_lossy(&buf[..n]).contains("/declared");
+                let head: &[u8] = if declared {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                };
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                let zeros = vec![0u8; 1 << 20];
+                let chunk = [
+                    format!("{:x}\r\n", zeros.len()).into_bytes(),
+                    zeros.clone(),
+                    b"\r\n".to_vec(),
+                ]
+                .concat();
+                // At most 2 GiB either way; the worker hangs up long before.
+                for _ in 0..2048 {
+                    let piece: &[u8] = if declared { &zeros } else { &chunk };
+                    if s.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A 2 GB input is refused before a byte is written (its declared length is over the 1 GiB
+/// default limit); a stream with no declared length is cut at the limit. Both are a 400 on
+/// `videoUrl`, nothing is left on disk, and the next job runs.
+#[tokio::test]
+async fn an_input_over_the_size_limit_is_refused_and_nothing_is_kept() {
+    let big = endless_server().await;
+    let media = media_server().await;
+    let w = worker(loopback()).await;
+    let started = std::time::Instant::now();
+    let r = probe(
+        &w,
+        json!({"videoUrl": format!("{big}/declared.mp4")}),
+        "two-gb",
+    )
+    .await;
+    match &r {
+        Err(WorkerError::Rejected {
+            status: 400,
+            message,
+        }) => {
+            assert!(message.contains("videoUrl"), "{message}");
+            assert!(message.contains("limit of 1073741824 bytes"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the 2 GB input was downloaded before being refused"
+    );
+    assert!(!scratch_left("two-gb"));
+    let small = worker(Limits {
+        max_input_bytes: 8 << 20,
+        ..loopback()
+    })
+    .await;
+    let r = probe(
+        &small,
+        json!({"videoUrl": format!("{big}/chunked.mp4")}),
+        "endless",
+    )
+    .await;
+    match &r {
+        Err(WorkerError::Rejected {
+            status: 400,
+            message,
+        }) => assert!(message.contains("limit of 8388608 bytes"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!scratch_left("endless"));
+    let next = probe(
+        &small,
+        json!({"videoUrl": format!("{media}/media/clip.mp4")}),
+        "after-big",
+    )
+    .await;
+    assert!(next.is_ok(), "{next:?}");
+}
