@@ -3,7 +3,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/gpupool-target
 export GPUPOOL_TESTBINS ?= $(HOME)/.cache/gpupool-testbins
 
-.PHONY: ffmpeg test unit fidelity e2e chaos demo crds testbins testtools lint bench bench-policy bench-cluster control-plane-up control-plane-down
+.PHONY: ffmpeg s3server test unit fidelity e2e chaos demo crds testbins testtools lint bench bench-policy bench-cluster control-plane-up control-plane-down
 
 ## Run every test: unit and integration tests, the simulator's fidelity with the official
 ## provider clients, then the end-to-end tests on a fresh local control plane.
@@ -11,12 +11,16 @@ test: unit fidelity e2e
 
 ## Unit tests, the CRD drift check, the provider clients against the simulator; no cluster.
 ## Every crate of the workspace (a plain `cargo test` in the root tests the operator's only).
-unit: ffmpeg
+unit: ffmpeg s3server
 	cargo test --locked --workspace
 
 ## ffmpeg and ffprobe for the reference worker's tests (Debian's package when missing).
 ffmpeg:
 	hack/ffmpeg.sh >/dev/null
+
+## The S3-compatible server (s3s-fs from crates.io) the worker's S3 test uploads to (cached).
+s3server:
+	hack/s3server.sh >/dev/null
 
 ## The official vastai CLI and runpod SDK (pinned, installed in a cached venv) against the
 ## simulator, and the simulator's JSON against the providers' published OpenAPI documents.

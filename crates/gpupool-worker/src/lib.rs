@@ -10,6 +10,7 @@
 
 pub mod media;
 pub mod ops;
+pub mod s3;
 pub mod serverless;
 
 use std::{

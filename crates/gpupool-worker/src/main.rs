@@ -14,6 +14,7 @@ use gpupool_worker::{
     Config, Worker,
     media::Limits,
     ops::VideoOps,
+    s3::S3,
     serverless::{self, Queue, QueueConfig},
 };
 
@@ -50,7 +51,10 @@ async fn main() -> ExitCode {
         .nth(1)
         .or_else(|| env("GPUPOOL_WORKER_MODE"))
         .unwrap_or_else(|| "serve".into());
-    let ops = match Limits::from_env(env).and_then(VideoOps::new) {
+    let ops = match Limits::from_env(env)
+        .and_then(VideoOps::new)
+        .and_then(|o| Ok(o.with_s3(S3::from_env(env)?)))
+    {
         Ok(o) => Arc::new(o),
         Err(e) => return fail(e),
     };

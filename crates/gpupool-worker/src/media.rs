@@ -126,7 +126,8 @@ pub fn is_internal(ip: IpAddr) -> bool {
     }
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> OpError {
+/// A 400 naming `field`.
+pub fn invalid(field: &str, message: impl Into<String>) -> OpError {
     OpError::Invalid {
         field: field.to_string(),
         message: message.into(),

@@ -9,9 +9,18 @@ use serde_json::{Map, Value, json};
 use crate::{
     OpError, Operations,
     media::{
-        Limits, Scratch, checked_url, fetch, probe_summary, run_tool, sha256_hex, shown_url, upload,
+        Limits, Scratch, checked_url, fetch, invalid, probe_summary, run_tool, sha256_hex,
+        shown_url, upload,
     },
+    s3::{S3, checked_key},
 };
+
+/// Where an output goes: a URL to PUT to, how it is shown, and the input field it came from.
+struct Dest {
+    url: reqwest::Url,
+    shown: String,
+    field: &'static str,
+}
 
 /// Most frames one `thumbnails` job makes.
 pub const MAX_THUMBNAILS: usize = 100;
@@ -19,6 +28,7 @@ pub const MAX_THUMBNAILS: usize = 100;
 pub struct VideoOps {
     http: reqwest::Client,
     limits: Limits,
+    s3: Option<S3>,
 }
 
 impl VideoOps {
@@ -31,34 +41,103 @@ impl VideoOps {
             .user_agent(concat!("gpupool-worker/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Self { http, limits })
+        Ok(Self {
+            http,
+            limits,
+            s3: None,
+        })
     }
 
-    /// The checked `uploadUrl` of an operation with one output.
-    async fn upload_target(&self, input: &Map<String, Value>) -> Result<reqwest::Url, OpError> {
-        let raw = input
-            .get("uploadUrl")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                invalid(
-                    "uploadUrl",
-                    "required: the presigned URL the result is PUT to",
-                )
-            })?;
-        checked_url(raw, "uploadUrl", &self.limits).await
+    /// Outputs may also go to this S3 bucket (`s3Key`, `s3Keys` in the input).
+    #[must_use]
+    pub fn with_s3(mut self, s3: Option<S3>) -> Self {
+        self.s3 = s3;
+        self
     }
 
-    /// PUTs the file at `out` to `url`; returns the URL as shown, the size and the SHA-256.
+    /// A destination in the worker's S3 bucket for the key in `raw`.
+    fn s3_dest(&self, raw: &Value, field: &'static str) -> Result<Dest, OpError> {
+        let Some(s3) = &self.s3 else {
+            return Err(invalid(
+                field,
+                "this worker has no S3 storage (GPUPOOL_WORKER_S3_BUCKET is not set): give presigned URLs",
+            ));
+        };
+        let (url, shown) = s3.put(&checked_key(raw, field)?);
+        Ok(Dest { url, shown, field })
+    }
+
+    /// A presigned URL destination given in `field`.
+    async fn url_dest(&self, raw: &str, field: &'static str) -> Result<Dest, OpError> {
+        let url = checked_url(raw, field, &self.limits).await?;
+        Ok(Dest {
+            shown: shown_url(&url),
+            url,
+            field,
+        })
+    }
+
+    /// Where the one output of an operation goes: `uploadUrl`, or `s3Key` in the worker's bucket.
+    async fn upload_target(&self, input: &Map<String, Value>) -> Result<Dest, OpError> {
+        match (input.get("uploadUrl"), input.get("s3Key")) {
+            (Some(_), Some(_)) => Err(invalid("s3Key", "give uploadUrl or s3Key, not both")),
+            (None, Some(key)) => self.s3_dest(key, "s3Key"),
+            (Some(Value::String(raw)), None) => self.url_dest(raw, "uploadUrl").await,
+            _ => Err(invalid(
+                "uploadUrl",
+                "required: the presigned URL the result is PUT to (or s3Key)",
+            )),
+        }
+    }
+
+    /// PUTs the file at `out` to `dest`; returns the destination as shown, the size and the SHA-256.
     async fn put_output(
         &self,
         out: &std::path::Path,
-        url: reqwest::Url,
+        dest: Dest,
         mime: &str,
     ) -> Result<(String, usize, String), OpError> {
         let bytes = std::fs::read(out).map_err(|e| OpError::Failed(format!("no output: {e}")))?;
-        let (len, sha, shown) = (bytes.len(), sha256_hex(&bytes), shown_url(&url));
-        upload(&self.http, url, "uploadUrl", bytes, mime, &self.limits).await?;
-        Ok((shown, len, sha))
+        let (len, sha) = (bytes.len(), sha256_hex(&bytes));
+        upload(&self.http, dest.url, dest.field, bytes, mime, &self.limits).await?;
+        Ok((dest.shown, len, sha))
+    }
+
+    /// The destinations of a job with several outputs: `uploadUrls` or `s3Keys`, 1 to `max`.
+    async fn upload_targets(
+        &self,
+        input: &Map<String, Value>,
+        max: usize,
+    ) -> Result<Vec<Dest>, OpError> {
+        let (field, list) = match (input.get("uploadUrls"), input.get("s3Keys")) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("s3Keys", "give uploadUrls or s3Keys, not both"));
+            }
+            (None, Some(keys)) => ("s3Keys", keys),
+            (Some(urls), None) => ("uploadUrls", urls),
+            (None, None) => ("uploadUrls", &Value::Null),
+        };
+        let list = match list.as_array() {
+            Some(a) if !a.is_empty() && a.len() <= max => a,
+            _ => {
+                return Err(invalid(
+                    field,
+                    format!("required: 1 to {max} presigned URLs (or s3Keys), one per output"),
+                ));
+            }
+        };
+        let mut dests = Vec::with_capacity(list.len());
+        for v in list {
+            dests.push(if field == "s3Keys" {
+                self.s3_dest(v, "s3Keys")?
+            } else {
+                let raw = v
+                    .as_str()
+                    .ok_or_else(|| invalid("uploadUrls", "each must be a URL string"))?;
+                self.url_dest(raw, "uploadUrls").await?
+            });
+        }
+        Ok(dests)
     }
 
     async fn probe(&self, uid: &str, input: &Map<String, Value>) -> Result<Value, OpError> {
@@ -124,6 +203,7 @@ impl VideoOps {
                 "format",
                 "width",
                 "uploadUrls",
+                "s3Keys",
             ],
         )?;
         let format = match input.get("format").map(|v| v.as_str()) {
@@ -138,25 +218,7 @@ impl VideoOps {
                 _ => return Err(invalid("width", "must be an integer from 16 to 3840")),
             },
         };
-        let urls: Vec<&str> = match input.get("uploadUrls").and_then(Value::as_array) {
-            Some(a) if !a.is_empty() && a.len() <= MAX_THUMBNAILS => a
-                .iter()
-                .map(|u| {
-                    u.as_str()
-                        .ok_or_else(|| invalid("uploadUrls", "each must be a URL string"))
-                })
-                .collect::<Result<_, _>>()?,
-            _ => {
-                return Err(invalid(
-                    "uploadUrls",
-                    format!("required: 1 to {MAX_THUMBNAILS} presigned URLs, one per frame"),
-                ));
-            }
-        };
-        let mut checked = Vec::new();
-        for u in &urls {
-            checked.push(checked_url(u, "uploadUrls", &self.limits).await?);
-        }
+        let checked = self.upload_targets(input, MAX_THUMBNAILS).await?;
         let times: Option<Vec<f64>> = match input.get("times") {
             None => None,
             Some(Value::Array(a)) if !a.is_empty() => Some(
@@ -185,8 +247,8 @@ impl VideoOps {
             && t.len() != checked.len()
         {
             return Err(invalid(
-                "uploadUrls",
-                "give one upload URL per entry of times",
+                checked[0].field,
+                "give one upload destination per entry of times",
             ));
         }
         let (scratch, path, summary) = self.fetch_and_probe(uid, input).await?;
@@ -214,7 +276,7 @@ impl VideoOps {
         };
         let scale = width.map(|w| format!("scale={w}:-2"));
         let mut outputs = Vec::new();
-        for (i, (t, url)) in times.iter().zip(checked).enumerate() {
+        for (i, (t, dest)) in times.iter().zip(checked).enumerate() {
             let out = scratch.path().join(format!("frame-{i}.{ext}"));
             let out_s = out.to_string_lossy().to_string();
             let ts = format!("{t:.3}");
@@ -239,10 +301,9 @@ impl VideoOps {
             let bytes = std::fs::read(&out)
                 .map_err(|e| OpError::Failed(format!("ffmpeg wrote no frame: {e}")))?;
             let (len, sha) = (bytes.len(), sha256_hex(&bytes));
-            let shown = shown_url(&url);
-            upload(&self.http, url, "uploadUrls", bytes, mime, &self.limits).await?;
+            upload(&self.http, dest.url, dest.field, bytes, mime, &self.limits).await?;
             outputs.push(json!({
-                "url": shown, "bytes": len, "sha256": sha, "timeSeconds": t,
+                "url": dest.shown, "bytes": len, "sha256": sha, "timeSeconds": t,
                 "format": format, "encoder": match format { "png" => "png", "webp" => "libwebp", _ => "mjpeg" },
             }));
         }
@@ -342,6 +403,7 @@ impl VideoOps {
                 "audioBitrateKbps",
                 "hardware",
                 "uploadUrl",
+                "s3Key",
             ],
         )?;
         let pick = |field: &str,
@@ -396,7 +458,7 @@ impl VideoOps {
                 "webm holds vp9 or av1 video and opus audio",
             ));
         }
-        let upload_url = self.upload_target(input).await?;
+        let dest = self.upload_target(input).await?;
         let listed = listed_encoders(self.limits.tool_timeout).await;
         let (hw, software) = encoders_for(codec);
         let hw_usable = nvenc_usable(hw, self.limits.tool_timeout).await;
@@ -523,7 +585,7 @@ impl VideoOps {
             "mkv" => "video/x-matroska",
             _ => "video/mp4",
         };
-        let (shown, len, sha) = self.put_output(&out, upload_url, mime).await?;
+        let (shown, len, sha) = self.put_output(&out, dest, mime).await?;
         let video = summary["streams"]
             .as_array()
             .and_then(|a| a.iter().find(|s| s["type"] == "video").cloned())
@@ -577,6 +639,7 @@ impl VideoOps {
                 "color",
                 "position",
                 "uploadUrl",
+                "s3Key",
             ],
         )?;
         let font_size = match input.get("fontSize") {
@@ -643,7 +706,7 @@ impl VideoOps {
             }
             (None, Some(_)) => None,
         };
-        let upload_url = self.upload_target(input).await?;
+        let dest = self.upload_target(input).await?;
         let subs_url = match input.get("subtitlesUrl") {
             Some(v) => Some(
                 checked_url(
@@ -726,20 +789,13 @@ impl VideoOps {
                     format!("the subtitles could not be burnt in ({e})"),
                 )
             })?;
-        let (shown, len, sha) = self.put_output(&out, upload_url, "video/mp4").await?;
+        let (shown, len, sha) = self.put_output(&out, dest, "video/mp4").await?;
         drop(scratch);
         Ok(json!({
             "operation": "caption",
             "outputs": [{"url": shown, "bytes": len, "sha256": sha, "encoder": encoder,
                          "container": "mp4", "videoCodec": "h264"}],
         }))
-    }
-}
-
-fn invalid(field: &str, message: impl Into<String>) -> OpError {
-    OpError::Invalid {
-        field: field.to_string(),
-        message: message.into(),
     }
 }
 

@@ -139,9 +139,13 @@ async fn hanging_server() -> String {
 }
 
 async fn worker(limits: Limits) -> String {
+    worker_with(VideoOps::new(limits).unwrap()).await
+}
+
+async fn worker_with(ops: VideoOps) -> String {
     let config =
         Config::from_env(|k| (k == "GPUPOOL_SESSION_TOKEN").then(|| TOKEN.to_string())).unwrap();
-    let w = Worker::new(config, Arc::new(VideoOps::new(limits).unwrap()));
+    let w = Worker::new(config, Arc::new(ops));
     let (addr, server) = w.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
     tokio::spawn(server);
     format!("http://{addr}")
@@ -493,7 +497,17 @@ async fn bad_thumbnail_requests_are_refused_naming_the_field() {
         (
             "count",
             json!({"videoUrl": clip, "times": [0, 1], "uploadUrls": [up("x")]}),
-            "uploadUrls: give one upload URL per entry",
+            "uploadUrls: give one upload destination per entry",
+        ),
+        (
+            "s3 keys without a bucket",
+            json!({"videoUrl": clip, "times": [1], "s3Keys": ["a.jpg"]}),
+            "s3Keys: this worker has no S3 storage",
+        ),
+        (
+            "both destinations",
+            json!({"videoUrl": clip, "times": [1], "s3Keys": ["a.jpg"], "uploadUrls": [up("x")]}),
+            "s3Keys: give uploadUrls or s3Keys, not both",
         ),
         (
             "past the end",
@@ -945,4 +959,156 @@ async fn an_input_over_the_size_limit_is_refused_and_nothing_is_kept() {
     )
     .await;
     assert!(next.is_ok(), "{next:?}");
+}
+
+/// An S3-compatible server on loopback: `s3s-fs` (crates.io), built by hack/s3server.sh, with
+/// SigV4 authentication, serving `root` (each directory a bucket). Killed when dropped.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+    root: std::path::PathBuf,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+const S3_KEY: &str = "AKIAGPUPOOLTEST";
+const S3_SECRET: &str = "s3-secret-for-the-worker-test";
+
+fn s3_server() -> S3Server {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/s3server.sh");
+    let out = std::process::Command::new(&script)
+        .output()
+        .expect("hack/s3server.sh runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let root = std::env::temp_dir().join(format!(
+        "gpupool-s3-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(root.join("media")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new(bin)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
+        .arg(&root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("s3s-fs starts");
+    let server = S3Server {
+        child,
+        endpoint: format!("http://127.0.0.1:{port}"),
+        root,
+    };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("s3s-fs did not listen on {port}");
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn s3_ops(endpoint: &str, secret: &str) -> VideoOps {
+    let env = |k: &str| {
+        match k {
+            "GPUPOOL_WORKER_S3_BUCKET" => Some("media"),
+            "GPUPOOL_WORKER_S3_ENDPOINT" => Some(endpoint),
+            "GPUPOOL_WORKER_S3_PREFIX" => Some("jobs/"),
+            "AWS_ACCESS_KEY_ID" => Some(S3_KEY),
+            "AWS_SECRET_ACCESS_KEY" => Some(secret),
+            _ => None,
+        }
+        .map(str::to_string)
+    };
+    VideoOps::new(loopback())
+        .unwrap()
+        .with_s3(gpupool_worker::s3::S3::from_env(env).unwrap())
+}
+
+/// Outputs to S3-compatible storage configured by environment: a transcode and two
+/// thumbnails land in the bucket of a real S3 server on loopback (s3s-fs, which checks the
+/// SigV4 signature), with the sizes and digests the answer gives; a wrong secret is refused by
+/// the server, which the worker reports as a 400 on `s3Key` (not retried).
+#[tokio::test]
+async fn outputs_go_to_an_s3_bucket_set_by_environment() {
+    let s3 = s3_server();
+    let media = media_server().await;
+    let clip = format!("{media}/media/clip.mp4");
+    let w = worker_with(s3_ops(&s3.endpoint, S3_SECRET)).await;
+    let out = run(
+        &w,
+        "transcode",
+        json!({"videoUrl": clip, "s3Key": "out/small.mp4", "width": 160}),
+        "s3-transcode",
+    )
+    .await
+    .unwrap();
+    let o = &out["outputs"][0];
+    assert_eq!(o["url"], "s3://media/jobs/out/small.mp4", "{out}");
+    let stored = std::fs::read(s3.root.join("media/jobs/out/small.mp4"))
+        .expect("the object is in the bucket");
+    assert_eq!(o["bytes"].as_u64(), Some(stored.len() as u64));
+    assert_eq!(
+        o["sha256"].as_str(),
+        Some(gpupool_worker::media::sha256_hex(&stored).as_str())
+    );
+    let thumbs = run(
+        &w,
+        "thumbnails",
+        json!({"videoUrl": clip, "times": [0.2, 1.5], "s3Keys": ["t/0.jpg", "t/1.jpg"]}),
+        "s3-thumbs",
+    )
+    .await
+    .unwrap();
+    for (i, t) in thumbs["outputs"].as_array().unwrap().iter().enumerate() {
+        let stored = std::fs::read(s3.root.join(format!("media/jobs/t/{i}.jpg"))).unwrap();
+        assert_eq!(t["bytes"].as_u64(), Some(stored.len() as u64), "{thumbs}");
+        assert_eq!(&stored[..2], &[0xff, 0xd8], "not a JPEG");
+    }
+    assert!(!out.to_string().contains(S3_SECRET));
+    let wrong = worker_with(s3_ops(&s3.endpoint, "not-the-secret")).await;
+    match run(
+        &wrong,
+        "transcode",
+        json!({"videoUrl": clip, "s3Key": "out/denied.mp4"}),
+        "s3-denied",
+    )
+    .await
+    {
+        Err(e @ WorkerError::Rejected { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("s3Key: the upload was refused (403"), "{msg}");
+            assert!(!msg.contains("not-the-secret"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!s3.root.join("media/jobs/out/denied.mp4").exists());
+    assert!(!scratch_left("s3-denied"));
 }
