@@ -423,6 +423,73 @@ async fn serverless_jobs_run_on_real_serverless_workers() {
         "endpoint jobs vs attempts: {}",
         state["jobs"]
     );
+    // A job whose download hangs, deleted while it runs: cancelled at the endpoint, and the
+    // worker, told through job-stop, drops it and asks for work again.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_url = format!("http://{}/stuck.mp4", hang.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    create_job(
+        &client,
+        &ns.name,
+        "sls-stuck",
+        json!({"operation": "probe", "input": {"videoUrl": hang_url}}),
+    )
+    .await;
+    let jobs: Api<gpupool::crd::VideoJob> = Api::namespaced(client.clone(), &ns.name);
+    let remote = eventually(
+        Duration::from_secs(60),
+        "sls-stuck running on a worker",
+        Some(&op),
+        || {
+            let (jobs, sim) = (jobs.clone(), &sim);
+            async move {
+                let remote = jobs.get("sls-stuck").await.ok()?.status?.remote_job_id?;
+                let s = admin(sim, "state").await;
+                let busy = s["endpoints"][0]["workers"]
+                    .as_array()?
+                    .iter()
+                    .find(|w| w["state"] == format!("busy:{remote}").as_str())?["id"]
+                    .as_str()?
+                    .to_string();
+                Some((remote, busy))
+            }
+        },
+    )
+    .await;
+    jobs.delete("sls-stuck", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    let (remote_id, worker) = remote;
+    eventually(
+        Duration::from_secs(30),
+        "the stuck job stopped at its worker",
+        Some(&op),
+        || {
+            let (sim, remote_id, worker) = (&sim, remote_id.clone(), worker.clone());
+            async move {
+                let s = admin(sim, "state").await;
+                let job = s["jobs"]
+                    .as_array()?
+                    .iter()
+                    .find(|j| j["id"] == remote_id.as_str())?
+                    .clone();
+                let w = s["endpoints"][0]["workers"]
+                    .as_array()?
+                    .iter()
+                    .find(|w| w["id"] == worker.as_str())?
+                    .clone();
+                (job["status"] == "CANCELLED" && w["state"] != format!("busy:{remote_id}").as_str())
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
     // The workers ran as processes, pinged, and stop once idle past the endpoint's timeout.
     let workers = state["endpoints"][0]["workers"].as_array().unwrap().clone();
     assert!(!workers.is_empty(), "{state}");
