@@ -54,12 +54,14 @@ use tokio::{
     time::Instant,
 };
 
-/// Provider API key, worker API key and session token: random-looking, so that any piece of
-/// one in a message can only be a leak. Each client knows (and must hide) only its own.
+/// Provider API key, worker API key, session token and a worker secret from `worker.env`
+/// `valueFrom`: random-looking, so that any piece of one in a message can only be a leak.
+/// Each client knows (and must hide) only its own.
 const API_KEY: &str = "sk-Fz7Qv2Xw9Lr4TzKp";
 const WORKER_KEY: &str = "wk-Hq3Mn8Bc5Hd1Vb";
 const TOKEN: &str = "st-Jx6Kp0Yj2Ga9Wc";
-const SECRETS: [&str; 3] = [API_KEY, WORKER_KEY, TOKEN];
+const ENV_SECRET: &str = "s3-Tn5Dq8Wz3Re7Yk";
+const SECRETS: [&str; 4] = [API_KEY, WORKER_KEY, TOKEN, ENV_SECRET];
 const PROVIDER_SECRETS: &[&str] = &[API_KEY];
 const WORKER_SECRETS: &[&str] = &[WORKER_KEY, TOKEN];
 /// A cut secret counts as leaked from this many characters on.
@@ -486,8 +488,8 @@ fn provider_error_is_clean(
     e: &ProviderError,
 ) -> Result<(), TestCaseError> {
     let shown = e.to_string();
-    // A create sends the worker's session token and API key too: a provider echoing the
-    // request into its error must not show them either.
+    // A create sends the worker's session token, API key and Secret-backed env too: a
+    // provider echoing the request into its error must not show them either.
     let secrets = match op {
         Op::VastCreate | Op::RunpodCreate | Op::RunpodV2Create => &SECRETS[..],
         _ => PROVIDER_SECRETS,
@@ -740,8 +742,10 @@ fn create_request() -> CreateRequest {
         env: [
             ("GPUPOOL_SESSION_TOKEN".to_string(), TOKEN.to_string()),
             ("GPUPOOL_API_KEY".to_string(), WORKER_KEY.to_string()),
+            ("S3_SECRET_KEY".to_string(), ENV_SECRET.to_string()),
         ]
         .into(),
+        secret_env: ["S3_SECRET_KEY".to_string()].into(),
         port: 8000,
         disk_gb: 16,
     }
@@ -1631,6 +1635,16 @@ fn failures_found_by_the_properties_stay_fixed() {
                 json_body(json!({"success": false, "error": "invalid_args",
                     "msg": format!("bad env: {{\"GPUPOOL_SESSION_TOKEN\": \"{TOKEN}\", \
                                     \"GPUPOOL_API_KEY\": \"{WORKER_KEY}\"}}")})),
+            ),
+        ),
+        (
+            "a create error echoing the request would show a worker.env value from a Secret",
+            Op::VastCreate,
+            answer_of(
+                400,
+                None,
+                json_body(json!({"success": false, "error": "invalid_args",
+                    "msg": format!("bad env: {{\"S3_SECRET_KEY\": \"{ENV_SECRET}\"}}")})),
             ),
         ),
         (

@@ -257,6 +257,7 @@ fn create_request(label: &str) -> CreateRequest {
             ("GPUPOOL_WORKER_PORT".to_string(), "8000".to_string()),
         ]
         .into(),
+        secret_env: Default::default(),
         port: 8000,
         disk_gb: 16,
     }

@@ -8,7 +8,11 @@
 //! `gpupool-{clusterId}-{uid}`, looked up before every create, so a machine created by a
 //! call whose answer was lost is adopted, not duplicated.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -26,12 +30,12 @@ use tracing::{info, instrument};
 use crate::{
     crd::{
         ConditionType, GpuInstance, GpuInstanceStatus, GpuPool, INSTANCE_FINALIZER, InstancePhase,
-        JobPhase, Money, OfferInfo, VideoJob,
+        JobPhase, Money, OfferInfo, VideoJob, WorkerSpec,
     },
     provider::{
-        CreateRequest, Credentials, ENV_API_KEY, ENV_SESSION_TOKEN, ENV_WORKER_PORT,
-        InstanceProvider, Offer, ProviderError, RemoteInstance, RemoteState, instance_label,
-        quota::teardown_lane,
+        CreateRequest, Credentials, ENV_API_KEY, ENV_SESSION_TOKEN, ENV_WORKER_HEALTH_PATH,
+        ENV_WORKER_PORT, InstanceProvider, Offer, ProviderError, RemoteInstance, RemoteState,
+        instance_label, quota::teardown_lane,
     },
 };
 
@@ -257,7 +261,9 @@ async fn provider_of(
     ctx.providers.instance(pool, &gi.spec.provider).await
 }
 
-/// The request that rents this instance's machine.
+/// The request that rents this instance's machine. The Secrets it needs (the worker API key,
+/// each `worker.env` `valueFrom`) are read from the pool's namespace now; their values go
+/// only into the request.
 async fn create_request(
     gi: &GpuInstance,
     pool: &GpuPool,
@@ -269,27 +275,63 @@ async fn create_request(
         .worker
         .as_ref()
         .ok_or_else(|| Error::BadReference("the pool has no worker section".into()))?;
-    let mut env: BTreeMap<String, String> = worker
-        .env
-        .iter()
-        .map(|e| (e.name.clone(), e.value.clone()))
-        .collect();
-    env.insert(ENV_SESSION_TOKEN.into(), token.expose().to_string());
-    env.insert(ENV_WORKER_PORT.into(), worker.port.to_string());
-    if let Some(r) = &worker.api_key_secret_ref {
-        let key = ctx
-            .providers
-            .secret(&gi.namespace().unwrap_or_default(), r)
-            .await?;
-        env.insert(ENV_API_KEY.into(), key.expose().to_string());
-    }
+    let ns = gi.namespace().unwrap_or_default();
+    let from_secrets = ctx.providers.worker_env_secrets(&ns, worker).await?;
+    let api_key = match &worker.api_key_secret_ref {
+        Some(r) => Some(ctx.providers.secret(&ns, r).await?),
+        None => None,
+    };
+    let (env, secret_env) = worker_env(worker, &from_secrets, token, api_key.as_ref());
     Ok(CreateRequest {
         label: instance_label(&ctx.config.cluster_id, &gi.uid().unwrap_or_default()),
         image: worker.image.clone(),
         env,
+        secret_env,
         port: u16::try_from(worker.port).unwrap_or(8000),
         disk_gb: u32::try_from(worker.container_disk_gb).unwrap_or(10),
     })
+}
+
+/// The worker container's environment, and the names in it whose values came from Secrets
+/// (`valueFrom`; the session token and API key are known secrets anyway). The pool's
+/// `worker.env` comes first, a `valueFrom` entry with its value from `from_secrets`; then the
+/// operator's own variables, which replace an entry of the same name (`GPUPOOL_API_KEY` only
+/// when the pool has an API key).
+pub fn worker_env(
+    worker: &WorkerSpec,
+    from_secrets: &BTreeMap<String, Credentials>,
+    token: &Credentials,
+    api_key: Option<&Credentials>,
+) -> (BTreeMap<String, String>, BTreeSet<String>) {
+    let mut env = BTreeMap::new();
+    let mut secret_env = BTreeSet::new();
+    for e in &worker.env {
+        match (e.secret_key_ref(), from_secrets.get(&e.name)) {
+            (None, _) => {
+                secret_env.remove(&e.name);
+                env.insert(e.name.clone(), e.value.clone());
+            }
+            (Some(_), Some(value)) => {
+                secret_env.insert(e.name.clone());
+                env.insert(e.name.clone(), value.expose().to_string());
+            }
+            // Not read: the caller refuses to rent rather than start a worker without it.
+            (Some(_), None) => {}
+        }
+    }
+    let own = [
+        (ENV_SESSION_TOKEN, Some(token.expose().to_string())),
+        (ENV_API_KEY, api_key.map(|k| k.expose().to_string())),
+        (ENV_WORKER_PORT, Some(worker.port.to_string())),
+        (ENV_WORKER_HEALTH_PATH, Some(worker.health_path.clone())),
+    ];
+    for (name, value) in own {
+        if let Some(v) = value {
+            secret_env.remove(name);
+            env.insert(name.to_string(), v);
+        }
+    }
+    (env, secret_env)
 }
 
 fn offer_info(remote: &RemoteInstance, offer: Option<&crate::provider::Offer>) -> OfferInfo {
@@ -337,7 +379,11 @@ async fn provision(
     let token = ctx.sessions.ensure(&ctx.client, &gi).await?;
     let request = match create_request(&gi, pool, ctx, &token).await {
         Ok(r) => r,
+        // A Secret the worker needs went missing after the pool checked it: nothing is
+        // rented, and the entry is skipped until the Secret is back (as the pool's check
+        // would have done).
         Err(Error::BadReference(msg)) => {
+            ctx.provider_misconfigured(entry.clone(), msg.clone());
             return fail(&gi, ctx, api, "ProviderUnavailable", msg).await;
         }
         Err(e) => return Err(e),
@@ -865,12 +911,69 @@ async fn teardown_failing(
 mod tests {
     use serde_json::json;
 
-    use super::{Step, Targets, plan, ready_status, targets};
+    use std::collections::BTreeMap;
+
+    use super::{Step, Targets, plan, ready_status, targets, worker_env};
     use crate::{
         controller::fixtures::{at, instance, job, pool, time},
-        crd::{InstancePhase, Money},
-        provider::{RemoteInstance, RemoteState},
+        crd::{InstancePhase, Money, WorkerSpec},
+        provider::{Credentials, RemoteInstance, RemoteState},
     };
+
+    #[test]
+    fn the_worker_env_is_the_pools_with_secrets_resolved_then_the_operators_own() {
+        let worker: WorkerSpec = serde_json::from_value(json!({
+            "image": "w:1", "port": 9000, "healthPath": "/ready",
+            "env": [
+                {"name": "LOG_LEVEL", "value": "info"},
+                {"name": "S3_SECRET_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "secret"}}},
+                // The operator's own names replace the pool's entries, literal or from a Secret.
+                {"name": "GPUPOOL_WORKER_PORT", "value": "1"},
+                {"name": "GPUPOOL_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "t"}}},
+            ],
+        }))
+        .unwrap();
+        let from_secrets: BTreeMap<String, Credentials> = [
+            ("S3_SECRET_KEY".to_string(), Credentials::new("s3-secret-1")),
+            (
+                "GPUPOOL_SESSION_TOKEN".to_string(),
+                Credentials::new("user"),
+            ),
+        ]
+        .into();
+        let token = Credentials::new("tok");
+        let key = Credentials::new("key");
+        let (env, secret_env) = worker_env(&worker, &from_secrets, &token, Some(&key));
+        let expected: BTreeMap<String, String> = [
+            ("LOG_LEVEL", "info"),
+            ("S3_SECRET_KEY", "s3-secret-1"),
+            ("GPUPOOL_SESSION_TOKEN", "tok"),
+            ("GPUPOOL_API_KEY", "key"),
+            ("GPUPOOL_WORKER_PORT", "9000"),
+            ("GPUPOOL_WORKER_HEALTH_PATH", "/ready"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(env, expected);
+        assert_eq!(secret_env, ["S3_SECRET_KEY".to_string()].into());
+
+        // Without an API key: no GPUPOOL_API_KEY; the default health path is passed on too.
+        let worker: WorkerSpec = serde_json::from_value(json!({"image": "w:1"})).unwrap();
+        let (env, secret_env) = worker_env(&worker, &BTreeMap::new(), &token, None);
+        let names: Vec<&str> = env.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "GPUPOOL_SESSION_TOKEN",
+                "GPUPOOL_WORKER_HEALTH_PATH",
+                "GPUPOOL_WORKER_PORT"
+            ]
+        );
+        assert_eq!(env["GPUPOOL_WORKER_HEALTH_PATH"], "/health");
+        assert_eq!(env["GPUPOOL_WORKER_PORT"], "8000");
+        assert!(secret_env.is_empty());
+    }
 
     #[test]
     fn pending_provisions_and_failed_or_terminating_deletes() {

@@ -29,7 +29,7 @@ use tracing::{debug, info, instrument};
 use crate::{
     crd::{
         ConditionType, GpuInstance, GpuInstanceSpec, GpuPool, GpuPoolStatus, INSTANCE_FINALIZER,
-        InstancePhase, JobPhase, Money, VideoJob,
+        InstancePhase, JobPhase, Money, VideoJob, WorkerSpec,
         pool::{InstanceCounts, ProviderState, ProviderStatus},
     },
     metrics::PoolGauges,
@@ -490,22 +490,15 @@ async fn write_status(
 
 /// Checks, before anything is rented, what every provider entry needs from the namespace:
 /// its credentials Secret and key and, for the entries that rent machines, the worker API
-/// key. An entry that lacks one is marked unavailable (pool status, a Warning event) so the
+/// key and the Secret keys of `worker.env`. An entry that lacks one is marked unavailable (pool status, a Warning event) so the
 /// scheduler does not create an instance that could only fail; it is checked again after
 /// one back-off period. Secret reads are cached; a read that fails for another reason (the
 /// API server unreachable) marks nothing.
 async fn check_references(pool: &GpuPool, ctx: &Context) {
     let ns = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
-    let worker_key = match pool
-        .spec
-        .worker
-        .as_ref()
-        .and_then(|w| w.api_key_secret_ref.as_ref())
-    {
-        Some(r) => missing(ctx, &ns, r)
-            .await
-            .map(|m| format!("the worker API key: {m}")),
+    let worker_key = match pool.spec.worker.as_ref() {
+        Some(w) => worker_secrets_missing(ctx, &ns, w).await,
         None => None,
     };
     for p in &pool.spec.providers {
@@ -532,6 +525,20 @@ async fn check_references(pool: &GpuPool, ctx: &Context) {
             )
             .await;
         }
+    }
+}
+
+/// What the Secrets a rented machine's worker needs lack, if anything: the worker API key,
+/// then each `worker.env` `valueFrom` (the message names the variable and the Secret).
+async fn worker_secrets_missing(ctx: &Context, ns: &str, w: &WorkerSpec) -> Option<String> {
+    if let Some(r) = &w.api_key_secret_ref
+        && let Some(m) = missing(ctx, ns, r).await
+    {
+        return Some(format!("the worker API key: {m}"));
+    }
+    match ctx.providers.worker_env_secrets(ns, w).await {
+        Err(Error::BadReference(m)) => Some(m),
+        _ => None,
     }
 }
 

@@ -6,7 +6,7 @@
 //! most every [`SECRET_TTL`], so a rotated key is picked up within that time.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
 use crate::{
-    crd::{GpuPool, ProviderKind, ProviderSpec, RunpodApi, SecretKeyRef},
+    crd::{GpuPool, ProviderKind, ProviderSpec, RunpodApi, SecretKeyRef, WorkerSpec},
     metrics::Metrics,
     provider::{
         Credentials, InstanceProvider, ProviderError, ServerlessProvider,
@@ -224,6 +224,30 @@ impl Providers {
         let value = Credentials::new(value);
         lock(&self.secrets).insert(cache_key, (Instant::now(), value.clone()));
         Ok(value)
+    }
+
+    /// The values of `worker`'s `env` entries that come from a Secret key (`valueFrom`), by
+    /// variable name, read from `namespace`. The error names the variable, the Secret and the
+    /// key, never a value.
+    pub async fn worker_env_secrets(
+        &self,
+        namespace: &str,
+        worker: &WorkerSpec,
+    ) -> Result<BTreeMap<String, Credentials>> {
+        let mut values = BTreeMap::new();
+        for e in &worker.env {
+            let Some(r) = e.secret_key_ref() else {
+                continue;
+            };
+            let value = self.secret(namespace, r).await.map_err(|err| match err {
+                Error::BadReference(m) => {
+                    Error::BadReference(format!("worker env {}: {m}", e.name))
+                }
+                other => other,
+            })?;
+            values.insert(e.name.clone(), value);
+        }
+        Ok(values)
     }
 
     fn key(pool: &GpuPool, entry: &str, credential: &Credentials) -> ClientKey {

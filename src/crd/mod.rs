@@ -16,8 +16,9 @@ pub use common::{ConditionType, Money, SecretKeyRef};
 pub use instance::{GpuInstance, GpuInstanceSpec, GpuInstanceStatus, InstancePhase, OfferInfo};
 pub use job::{JobPhase, TIMED_OUT_REASON, VideoJob, VideoJobSpec, VideoJobStatus};
 pub use pool::{
-    CapacityType, CloudType, GpuPool, GpuPoolSpec, GpuPoolStatus, ProviderKind, ProviderSpec,
-    RunpodApi, RunpodProvider, RunpodServerlessProvider, VastProvider, WorkerSpec,
+    CapacityType, CloudType, EnvVar, EnvVarSource, GpuPool, GpuPoolSpec, GpuPoolStatus,
+    ProviderKind, ProviderSpec, RunpodApi, RunpodProvider, RunpodServerlessProvider, VastProvider,
+    WorkerSpec,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

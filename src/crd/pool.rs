@@ -411,8 +411,10 @@ pub struct WorkerSpec {
     #[schemars(range(min = 1, max = 4096))]
     pub container_disk_gb: i32,
 
-    /// Environment variables for the worker container. Secrets do not belong here: the
-    /// API key comes from apiKeySecretRef and the session token is added by the operator.
+    /// Environment variables for the worker container. A secret of the worker's own (storage
+    /// credentials, a token) goes in valueFrom.secretKeyRef, never in value; the API key
+    /// comes from apiKeySecretRef, and the session token, port and health path are added by
+    /// the operator.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub env: Vec<EnvVar>,
@@ -432,17 +434,44 @@ fn default_disk() -> i32 {
     10
 }
 
-/// One environment variable of the worker container.
+/// One environment variable of the worker container: a literal `value`, or `valueFrom` a
+/// Secret key in the pool's namespace (for the worker's own secrets: storage credentials,
+/// tokens), never both.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.valueFrom) || self.value == ''").message("value and valueFrom are mutually exclusive: set value, or valueFrom.secretKeyRef, not both").field_path(".valueFrom"))]
 pub struct EnvVar {
-    /// Variable name: letters, digits and underscores, not starting with a digit.
+    /// Variable name: letters, digits and underscores, not starting with a digit. The
+    /// operator's own variables (GPUPOOL_SESSION_TOKEN, GPUPOOL_API_KEY, GPUPOOL_WORKER_PORT,
+    /// GPUPOOL_WORKER_HEALTH_PATH) replace an entry of the same name.
     #[schemars(length(min = 1, max = 128), pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"))]
     pub name: String,
-    /// Value of the variable.
+    /// Value of the variable. Leave it out (or empty) when valueFrom is set.
     #[serde(default)]
     #[schemars(length(max = 4096))]
     pub value: String,
+    /// Where the value comes from instead: a key of a Secret in the pool's namespace, read
+    /// when each machine is rented and given only to the provider's create call. A Secret or
+    /// key that is missing (or empty) makes the pool's machine-renting providers unavailable
+    /// until it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
+}
+
+impl EnvVar {
+    /// The Secret key this variable's value comes from, if any.
+    pub fn secret_key_ref(&self) -> Option<&SecretKeyRef> {
+        self.value_from.as_ref().map(|f| &f.secret_key_ref)
+    }
+}
+
+/// The source of an environment variable's value.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVarSource {
+    /// A key of a Secret in the pool's namespace. Its value is used with surrounding
+    /// whitespace trimmed; it must be UTF-8 text and not empty.
+    pub secret_key_ref: SecretKeyRef,
 }
 
 /// Observed state of a pool, written by the operator.

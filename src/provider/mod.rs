@@ -14,7 +14,11 @@ pub mod runpod_serverless;
 pub mod runpod_v2;
 pub mod vast;
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -31,6 +35,9 @@ pub const ENV_SESSION_TOKEN: &str = "GPUPOOL_SESSION_TOKEN";
 pub const ENV_API_KEY: &str = "GPUPOOL_API_KEY";
 /// Environment variable telling the worker which port to listen on.
 pub const ENV_WORKER_PORT: &str = "GPUPOOL_WORKER_PORT";
+/// Environment variable telling the worker the path of its health check (the pool's
+/// `worker.healthPath`), which the operator probes.
+pub const ENV_WORKER_HEALTH_PATH: &str = "GPUPOOL_WORKER_HEALTH_PATH";
 /// Environment variable carrying the machine's gpupool label, where the provider keeps the
 /// label in a field the user can change (a RunPod pod's `name`): a second mark, set at create,
 /// that a machine must also carry to be taken for gpupool's.
@@ -126,20 +133,26 @@ pub struct CreateRequest {
     /// it as `label`, RunPod as the pod `name`. Create is made idempotent by looking it up.
     pub label: String,
     pub image: String,
-    /// Environment of the worker container (includes the session token and API key; never log).
+    /// Environment of the worker container (includes the session token, the API key and the
+    /// values of `worker.env` entries read from Secrets; never log).
     pub env: BTreeMap<String, String>,
+    /// Names of the [`Self::env`] entries whose values came from Secrets (`worker.env`
+    /// `valueFrom`), besides the session token and API key.
+    pub secret_env: BTreeSet<String>,
     /// Port the worker listens on inside the container.
     pub port: u16,
     pub disk_gb: u32,
 }
 
 impl CreateRequest {
-    /// The values in [`Self::env`] that are secrets (the session token and the worker API
-    /// key): redacted from any error the provider answers to this request.
+    /// The values in [`Self::env`] that are secrets (the session token, the worker API key
+    /// and every entry named in [`Self::secret_env`]): redacted from any error the provider
+    /// answers to this request.
     pub fn secrets(&self) -> Vec<Credentials> {
         [ENV_SESSION_TOKEN, ENV_API_KEY]
-            .iter()
-            .filter_map(|k| self.env.get(*k))
+            .into_iter()
+            .chain(self.secret_env.iter().map(String::as_str))
+            .filter_map(|k| self.env.get(k))
             .filter(|v| !v.is_empty())
             .map(|v| Credentials::new(v.clone()))
             .collect()
@@ -309,6 +322,35 @@ mod tests {
         let c = Credentials::new("sk-very-secret");
         assert!(!format!("{c:?} {c}").contains("very-secret"));
         assert_eq!(c.expose(), "sk-very-secret");
+    }
+
+    #[test]
+    fn a_create_redacts_the_token_the_api_key_and_the_env_values_from_secrets() {
+        let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let req = CreateRequest {
+            label: "l".into(),
+            image: "i".into(),
+            env: env(&[
+                (ENV_SESSION_TOKEN, "tok"),
+                (ENV_API_KEY, "key"),
+                ("S3_SECRET_KEY", "s3"),
+                ("LOG_LEVEL", "info"),
+            ]),
+            secret_env: ["S3_SECRET_KEY".to_string()].into(),
+            port: 8000,
+            disk_gb: 10,
+        };
+        let shown: Vec<String> = req
+            .secrets()
+            .iter()
+            .map(|c| c.expose().to_string())
+            .collect();
+        assert_eq!(shown, ["tok", "key", "s3"]);
     }
 
     #[test]

@@ -1019,6 +1019,7 @@ pub(crate) mod tests {
             label: "gpupool-c-u".into(),
             image: "img:1".into(),
             env: [("A".to_string(), "b\"c".to_string())].into(),
+            secret_env: Default::default(),
             port: 8000,
             disk_gb: 20,
         };

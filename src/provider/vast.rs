@@ -1212,6 +1212,7 @@ mod tests {
             label: "gpupool-c-u".into(),
             image: "ghcr.io/x/worker:1".into(),
             env: [("GPUPOOL_SESSION_TOKEN".to_string(), "tok".to_string())].into(),
+            secret_env: Default::default(),
             port: 8000,
             disk_gb: 20,
         };

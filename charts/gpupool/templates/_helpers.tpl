@@ -92,8 +92,9 @@ there because the operator makes that request (src/controller/); nothing else is
 - apiGroups: [gpupool.dev]
   resources: [gpupools/status, gpuinstances/status, videojobs/status]
   verbs: [patch]
-# Secrets, read one by one by name: the provider API keys and worker keys named by pools
-# (credentialsSecretRef, apiKeySecretRef) and the per-instance session-token Secrets.
+# Secrets, read one by one by name: the provider API keys, worker keys and worker secrets
+# named by pools (credentialsSecretRef, apiKeySecretRef, worker.env valueFrom.secretKeyRef)
+# and the per-instance session-token Secrets.
 # No list or watch, so the operator never sees a Secret that nothing names.
 - apiGroups: [""]
   resources: [secrets]

@@ -457,6 +457,7 @@ fn create_request(label: &str) -> CreateRequest {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect(),
+        secret_env: Default::default(),
         port: 8000,
         disk_gb: 16,
     }

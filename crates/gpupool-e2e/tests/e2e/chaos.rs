@@ -95,6 +95,18 @@ async fn chaos(replicas: usize) {
     let idle_timeout = 8;
     let mut spec = vast_pool(idle_timeout);
     spec["maxInstances"] = json!(4);
+    // A worker secret from a Secret key (worker.env valueFrom), searched for with the rest.
+    // Not drawn from the seeded generator, so the seed still fixes the whole schedule.
+    let env_secret = format!("s3-secret-{:016x}", rand::random::<u64>());
+    create_secret(
+        &client,
+        &ns.name,
+        "worker-s3",
+        json!({"secretKey": env_secret}),
+    )
+    .await;
+    spec["worker"]["env"] = json!([{"name": "S3_SECRET_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "worker-s3", "key": "secretKey"}}}]);
     create_pool(&client, &ns.name, "default", spec).await;
 
     // Every instance's last state before it went (its final accruedCost).
@@ -301,9 +313,11 @@ async fn chaos(replicas: usize) {
         .sum();
     let calls = admin(&sim, "calls").await;
 
-    // Secrets: the API keys and every session token, searched for in every operator log line
-    // (all generations), every event, and every status the run left.
-    let mut secrets: Vec<String> = vec![VAST_KEY.into(), RUNPOD_KEY.into(), WORKER_KEY.into()];
+    // Secrets: the API keys, the worker's env secret and every session token, searched for
+    // in every operator log line (all generations), every event, and every status the run
+    // left.
+    let fixed = [VAST_KEY, RUNPOD_KEY, WORKER_KEY, env_secret.as_str()];
+    let mut secrets: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
     secrets.extend(tokens.lock().await.iter().cloned());
     let mut haystack = String::new();
     let log_dir = op.log.parent().unwrap().to_path_buf();
@@ -341,14 +355,14 @@ async fn chaos(replicas: usize) {
     eprintln!(
         "secret scan: {} secrets ({} session tokens) searched in {log_lines} log lines, {} events, {} jobs, {} instances and {} pools: {} found; worker refusals (401/403): {worker_refusals}",
         secrets.len(),
-        secrets.len() - 3,
+        secrets.len() - fixed.len(),
         events.len(),
         all.len(),
         finals.len(),
         pools.len(),
         leaks.len()
     );
-    assert!(secrets.len() > 3, "no session token was seen");
+    assert!(secrets.len() > fixed.len(), "no session token was seen");
     assert!(leaks.is_empty(), "secrets found in logs, events or status");
     assert_eq!(
         worker_refusals, 0,

@@ -701,7 +701,19 @@ async fn the_chart_rbac_is_enough_for_a_whole_job_life_cycle() {
         &["--cluster-id="],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     );
-    create_pool(&client, &ns.name, "default", vast_pool(4)).await;
+    // The worker also gets a secret of its own from a Secret key (worker.env valueFrom),
+    // read with the same rule as the API keys.
+    create_secret(
+        &client,
+        &ns.name,
+        "worker-s3",
+        json!({"secretKey": "s3-rbac"}),
+    )
+    .await;
+    let mut spec = vast_pool(4);
+    spec["worker"]["env"] = json!([{"name": "S3_SECRET_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "worker-s3", "key": "secretKey"}}}]);
+    create_pool(&client, &ns.name, "default", spec).await;
     create_job(
         &client,
         &ns.name,

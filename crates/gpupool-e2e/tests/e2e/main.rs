@@ -16,3 +16,4 @@ mod realworker;
 mod replicas;
 mod support;
 mod validation;
+mod worker_secrets;

@@ -229,19 +229,24 @@ pub async fn namespace_with_secrets(prefix: &str) -> TestNamespace {
 
 /// The provider and worker Secrets a pool needs, in `ns`.
 pub async fn create_secrets(client: &Client, ns: &str) {
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
     for (name, value) in [
         ("vast", VAST_KEY),
         ("runpod", RUNPOD_KEY),
         ("gpu-worker", WORKER_KEY),
     ] {
-        let s = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
-            "stringData": {"apiKey": value}
-        }))
-        .unwrap();
-        secrets.create(&PostParams::default(), &s).await.unwrap();
+        create_secret(client, ns, name, json!({"apiKey": value})).await;
     }
+}
+
+/// Creates Secret `name` in `ns` with `string_data` (key to text value).
+pub async fn create_secret(client: &Client, ns: &str, name: &str, string_data: Value) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let s = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+        "stringData": string_data
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &s).await.unwrap();
 }
 
 /// A pool spec with one Vast provider (the simulator's default offers include RTX 3060).
