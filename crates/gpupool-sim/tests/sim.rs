@@ -2336,7 +2336,11 @@ fn the_yaml_examples_in_the_manual_are_valid_configurations() {
         .skip(1)
         .filter_map(|b| b.split("```").next())
         .collect();
-    assert_eq!(blocks.len(), 2, "the configuration and the faults examples");
+    assert_eq!(
+        blocks.len(),
+        3,
+        "the configuration, the faults and the real workers examples"
+    );
     for b in blocks {
         SimConfig::from_yaml(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
     }
