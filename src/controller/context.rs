@@ -27,7 +27,7 @@ use crate::{
 };
 
 use super::{
-    deadlines::Deadlines,
+    deadlines::{Claims, Deadlines},
     dispatch::Dispatcher,
     providers::Providers,
     registry::{EntryKey, ObjectKey, PoolKey, Registry, Throttle},
@@ -153,6 +153,8 @@ pub struct Context {
     pub sessions: SessionTokens,
     /// Idle-deadline timers armed (`deadlines.rs`).
     pub deadlines: Deadlines,
+    /// Claims begun and machines destroyed ahead of their finalizer (`deadlines.rs`).
+    pub claims: Claims,
     /// What this process wrote last, for the scheduler's read-your-writes (`written.rs`).
     pub written_instances: Written<GpuInstance>,
     pub written_jobs: Written<VideoJob>,
@@ -200,6 +202,7 @@ impl Context {
             dispatcher: Dispatcher::default(),
             sessions: SessionTokens::default(),
             deadlines: Deadlines::default(),
+            claims: Claims::default(),
             written_instances: Written::default(),
             written_jobs: Written::default(),
             stores,
@@ -382,6 +385,7 @@ impl Context {
     /// Drops what this process remembers of an instance that is going away.
     pub fn forget_instance(&self, instance_uid: &str) {
         self.sessions.forget(instance_uid);
+        self.claims.forget(instance_uid);
         self.liveness.remove(&instance_uid.to_string());
     }
 

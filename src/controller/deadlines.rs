@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, sync::Arc, sync::Mutex};
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use kube::runtime::events::EventType;
 use kube::{
     Api, ResourceExt,
@@ -24,6 +24,62 @@ use super::{
     idle::{self, IdleDecision, IdleInstance},
     status::seconds_between,
 };
+
+/// No job is bound to an instance in the last `CLAIM_MARGIN` before its idle deadline (the
+/// claim checks it, `claimable`). At the deadline the machine can then be destroyed at the
+/// provider without asking the API server whether a job took it: any claim that could still
+/// win was begun by this process before `deadline - CLAIM_MARGIN`, and is in [`Claims`].
+/// The margin covers a claim write in flight and the clock steps of one process.
+pub const CLAIM_MARGIN: SignedDuration = SignedDuration::from_secs(2);
+
+/// Whether an instance whose idle deadline is `deadline` may be claimed at `now`.
+pub fn claimable(deadline: Option<Timestamp>, now: Timestamp) -> bool {
+    deadline.is_none_or(|d| now < d.checked_sub(CLAIM_MARGIN).unwrap_or(Timestamp::MIN))
+}
+
+/// What this process did to instances without the API server's word: the last time it began
+/// a claim of each (before the claim write), and the machines it destroyed at their deadline
+/// before their GpuInstance was deleted (the time of the destroy, for the final cost).
+#[derive(Default)]
+pub struct Claims {
+    begun: Mutex<HashMap<String, Timestamp>>,
+    destroyed: Mutex<HashMap<String, Timestamp>>,
+}
+
+impl Claims {
+    fn lock(
+        m: &Mutex<HashMap<String, Timestamp>>,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Timestamp>> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that a claim of `instance_uid` begins now; call before checking
+    /// [`claimable`] and before the claim write.
+    pub fn begin(&self, instance_uid: &str, now: Timestamp) {
+        Self::lock(&self.begun).insert(instance_uid.to_string(), now);
+    }
+
+    /// Whether a claim of the instance was begun at or after `since`.
+    pub fn begun_since(&self, instance_uid: &str, since: Timestamp) -> bool {
+        Self::lock(&self.begun)
+            .get(instance_uid)
+            .is_some_and(|t| *t >= since)
+    }
+
+    pub fn destroyed(&self, instance_uid: &str, at: Timestamp) {
+        Self::lock(&self.destroyed).insert(instance_uid.to_string(), at);
+    }
+
+    /// When this process destroyed the instance's machine ahead of its finalizer, if it did.
+    pub fn destroyed_at(&self, instance_uid: &str) -> Option<Timestamp> {
+        Self::lock(&self.destroyed).get(instance_uid).copied()
+    }
+
+    pub fn forget(&self, instance_uid: &str) {
+        Self::lock(&self.begun).remove(instance_uid);
+        Self::lock(&self.destroyed).remove(instance_uid);
+    }
+}
 
 /// The deadline each armed timer waits for, by instance UID.
 #[derive(Default)]
@@ -137,13 +193,72 @@ pub fn arm(ctx: &Arc<Context>, gi: &GpuInstance, deadline: Timestamp) {
             return;
         };
         let (decision, idle_since, deadline) = decide(&ctx, &gi, &pool, ctx.now());
-        if decision == IdleDecision::Teardown {
-            let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
-            if let Err(e) = delete_idle(&gi, &pool, &ctx, &api, idle_since, deadline).await {
-                warn!(instance = %name, error = %e, "idle teardown failed; the reconcile retries");
+        if decision != IdleDecision::Teardown {
+            return;
+        }
+        destroy_first(&ctx, &gi, &pool, idle_since, deadline).await;
+        let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
+        // The GpuInstance goes next, when the API server answers; until then the machine is
+        // already gone if `destroy_first` could do it, and only the record waits.
+        let mut wait = std::time::Duration::from_millis(500);
+        loop {
+            match delete_idle(&gi, &pool, &ctx, &api, idle_since, deadline).await {
+                Ok(_) => return,
+                Err(e) => {
+                    warn!(instance = %name, error = %e, "cannot delete the idle instance yet; retrying");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            // Stop when the reconcile took over (the instance changed or went away).
+            match ctx.instance(&ns, &name) {
+                Some(now) if now.resource_version() == gi.resource_version() => {}
+                _ if ctx.claims.destroyed_at(&uid).is_some() => {}
+                _ => return,
             }
         }
     });
+}
+
+/// At the deadline, destroys the machine at the provider before anything is asked of the API
+/// server, unless this process began a claim of it during this idle period. The GpuInstance
+/// is deleted after (its finalizer finds the machine gone). False when it could not: no
+/// machine id, a claim begun, the provider unreachable; the usual path then runs.
+async fn destroy_first(
+    ctx: &Context,
+    gi: &GpuInstance,
+    pool: &GpuPool,
+    idle_since: Timestamp,
+    deadline: Timestamp,
+) -> bool {
+    let uid = gi.uid().unwrap_or_default();
+    let Some(id) = gi
+        .status
+        .as_ref()
+        .and_then(|s| s.provider_instance_id.clone())
+    else {
+        return false;
+    };
+    if ctx.claims.begun_since(&uid, idle_since) || ctx.now() < deadline {
+        return false;
+    }
+    let provider = match ctx.providers.instance(pool, &gi.spec.provider).await {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(instance = %gi.name_any(), error = %e, "no provider client for the idle teardown");
+            return false;
+        }
+    };
+    if let Err(e) = crate::provider::quota::teardown_lane(provider.delete(&id)).await {
+        warn!(instance = %gi.name_any(), error = %e, "destroying the idle machine failed; the finalizer retries");
+        return false;
+    }
+    let now = ctx.now();
+    ctx.claims.destroyed(&uid, now);
+    let late = seconds_between(deadline, now).max(0.0);
+    ctx.metrics.idle_teardown_lateness_seconds.observe(late);
+    info!(instance = %gi.name_any(), machine = %id, lateness_s = late, "idle deadline reached; machine destroyed");
+    true
 }
 
 /// Deletes an idle instance whose deadline has come; true when this call deleted it. The
@@ -164,10 +279,26 @@ pub async fn delete_idle(
         }),
         ..DeleteParams::default()
     };
-    match api.delete(&gi.name_any(), &dp).await {
+    let destroyed = ctx.claims.destroyed_at(&gi.uid().unwrap_or_default());
+    let mut deleted = api.delete(&gi.name_any(), &dp).await;
+    if destroyed.is_some() && matches!(&deleted, Err(kube::Error::Api(s)) if s.code == 409) {
+        // The machine is gone already and no claim of it can have won (`CLAIM_MARGIN`): a
+        // status written meanwhile (a liveness check) must not keep the record alive.
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: None,
+                uid: gi.uid(),
+            }),
+            ..DeleteParams::default()
+        };
+        deleted = api.delete(&gi.name_any(), &dp).await;
+    }
+    match deleted {
         Ok(_) => {
-            let late = seconds_between(deadline, ctx.now()).max(0.0);
-            ctx.metrics.idle_teardown_lateness_seconds.observe(late);
+            let late = seconds_between(deadline, destroyed.unwrap_or_else(|| ctx.now())).max(0.0);
+            if destroyed.is_none() {
+                ctx.metrics.idle_teardown_lateness_seconds.observe(late);
+            }
             info!(
                 instance = %gi.name_any(),
                 lateness_s = late,
@@ -183,5 +314,105 @@ pub async fn delete_idle(
         // A job claimed it first (or it changed): that write wins.
         Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::{SignedDuration, Timestamp};
+    use proptest::prelude::*;
+
+    use super::{CLAIM_MARGIN, Claims, claimable};
+
+    fn t(ms: i64) -> Timestamp {
+        Timestamp::from_millisecond(1_800_000_000_000 + ms).unwrap()
+    }
+
+    #[test]
+    fn an_instance_is_claimable_until_the_margin_before_its_deadline() {
+        let d = t(10_000);
+        assert!(claimable(None, d));
+        assert!(claimable(Some(d), t(7_999)));
+        assert!(!claimable(Some(d), d - CLAIM_MARGIN));
+        assert!(!claimable(Some(d), d));
+        assert!(!claimable(Some(Timestamp::MIN), t(0)));
+    }
+
+    /// What one process does to one instance, in any order: claims (begun, checked, written)
+    /// and releases (a new idle period and deadline), and the timer of the current deadline.
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// A claim attempt this many ms after the previous step.
+        Claim(u16),
+        /// The job ends: a new idle period starts this many ms later.
+        Release(u16),
+        /// Time passes to the current deadline, and a little past it; the timer fires.
+        Deadline(u16),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u16..4000).prop_map(Step::Claim),
+            (0u16..4000).prop_map(Step::Release),
+            (0u16..500).prop_map(Step::Deadline),
+        ]
+    }
+
+    proptest! {
+        /// The rule the idle timer relies on to destroy without the API server: no claim
+        /// succeeds at or after `deadline - CLAIM_MARGIN`, and the timer never destroys a
+        /// machine that a claim of this idle period took.
+        #[test]
+        fn no_claim_after_the_margin_and_no_destroy_of_a_claimed_machine(
+            steps in proptest::collection::vec(step(), 1..60),
+            idle_ms in 3000i64..20_000,
+        ) {
+            let claims = Claims::default();
+            let idle = SignedDuration::from_millis(idle_ms);
+            let mut now = t(0);
+            let mut idle_since = now;
+            let mut busy = false;
+            let mut destroyed = false;
+            for s in steps {
+                if destroyed {
+                    break;
+                }
+                let deadline = idle_since + idle;
+                match s {
+                    Step::Claim(after) => {
+                        now += SignedDuration::from_millis(i64::from(after));
+                        if busy {
+                            continue;
+                        }
+                        // As pool.rs `bind`: begin, then check, then the write (which wins
+                        // here: the precondition is the API server's part).
+                        claims.begin("i", now);
+                        if claimable(Some(deadline), now) {
+                            prop_assert!(now < deadline - CLAIM_MARGIN);
+                            busy = true;
+                        }
+                    }
+                    Step::Release(after) => {
+                        if busy {
+                            now += SignedDuration::from_millis(i64::from(after));
+                            busy = false;
+                            idle_since = now;
+                        }
+                    }
+                    Step::Deadline(late) => {
+                        if now < deadline {
+                            now = deadline;
+                        }
+                        now += SignedDuration::from_millis(i64::from(late));
+                        // As `destroy_first`: only at or past the deadline, and only when no
+                        // claim was begun in this idle period.
+                        if now >= deadline && !claims.begun_since("i", idle_since) {
+                            prop_assert!(!busy, "destroyed a machine a claim took");
+                            destroyed = true;
+                        }
+                    }
+                }
+            }
+        }
     }
 }

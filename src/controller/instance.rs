@@ -847,8 +847,12 @@ async fn account_final(
     api: &Api<GpuInstance>,
 ) {
     let started = status.provisioning_started_at.as_ref().map(|t| t.0);
-    let final_cost =
-        started.map(|s| Money::for_seconds(price_of(status), seconds_between(s, destroyed.at)));
+    // Destroyed at its deadline ahead of this finalizer (deadlines.rs): billed until then.
+    let end = ctx
+        .claims
+        .destroyed_at(&gi.uid().unwrap_or_default())
+        .unwrap_or(destroyed.at);
+    let final_cost = started.map(|s| Money::for_seconds(price_of(status), seconds_between(s, end)));
     let first = ctx.first_final_accounting(&gi.uid().unwrap_or_default());
     let mut s = status_of(gi);
     // A second run (see `first_final_accounting`) keeps the cost the first one wrote: its

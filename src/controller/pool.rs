@@ -125,7 +125,7 @@ async fn apply(pool: Arc<GpuPool>, ctx: &Arc<Context>, api: &Api<GpuPool>) -> Re
     if !pending.is_empty() {
         check_references(&pool, ctx).await;
     }
-    let input = SchedulingInput::of(&pool, &snap, &pending, |entry| {
+    let input = SchedulingInput::of(&pool, &snap, &pending, ctx.now(), |entry| {
         ctx.provider_backoff(&PoolKey::of(pool.as_ref()).entry(entry))
             .is_none()
     });
@@ -255,6 +255,7 @@ impl SchedulingInput {
         pool: &GpuPool,
         snap: &Snapshot,
         pending: &[Arc<VideoJob>],
+        now: Timestamp,
         available: impl Fn(&str) -> bool,
     ) -> Self {
         let mut instances: Vec<InstanceView> = snap
@@ -271,7 +272,15 @@ impl SchedulingInput {
                     .and_then(|s| s.current_job.as_ref())
                     .and_then(|j| snap.job(j))
                     .is_some_and(|j| job_phase(j).is_finished()),
-                deleting: i.metadata.deletion_timestamp.is_some(),
+                // Going away too: within the claim margin of its idle deadline.
+                deleting: i.metadata.deletion_timestamp.is_some()
+                    || !super::deadlines::claimable(
+                        i.status
+                            .as_ref()
+                            .and_then(|s| s.idle_deadline.as_ref())
+                            .map(|t| t.0),
+                        now,
+                    ),
                 price_per_hour: instance_price(i),
             })
             .collect();
@@ -595,6 +604,17 @@ async fn bind(
     inst: &GpuInstance,
 ) -> Result<bool> {
     let inst_name = inst.name_any();
+    // Begun before the check, so that the idle timer of this process sees it (deadlines.rs).
+    ctx.claims.begin(&inst.uid().unwrap_or_default(), ctx.now());
+    let deadline = inst
+        .status
+        .as_ref()
+        .and_then(|s| s.idle_deadline.as_ref())
+        .map(|t| t.0);
+    if !super::deadlines::claimable(deadline, ctx.now()) {
+        debug!(instance = %inst_name, "too close to its idle deadline to be claimed");
+        return Ok(false);
+    }
     // The claim: only one writer can move the instance from this resourceVersion.
     let mut s = inst.status.clone().unwrap_or_default();
     s.current_job = Some(job.name_any());
@@ -1069,7 +1089,13 @@ mod tests {
     fn the_scheduler_sees_the_longest_idle_machine_first_and_what_each_one_is_doing() {
         let snap = snapshot();
         let pending = snap.pending(&[]);
-        let input = SchedulingInput::of(&pool("1.00"), &snap, &pending, |entry| entry != "rp");
+        let input = SchedulingInput::of(
+            &pool("1.00"),
+            &snap,
+            &pending,
+            Timestamp::UNIX_EPOCH,
+            |entry| entry != "rp",
+        );
         let order: Vec<&str> = input.instances.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(order, ["leaving", "releasing", "warm", "fresh"]);
         let by = |n: &str| input.instances.iter().find(|v| v.name == n).unwrap();

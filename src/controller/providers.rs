@@ -180,7 +180,19 @@ impl Providers {
             return Ok(value.clone());
         }
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let secret = match api.get_opt(&r.name).await? {
+        let fetched = match api.get_opt(&r.name).await {
+            Ok(s) => s,
+            // The API server cannot be reached: a key read a moment ago is still the key, and
+            // a teardown that must not wait for the API server needs it (deadlines.rs).
+            Err(e) => {
+                if let Some((_, value)) = lock(&self.secrets).get(&cache_key) {
+                    tracing::warn!(secret = %r.name, error = %e, "cannot read the Secret; using the value read before");
+                    return Ok(value.clone());
+                }
+                return Err(e.into());
+            }
+        };
+        let secret = match fetched {
             Some(s) => s,
             None => {
                 return Err(Error::BadReference(format!(

@@ -110,6 +110,16 @@ struct Setup {
 }
 
 async fn setup(prefix: &str) -> Setup {
+    let mut pool = vast_pool(6);
+    pool["maxInstances"] = json!(6);
+    setup_with(prefix, pool, gpupool_sim::SimConfig::fast()).await
+}
+
+async fn setup_with(
+    prefix: &str,
+    pool: serde_json::Value,
+    sim_config: gpupool_sim::SimConfig,
+) -> Setup {
     let cp = OwnControlPlane::start(prefix);
     let kubeconfig = cp.kubeconfig();
     for args in [
@@ -147,10 +157,8 @@ async fn setup(prefix: &str) -> Setup {
         .await
         .unwrap();
     create_secrets(&client, &ns).await;
-    let mut pool = vast_pool(6);
-    pool["maxInstances"] = json!(6);
     create_pool(&client, &ns, "default", pool).await;
-    let sim = sim().await;
+    let sim = sim_with(sim_config).await;
     let kubeconfig = kubeconfig.to_string_lossy().to_string();
     Setup {
         cp,
@@ -444,4 +452,176 @@ async fn one_operator_rides_out_half_a_minute_without_etcd_and_without_kube_apis
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_steps_down_in_a_long_outage_and_leads_again_after_it() {
     long_outage(true).await;
+}
+
+/// Issue 17: a machine whose idle deadline passes while kube-apiserver is stopped is destroyed
+/// at the provider at its deadline all the same; its GpuInstance goes, and its cost is
+/// recorded once, when the API server is back. One operator, 60 s without kube-apiserver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_machines_are_destroyed_on_time_while_kube_apiserver_is_down() {
+    let mut config = gpupool_sim::SimConfig::fast();
+    for o in &mut config.vast_offers {
+        o.capacity = 10;
+    }
+    // Long enough an idle timeout for 20 machines to be rented and used on a busy machine
+    // before the first deadline.
+    let mut pool = vast_pool(45);
+    pool["maxInstances"] = json!(20);
+    let s = setup_with("outage-idle", pool, config).await;
+    let mut op = Operator::start_with_env(
+        &s.ns,
+        &s.sim,
+        &["--provider-qps=50"],
+        &[("KUBECONFIG", &s.kubeconfig)],
+    );
+    // 20 jobs at once, of different lengths, so the deadlines spread out.
+    for i in 0..20 {
+        create_job(
+            &s.client,
+            &s.ns,
+            &format!("o-{i}"),
+            json!({"operation": "caption", "input": {"simulate": {"seconds": 0.5 + f64::from(i) * 0.3}}}),
+        )
+        .await;
+    }
+    let jobs: Api<VideoJob> = Api::namespaced(s.client.clone(), &s.ns);
+    let gis: Api<gpupool::crd::GpuInstance> = Api::namespaced(s.client.clone(), &s.ns);
+    // Every job done and every machine idle with its deadline: what the operator knows when
+    // the API server goes away.
+    let deadlines: Vec<(String, String, jiff::Timestamp)> = poll_supervised(
+        &mut op,
+        &s.ns,
+        None,
+        Duration::from_secs(120),
+        "every job done and every machine idle",
+        || {
+            let (jobs, gis) = (jobs.clone(), gis.clone());
+            async move {
+                let js = jobs.list(&ListParams::default()).await.ok()?.items;
+                let done = js
+                    .iter()
+                    .filter(|j| phase(j) == JobPhase::Succeeded)
+                    .count();
+                let is = gis.list(&ListParams::default()).await.ok()?.items;
+                let idle: Vec<_> = is
+                    .iter()
+                    .filter_map(|i| {
+                        let st = i.status.as_ref()?;
+                        st.current_job.is_none().then_some(())?;
+                        Some((
+                            i.name_any(),
+                            st.provider_instance_id.clone()?,
+                            st.idle_deadline.as_ref()?.0,
+                        ))
+                    })
+                    .collect();
+                (done == 20 && !idle.is_empty() && idle.len() == is.len()).then_some(idle)
+            }
+        },
+    )
+    .await;
+    let first = deadlines.iter().map(|d| d.2).min().unwrap();
+    let last = deadlines.iter().map(|d| d.2).max().unwrap();
+    s.cp.script(&["stop-apiserver"]);
+    let stopped = jiff::Timestamp::now();
+    assert!(
+        stopped < first,
+        "kube-apiserver stopped after the first deadline ({first}); the test is too slow here"
+    );
+    // Watch the simulator while the API server is away.
+    let mut destroyed: std::collections::BTreeMap<String, jiff::Timestamp> = Default::default();
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        let state = admin(&s.sim, "state").await;
+        for i in state["instances"].as_array().unwrap() {
+            if let Some(at) = i["destroyed_at"].as_str() {
+                destroyed
+                    .entry(i["id"].as_str().unwrap().to_string())
+                    .or_insert_with(|| at.parse().unwrap());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.cp.script(&["start-apiserver"]);
+    assert!(!op.exited(), "the operator exited:\n{}", op.logs());
+    assert!(
+        last < jiff::Timestamp::now(),
+        "the last deadline ({last}) is after the outage"
+    );
+    let mut worst = 0.0f64;
+    for (name, machine, deadline) in &deadlines {
+        let at = destroyed.get(machine).unwrap_or_else(|| {
+            panic!(
+                "{name}'s machine {machine} was not destroyed while the API server was down:\n{}",
+                op.log_tail()
+            )
+        });
+        let late = at.duration_since(*deadline).as_secs_f64();
+        assert!(
+            late >= 0.0,
+            "{name} destroyed {late:.3} s before its deadline"
+        );
+        assert!(
+            late <= 1.0,
+            "{name} destroyed {late:.3} s after its deadline"
+        );
+        worst = worst.max(late);
+    }
+    // Back: every GpuInstance goes, each destroy recorded once, the bill equal to the accounting.
+    poll_supervised(
+        &mut op,
+        &s.ns,
+        None,
+        Duration::from_secs(60),
+        "every GpuInstance deleted after the outage",
+        || {
+            let gis = gis.clone();
+            async move {
+                gis.list(&ListParams::default())
+                    .await
+                    .ok()?
+                    .items
+                    .is_empty()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(s.client.clone(), &s.ns);
+    let destroyed_events = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Destroyed"))
+        .map(|e| e.involved_object.name.unwrap_or_default())
+        .collect::<Vec<_>>();
+    for (name, _, _) in &deadlines {
+        assert_eq!(
+            destroyed_events.iter().filter(|n| *n == name).count(),
+            1,
+            "Destroyed events of {name}: {destroyed_events:?}"
+        );
+    }
+    let bill = admin(&s.sim, "bill").await;
+    let billed = bill["by_provider"]["vast"].as_f64().unwrap();
+    let addr = op.http_addr().unwrap();
+    let spent: f64 = metrics_at(&addr)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("gpupool_spend_dollars_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (billed - spent).abs() <= billed * 0.01 + 1e-6,
+        "bill {billed} vs gpupool_spend_dollars_total {spent}"
+    );
+    eprintln!(
+        "outage teardown: {} machines idle, kube-apiserver stopped {:.1} s before the first \
+         deadline for 60 s; each destroyed at the simulator at most {worst:.3} s after its \
+         deadline; bill {billed:.6} vs accounted {spent:.6} USD",
+        deadlines.len(),
+        first.duration_since(stopped).as_secs_f64()
+    );
 }
