@@ -25,16 +25,26 @@ use super::{
     status::seconds_between,
 };
 
-/// No job is bound to an instance in the last `CLAIM_MARGIN` before its idle deadline (the
-/// claim checks it, `claimable`). At the deadline the machine can then be destroyed at the
-/// provider without asking the API server whether a job took it: any claim that could still
-/// win was begun by this process before `deadline - CLAIM_MARGIN`, and is in [`Claims`].
-/// The margin covers a claim write in flight and the clock steps of one process.
+/// No job is bound to an instance in the last margin before its idle deadline (the claim
+/// checks it, [`claimable`]): `CLAIM_MARGIN`, or a quarter of the pool's idle timeout when
+/// that is shorter. At the deadline the machine can then be destroyed at the provider
+/// without asking the API server whether a job took it: a claim that could still win was
+/// begun by this process before the check, and is in [`Claims`]. The margin covers the wall
+/// clock stepping back a little, and a claim write still in flight.
 pub const CLAIM_MARGIN: SignedDuration = SignedDuration::from_secs(2);
 
+/// The claim margin of a pool whose idle timeout is `idle_timeout_seconds`.
+pub fn claim_margin(idle_timeout_seconds: i64) -> SignedDuration {
+    SignedDuration::from_millis(idle_timeout_seconds.max(0).saturating_mul(250)).min(CLAIM_MARGIN)
+}
+
 /// Whether an instance whose idle deadline is `deadline` may be claimed at `now`.
-pub fn claimable(deadline: Option<Timestamp>, now: Timestamp) -> bool {
-    deadline.is_none_or(|d| now < d.checked_sub(CLAIM_MARGIN).unwrap_or(Timestamp::MIN))
+pub fn claimable(deadline: Option<Timestamp>, idle_timeout_seconds: i64, now: Timestamp) -> bool {
+    deadline.is_none_or(|d| {
+        now < d
+            .checked_sub(claim_margin(idle_timeout_seconds))
+            .unwrap_or(Timestamp::MIN)
+    })
 }
 
 /// What this process did to instances without the API server's word: the last time it began
@@ -196,8 +206,19 @@ pub fn arm(ctx: &Arc<Context>, gi: &GpuInstance, deadline: Timestamp) {
         if decision != IdleDecision::Teardown {
             return;
         }
-        destroy_first(&ctx, &gi, &pool, idle_since, deadline).await;
         let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &ns);
+        // The usual way first: delete the GpuInstance, and its finalizer destroys the machine
+        // and takes the cost from the destroy. When the API server does not answer at once,
+        // the machine is destroyed now, and the record follows when it does.
+        let quick = tokio::time::timeout(
+            API_PATIENCE,
+            delete_idle(&gi, &pool, &ctx, &api, idle_since, deadline),
+        )
+        .await;
+        if matches!(quick, Ok(Ok(_))) {
+            return;
+        }
+        destroy_first(&ctx, &gi, &pool, idle_since, deadline).await;
         // The GpuInstance goes next, when the API server answers; until then the machine is
         // already gone if `destroy_first` could do it, and only the record waits.
         let mut wait = std::time::Duration::from_millis(500);
@@ -220,8 +241,11 @@ pub fn arm(ctx: &Arc<Context>, gi: &GpuInstance, deadline: Timestamp) {
     });
 }
 
-/// At the deadline, destroys the machine at the provider before anything is asked of the API
-/// server, unless this process began a claim of it during this idle period. The GpuInstance
+/// How long the idle timer waits for the API server before it destroys the machine itself.
+const API_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// At the deadline, with the API server not answering, destroys the machine at the provider,
+/// unless this process began a claim of it during this idle period. The GpuInstance
 /// is deleted after (its finalizer finds the machine gone). False when it could not: no
 /// machine id, a claim begun, the provider unreachable; the usual path then runs.
 async fn destroy_first(
@@ -331,11 +355,15 @@ mod tests {
     #[test]
     fn an_instance_is_claimable_until_the_margin_before_its_deadline() {
         let d = t(10_000);
-        assert!(claimable(None, d));
-        assert!(claimable(Some(d), t(7_999)));
-        assert!(!claimable(Some(d), d - CLAIM_MARGIN));
-        assert!(!claimable(Some(d), d));
-        assert!(!claimable(Some(Timestamp::MIN), t(0)));
+        assert!(claimable(None, 300, d));
+        assert!(claimable(Some(d), 300, t(7_999)));
+        assert!(!claimable(Some(d), 300, d - CLAIM_MARGIN));
+        assert!(!claimable(Some(d), 300, d));
+        assert!(!claimable(Some(Timestamp::MIN), 300, t(0)));
+        // A short idle timeout gets a quarter of it: 1 s idle, 250 ms.
+        assert_eq!(super::claim_margin(1), SignedDuration::from_millis(250));
+        assert!(claimable(Some(d), 1, t(9_749)));
+        assert!(!claimable(Some(d), 1, t(9_750)));
     }
 
     /// What one process does to one instance, in any order: claims (begun, checked, written)
@@ -387,8 +415,8 @@ mod tests {
                         // As pool.rs `bind`: begin, then check, then the write (which wins
                         // here: the precondition is the API server's part).
                         claims.begin("i", now);
-                        if claimable(Some(deadline), now) {
-                            prop_assert!(now < deadline - CLAIM_MARGIN);
+                        if claimable(Some(deadline), idle_ms / 1000, now) {
+                            prop_assert!(now < deadline - super::claim_margin(idle_ms / 1000));
                             busy = true;
                         }
                     }

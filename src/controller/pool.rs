@@ -272,15 +272,17 @@ impl SchedulingInput {
                     .and_then(|s| s.current_job.as_ref())
                     .and_then(|j| snap.job(j))
                     .is_some_and(|j| job_phase(j).is_finished()),
-                // Going away too: within the claim margin of its idle deadline.
+                // Going away too: idle, and within the claim margin of its idle deadline.
                 deleting: i.metadata.deletion_timestamp.is_some()
-                    || !super::deadlines::claimable(
-                        i.status
-                            .as_ref()
-                            .and_then(|s| s.idle_deadline.as_ref())
-                            .map(|t| t.0),
-                        now,
-                    ),
+                    || i.status.as_ref().is_some_and(|s| s.current_job.is_none())
+                        && !super::deadlines::claimable(
+                            i.status
+                                .as_ref()
+                                .and_then(|s| s.idle_deadline.as_ref())
+                                .map(|t| t.0),
+                            pool.spec.idle_timeout_seconds,
+                            now,
+                        ),
                 price_per_hour: instance_price(i),
             })
             .collect();
@@ -611,7 +613,7 @@ async fn bind(
         .as_ref()
         .and_then(|s| s.idle_deadline.as_ref())
         .map(|t| t.0);
-    if !super::deadlines::claimable(deadline, ctx.now()) {
+    if !super::deadlines::claimable(deadline, pool.spec.idle_timeout_seconds, ctx.now()) {
         debug!(instance = %inst_name, "too close to its idle deadline to be claimed");
         return Ok(false);
     }
