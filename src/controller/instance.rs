@@ -670,7 +670,10 @@ async fn idle(
             Ok(if deleted {
                 Action::await_change()
             } else {
-                Action::requeue(Duration::ZERO)
+                // It changed (a claim won, most often): the watch brings the new state. Not at
+                // once: with a cache behind (a watch reconnecting after an outage) every pass
+                // would meet the same 409.
+                Action::requeue(Duration::from_millis(250))
             })
         }
     }

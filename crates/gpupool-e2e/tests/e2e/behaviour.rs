@@ -77,10 +77,13 @@ async fn deadline_race_never_loses_a_job_nor_uses_a_destroyed_machine() {
             }
         })
         .await;
-        // Offsets from -300 ms to +300 ms around the deadline, spread over the rounds.
+        // Offsets from -300 ms to +300 ms around the last moment a claim may be made (the
+        // claim margin before the deadline: 500 ms for this 2 s idle timeout), spread over the
+        // rounds. Past it the job rents a new machine; before it, it may take this one.
         let offset_ms = -300 + (600 * round as i64) / (rounds as i64 - 1);
         let aim = deadline
-            .checked_add(jiff::SignedDuration::from_millis(offset_ms))
+            .checked_sub(gpupool::controller::deadlines::claim_margin(2))
+            .and_then(|t| t.checked_add(jiff::SignedDuration::from_millis(offset_ms)))
             .unwrap();
         let wait = Timestamp::now().duration_until(aim);
         if wait.is_positive() {

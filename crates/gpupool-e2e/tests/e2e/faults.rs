@@ -572,7 +572,8 @@ async fn idle_machines_are_destroyed_on_time_while_kube_apiserver_is_down() {
         &mut op,
         &s.ns,
         None,
-        Duration::from_secs(60),
+        // The watches come back with back-off after a minute's outage (up to 30 s), then relist.
+        Duration::from_secs(180),
         "every GpuInstance deleted after the outage",
         || {
             let gis = gis.clone();
