@@ -103,6 +103,16 @@ impl VideoOps {
         Ok((dest.shown, len, sha))
     }
 
+    /// ffprobe's summary of an output the worker wrote (its duration and streams).
+    async fn probe_output(&self, path: &str) -> Result<Value, OpError> {
+        let probed = run_tool("ffprobe", &probe_args(path), self.limits.tool_timeout)
+            .await
+            .map_err(OpError::Failed)?;
+        Ok(probe_summary(
+            &serde_json::from_slice(&probed).unwrap_or(Value::Null),
+        ))
+    }
+
     /// The destinations of a job with several outputs: `uploadUrls` or `s3Keys`, 1 to `max`.
     async fn upload_targets(
         &self,
@@ -171,21 +181,9 @@ impl VideoOps {
         )
         .await?;
         let path = file.to_string_lossy().to_string();
-        let out = run_tool(
-            "ffprobe",
-            &[
-                "-v",
-                "error",
-                "-print_format",
-                "json",
-                "-show_format",
-                "-show_streams",
-                &path,
-            ],
-            self.limits.tool_timeout,
-        )
-        .await
-        .map_err(|e| invalid("videoUrl", format!("not a readable media file ({e})")))?;
+        let out = run_tool("ffprobe", &probe_args(&path), self.limits.tool_timeout)
+            .await
+            .map_err(|e| invalid("videoUrl", format!("not a readable media file ({e})")))?;
         let parsed: Value = serde_json::from_slice(&out)
             .map_err(|e| OpError::Failed(format!("ffprobe printed no JSON: {e}")))?;
         Ok((scratch, path, probe_summary(&parsed)))
@@ -564,22 +562,7 @@ impl VideoOps {
         }
         let encoder =
             used.ok_or_else(|| OpError::Failed(format!("the encode failed: {last_error}")))?;
-        let probed = run_tool(
-            "ffprobe",
-            &[
-                "-v",
-                "error",
-                "-print_format",
-                "json",
-                "-show_format",
-                "-show_streams",
-                &out_s,
-            ],
-            self.limits.tool_timeout,
-        )
-        .await
-        .map_err(OpError::Failed)?;
-        let summary = probe_summary(&serde_json::from_slice(&probed).unwrap_or(Value::Null));
+        let summary = self.probe_output(&out_s).await?;
         let mime = match container {
             "webm" => "video/webm",
             "mkv" => "video/x-matroska",
@@ -789,14 +772,29 @@ impl VideoOps {
                     format!("the subtitles could not be burnt in ({e})"),
                 )
             })?;
+        let summary = self.probe_output(&out_s).await?;
         let (shown, len, sha) = self.put_output(&out, dest, "video/mp4").await?;
         drop(scratch);
         Ok(json!({
             "operation": "caption",
             "outputs": [{"url": shown, "bytes": len, "sha256": sha, "encoder": encoder,
+                         "durationSeconds": summary["durationSeconds"],
                          "container": "mp4", "videoCodec": "h264"}],
         }))
     }
+}
+
+/// ffprobe's arguments for the JSON of `path`'s format and streams.
+fn probe_args(path: &str) -> [&str; 7] {
+    [
+        "-v",
+        "error",
+        "-print_format",
+        "json",
+        "-show_format",
+        "-show_streams",
+        path,
+    ]
 }
 
 /// Refuses fields the operation does not know (a typo is an error, not a silent default).

@@ -725,6 +725,8 @@ async fn caption_burns_inline_cues_and_webvtt_where_asked() {
     .unwrap();
     let took = t0.elapsed();
     assert_eq!(out["outputs"][0]["encoder"], "libx264", "{out:#}");
+    let secs = out["outputs"][0]["durationSeconds"].as_f64().unwrap_or(0.0);
+    assert!((secs - 2.0).abs() < 0.2, "the caption's duration: {out:#}");
     let got = uploads.lock().unwrap().clone();
     let bottom_cap = &got["cap.mp4"].1;
     assert_eq!(out["outputs"][0]["sha256"], sha256_hex(bottom_cap));

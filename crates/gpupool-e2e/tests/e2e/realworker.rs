@@ -99,14 +99,7 @@ async fn probe_stored(url: &str) -> Value {
     ));
     std::fs::write(&path, &bytes).unwrap();
     let out = std::process::Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-print_format",
-            "json",
-            "-show_format",
-            "-show_streams",
-        ])
+        .args("-v error -print_format json -show_format -show_streams".split(' '))
         .arg(&path)
         .output()
         .unwrap();
