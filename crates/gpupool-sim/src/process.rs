@@ -48,17 +48,25 @@ pub fn spawn(spec: &WorkerProcessSpec, inst: &Instance, port: u16) -> std::io::R
         .env("GPUPOOL_WORKER_BIND", "127.0.0.1")
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    if let Some(dir) = &spec.log_dir {
-        std::fs::create_dir_all(dir)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(std::path::Path::new(dir).join(format!("worker-{}.log", inst.id)))?;
-        cmd.stdout(log.try_clone()?).stderr(log);
-    }
+    log_output(&mut cmd, spec, &format!("worker-{}", inst.id))?;
     let child = cmd.spawn()?;
     info!(instance = %inst.id, port, pid = child.id().unwrap_or(0), "worker process started");
     Ok(child)
+}
+
+/// Sends a worker's stdout and stderr to `{log_dir}/{name}.log` when the spec has a log
+/// directory (they stay the simulator's otherwise).
+pub fn log_output(cmd: &mut Command, spec: &WorkerProcessSpec, name: &str) -> std::io::Result<()> {
+    let Some(dir) = &spec.log_dir else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::path::Path::new(dir).join(format!("{name}.log")))?;
+    cmd.stdout(log.try_clone()?).stderr(log);
+    Ok(())
 }
 
 /// Keeps the child until the machine's worker task ends (abort included), then kills it.

@@ -359,3 +359,13 @@ async fn run_job(
     let _ = tx.send(Some(answer.clone()));
     answer
 }
+
+/// An environment of `pairs` for the `from_env` readers, in unit tests.
+#[cfg(test)]
+pub(crate) fn test_env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: std::collections::HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| map.get(k).cloned()
+}

@@ -125,15 +125,8 @@ pub fn checked_key(raw: &Value, field: &str) -> Result<String, OpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_env as env;
     use serde_json::json;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: std::collections::HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
 
     #[test]
     fn settings_come_from_the_environment_and_the_secret_never_shows() {

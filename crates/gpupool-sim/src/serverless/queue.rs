@@ -79,18 +79,8 @@ pub fn spawn(
         .env("RUNPOD_AI_API_KEY", &sim.queue_key)
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    if let Some(dir) = &spec.log_dir {
-        let log = std::fs::create_dir_all(dir).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(std::path::Path::new(dir).join(format!("serverless-{}.log", w.id)))
-        });
-        if let Ok(log) = log
-            && let Ok(copy) = log.try_clone()
-        {
-            cmd.stdout(copy).stderr(log);
-        }
+    if let Err(e) = crate::process::log_output(&mut cmd, spec, &format!("serverless-{}", w.id)) {
+        warn!(error = %e, "cannot open the serverless worker's log; it goes to stderr");
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -219,6 +209,23 @@ fn try_take(st: &mut SimState, e: usize, w: usize) -> Option<(String, Value, u64
     None
 }
 
+/// Asks `attempt` for an answer, again after every change of the jobs, until it has one or
+/// [`LONG_POLL`] has passed (then 204): how the queue holds a worker's poll open.
+async fn long_poll(sim: &Sim, mut attempt: impl FnMut() -> Option<Response>) -> Response {
+    let deadline = Instant::now() + LONG_POLL;
+    let mut changed = sim.jobs_changed.subscribe();
+    loop {
+        changed.mark_unchanged();
+        if let Some(r) = attempt() {
+            return r;
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() || tokio::time::timeout(wait, changed.changed()).await.is_err() {
+            return util::bytes_response(StatusCode::NO_CONTENT, "application/json", Vec::new());
+        }
+    }
+}
+
 async fn take(
     State(sim): State<Arc<Sim>>,
     Path((ep_id, wid)): Path<(String, String)>,
@@ -227,34 +234,30 @@ async fn take(
     if let Err(r) = authorized(&sim, &headers) {
         return r;
     }
-    let deadline = Instant::now() + LONG_POLL;
-    let mut changed = sim.jobs_changed.subscribe();
-    loop {
-        changed.mark_unchanged();
+    long_poll(&sim, || {
         let took = match with_worker(&sim, &ep_id, &wid, |st, e, w| {
             let t = try_take(st, e, w);
             st.endpoints[e].notify.notify_one();
             t
         }) {
-            Ok(t) => t,
-            Err(r) => return r,
+            Ok(t) => t?,
+            Err(r) => return Some(r),
         };
-        if let Some((id, input, timeout_ms)) = took {
-            sim.notify_jobs();
-            tokio::spawn(time_limit(
-                sim.clone(),
-                ep_id.clone(),
-                wid.clone(),
-                id.clone(),
-                timeout_ms,
-            ));
-            return util::json(StatusCode::OK, &json!({"id": id, "input": input}));
-        }
-        let wait = deadline.saturating_duration_since(Instant::now());
-        if wait.is_zero() || tokio::time::timeout(wait, changed.changed()).await.is_err() {
-            return util::bytes_response(StatusCode::NO_CONTENT, "application/json", Vec::new());
-        }
-    }
+        let (id, input, timeout_ms) = took;
+        sim.notify_jobs();
+        tokio::spawn(time_limit(
+            sim.clone(),
+            ep_id.clone(),
+            wid.clone(),
+            id.clone(),
+            timeout_ms,
+        ));
+        Some(util::json(
+            StatusCode::OK,
+            &json!({"id": id, "input": input}),
+        ))
+    })
+    .await
 }
 
 /// Ends a job still running on its worker after its execution timeout, stopping the worker.
@@ -380,20 +383,14 @@ async fn stop(
     if let Err(r) = authorized(&sim, &headers) {
         return r;
     }
-    let deadline = Instant::now() + LONG_POLL;
-    let mut changed = sim.jobs_changed.subscribe();
-    loop {
-        changed.mark_unchanged();
+    long_poll(&sim, || {
         match with_worker(&sim, &ep_id, &wid, |st, e, w| to_stop(st, e, w)) {
-            Ok(Some(j)) => return util::json(StatusCode::OK, &json!({"jobsToStop": [j]})),
-            Ok(None) => {}
-            Err(r) => return r,
+            Ok(Some(j)) => Some(util::json(StatusCode::OK, &json!({"jobsToStop": [j]}))),
+            Ok(None) => None,
+            Err(r) => Some(r),
         }
-        let wait = deadline.saturating_duration_since(Instant::now());
-        if wait.is_zero() || tokio::time::timeout(wait, changed.changed()).await.is_err() {
-            return util::bytes_response(StatusCode::NO_CONTENT, "application/json", Vec::new());
-        }
-    }
+    })
+    .await
 }
 
 async fn ping(
